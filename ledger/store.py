@@ -1,0 +1,498 @@
+"""The event store: an append-only PostgreSQL log behind a group-commit writer.
+
+* ``append`` queues a caller's events for the per-process writer, which takes
+  whatever is queued, writes it as one multi-row insert in one transaction, and
+  resolves every caller's future with its positions, or with the error that
+  concerns that caller alone (a version conflict fails only its own append).
+* ``read_all`` tails the log by position without ever skipping a late commit:
+  appends are serialized by a transaction-level advisory lock (see
+  ``sql/0001_events.sql``), so commit order is position order.
+* Every committed batch sends a NOTIFY on :data:`CHANNEL` so tailing readers wake
+  at once; they poll as a fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Self
+
+import asyncpg
+import msgspec
+import structlog
+from asyncpg.pool import PoolConnectionProxy
+
+from ledger.errors import ConcurrencyError, StoreError, StoreOverloaded, StoreUnavailable
+from ledger.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+CHANNEL = "ledger_events"
+
+# Errors that mean "PostgreSQL is not there right now", as opposed to a bug.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.QueryCanceledError,
+)
+
+
+class NewEvent(msgspec.Struct, frozen=True):
+    """An event to append. ``data`` is its JSON payload, already encoded."""
+
+    type: str
+    data: bytes
+
+
+class RecordedEvent(msgspec.Struct, frozen=True):
+    """An event as stored. ``data`` is its JSON text; decode it with a typed Decoder."""
+
+    position: int
+    stream: str
+    version: int
+    type: str
+    data: str
+    recorded_at: datetime
+
+
+@dataclass(slots=True)
+class _Append:
+    stream: str
+    expected_version: int | None
+    events: Sequence[NewEvent]
+    future: asyncio.Future[list[int]]
+
+
+@dataclass(slots=True)
+class WriterStats:
+    """Counters of the group-commit writer, for metrics and tests."""
+
+    commits: int = 0
+    events: int = 0
+    appends: int = 0
+    conflicts: int = 0
+    failures: int = 0
+    largest_batch: int = 0
+    last_error: str | None = field(default=None)
+
+
+_INSERT = """
+    insert into events (stream, version, type, data)
+    select s, v, t, d::jsonb
+    from unnest($1::text[], $2::int[], $3::text[], $4::text[]) with ordinality as u(s, v, t, d, n)
+    order by n
+    returning position, stream, version
+"""
+_CURRENT_VERSIONS = """
+    select stream, max(version) from events where stream = any($1::text[]) group by stream
+"""
+_SELECT = "select position, stream, version, type, data::text, recorded_at from events"
+
+
+def _row(r: asyncpg.Record) -> RecordedEvent:
+    return RecordedEvent(r[0], r[1], r[2], r[3], r[4], r[5])
+
+
+class EventStore:
+    """The event log. Create with :meth:`open`, close with :meth:`close`."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        max_batch: int = 2000,
+        max_wait_s: float = 0.002,
+        queue_size: int = 20000,
+        append_timeout_s: float = 5.0,
+        acquire_timeout_s: float = 3.0,
+    ) -> None:
+        self.pool = pool
+        self._max_batch = max_batch
+        self._max_wait = max_wait_s
+        self._append_timeout = append_timeout_s
+        self._acquire_timeout = acquire_timeout_s
+        self._queue: asyncio.Queue[_Append] = asyncio.Queue(maxsize=queue_size)
+        self._writer: asyncio.Task[None] | None = None
+        self.stats = WriterStats()
+
+    # ------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Self:
+        if settings.database_url is None:
+            raise StoreError("no database URL configured (LEDGER_DATABASE_URL)")
+        pool = await create_pool(settings)
+        store = cls(
+            pool,
+            max_batch=settings.writer_max_batch,
+            max_wait_s=settings.writer_max_wait_ms / 1000,
+            queue_size=settings.writer_queue_size,
+            append_timeout_s=settings.append_timeout_s,
+            acquire_timeout_s=settings.connect_timeout_s,
+        )
+        store.start()
+        return store
+
+    def start(self) -> None:
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._run(), name="event-writer")
+
+    async def close(self) -> None:
+        """Drain the queue (bounded by the append timeout), stop the writer, close the pool."""
+        if self._writer is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._queue.join(), self._append_timeout)
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            _fail(item, StoreUnavailable("event store is closed"))
+        await self.pool.close()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def writer_alive(self) -> bool:
+        return self._writer is not None and not self._writer.done()
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless PostgreSQL answers within the connect timeout."""
+        try:
+            async with asyncio.timeout(self._acquire_timeout):
+                async with self.pool.acquire() as conn:
+                    await conn.fetchval("select 1")
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"PostgreSQL does not answer: {_describe(e)}") from e
+
+    # ------------------------------------------------------------ appending
+
+    async def append(
+        self, stream: str, expected_version: int | None, events: Sequence[NewEvent]
+    ) -> list[int]:
+        """Append ``events`` to ``stream`` through the group-commit writer.
+
+        ``expected_version`` is the stream's version the caller last saw (0 for a
+        new stream); None appends without a check. Returns the events' positions.
+        Raises ConcurrencyError if the stream moved, StoreUnavailable if the
+        append could not be made durable within the append timeout (the outcome
+        is then unknown; retrying with the same expected version is safe).
+        """
+        if not events:
+            raise ValueError("append needs at least one event")
+        if self._writer is None:
+            raise StoreUnavailable("event store is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[int]] = loop.create_future()
+        item = _Append(stream, expected_version, events, future)
+        deadline = loop.time() + self._append_timeout
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            try:
+                await asyncio.wait_for(self._queue.put(item), self._append_timeout)
+            except TimeoutError:
+                raise StoreOverloaded(
+                    f"event writer queue full ({self._queue.maxsize}) for "
+                    f"{self._append_timeout:g}s; PostgreSQL is too slow or down"
+                ) from None
+        try:
+            # shield: a caller that gives up must not cancel the shared batch.
+            return await asyncio.wait_for(asyncio.shield(future), deadline - loop.time())
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"append to {stream!r} not confirmed within {self._append_timeout:g}s"
+            ) from None
+
+    async def append_now(
+        self, stream: str, expected_version: int | None, events: Sequence[NewEvent]
+    ) -> list[int]:
+        """Append in a transaction of its own, bypassing the group-commit writer."""
+        loop = asyncio.get_running_loop()
+        item = _Append(stream, expected_version, events, loop.create_future())
+        await self._commit([item])
+        return await item.future
+
+    async def append_batch(
+        self, appends: Sequence[tuple[str, int | None, Sequence[NewEvent]]]
+    ) -> list[list[int] | BaseException]:
+        """Append many streams' events in one transaction (bulk loading, replays)."""
+        loop = asyncio.get_running_loop()
+        items = [_Append(s, v, e, loop.create_future()) for s, v, e in appends]
+        await self._commit(items)
+        results: list[list[int] | BaseException] = []
+        for item in items:
+            error = item.future.exception()
+            results.append(error if error is not None else item.future.result())
+        return results
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        previous = 1
+        while True:
+            batch = [await self._queue.get()]
+            self._take_queued(batch)
+            # Linger only when the last batch showed concurrent load, so a lone
+            # caller never waits for company that is not coming.
+            if previous > 1 and self._max_wait > 0 and len(batch) < self._max_batch:
+                deadline = loop.time() + self._max_wait
+                while len(batch) < self._max_batch and (left := deadline - loop.time()) > 0:
+                    try:
+                        batch.append(await asyncio.wait_for(self._queue.get(), left))
+                    except TimeoutError:
+                        break
+                    self._take_queued(batch)
+            previous = len(batch)
+            try:
+                await self._commit(batch)
+            except Exception as e:  # the writer must outlive any one batch
+                log.exception("event_writer_batch_failed")
+                for item in batch:
+                    _fail(item, StoreError(f"event writer failed: {e!r}"))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    def _take_queued(self, batch: list[_Append]) -> None:
+        while len(batch) < self._max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+            except asyncio.QueueEmpty:
+                return
+
+    async def _commit(self, batch: list[_Append]) -> None:
+        try:
+            await self._write(batch)
+        except asyncpg.UniqueViolationError:
+            # Only reachable if a row got in without the append lock; fall back
+            # to one transaction per caller so one conflict fails one caller.
+            if len(batch) == 1:
+                _fail(
+                    batch[0], ConcurrencyError(batch[0].stream, batch[0].expected_version or 0, -1)
+                )
+                return
+            for item in batch:
+                await self._commit([item])
+        except _UNAVAILABLE as e:
+            self.stats.failures += 1
+            self.stats.last_error = _describe(e)
+            err = StoreUnavailable(f"PostgreSQL unavailable: {_describe(e)}")
+            for item in batch:
+                _fail(item, err)
+        except asyncpg.PostgresError as e:
+            self.stats.failures += 1
+            self.stats.last_error = _describe(e)
+            failure = StoreError(f"append failed: {_describe(e)}")
+            for item in batch:
+                _fail(item, failure)
+
+    async def _write(self, batch: list[_Append]) -> None:
+        async with self.pool.acquire(timeout=self._acquire_timeout) as conn, conn.transaction():
+            # Invariant: every append holds this lock until commit, so the
+            # versions read below cannot change before our insert, and
+            # positions become visible in order (see sql/0001_events.sql).
+            await conn.execute("select ledger_append_lock()")
+            streams = list({item.stream for item in batch})
+            current: dict[str, int] = {
+                r[0]: r[1] for r in await conn.fetch(_CURRENT_VERSIONS, streams)
+            }
+            accepted: list[tuple[_Append, int]] = []  # (append, its first version)
+            rejected: list[tuple[_Append, int]] = []
+            s_col: list[str] = []
+            v_col: list[int] = []
+            t_col: list[str] = []
+            d_col: list[str] = []
+            for item in batch:
+                version = current.get(item.stream, 0)
+                if item.expected_version is not None and item.expected_version != version:
+                    rejected.append((item, version))
+                    continue
+                accepted.append((item, version + 1))
+                for event in item.events:
+                    version += 1
+                    s_col.append(item.stream)
+                    v_col.append(version)
+                    t_col.append(event.type)
+                    d_col.append(event.data.decode())
+                current[item.stream] = version
+            positions: dict[tuple[str, int], int] = {}
+            if accepted:
+                rows = await conn.fetch(_INSERT, s_col, v_col, t_col, d_col)
+                positions = {(r[1], r[2]): r[0] for r in rows}
+                await conn.execute(
+                    "select pg_notify($1, $2)", CHANNEL, str(max(positions.values()))
+                )
+        # Committed: resolve futures only now, so nobody sees an unconfirmed write.
+        self.stats.commits += 1
+        self.stats.events += len(s_col)
+        self.stats.appends += len(accepted)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        for item, first in accepted:
+            result = [positions[(item.stream, first + i)] for i in range(len(item.events))]
+            if not item.future.done():
+                item.future.set_result(result)
+        for item, actual in rejected:
+            self.stats.conflicts += 1
+            _fail(item, ConcurrencyError(item.stream, item.expected_version or 0, actual))
+
+    # ------------------------------------------------------------ reading
+
+    async def read_stream(self, stream: str, after_version: int = 0) -> list[RecordedEvent]:
+        """All events of ``stream`` with version > ``after_version``, in version order."""
+        try:
+            rows = await self.pool.fetch(
+                f"{_SELECT} where stream = $1 and version > $2 order by version",
+                stream,
+                after_version,
+            )
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"PostgreSQL unavailable: {_describe(e)}") from e
+        return [_row(r) for r in rows]
+
+    async def read_all(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        """Up to ``limit`` committed events with position > ``after``, in position order.
+
+        Never skips an event that commits late and never returns one twice: the
+        append lock makes commit order equal position order.
+        """
+        try:
+            rows = await self.pool.fetch(
+                f"{_SELECT} where position > $1 order by position limit $2", after, limit
+            )
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"PostgreSQL unavailable: {_describe(e)}") from e
+        return [_row(r) for r in rows]
+
+    async def head(self) -> int:
+        """The position of the last committed event (0 for an empty log)."""
+        try:
+            value = await self.pool.fetchval("select coalesce(max(position), 0) from events")
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"PostgreSQL unavailable: {_describe(e)}") from e
+        return int(value)
+
+    async def follow(
+        self, after: int = 0, *, batch: int = 1000, poll_interval_s: float = 1.0
+    ) -> AsyncIterator[list[RecordedEvent]]:
+        """Yield batches of new events forever: woken by NOTIFY, polling as a fallback."""
+        async with Notifications(self.pool, CHANNEL) as wake:
+            while True:
+                events = await self.read_all(after, batch)
+                if events:
+                    after = events[-1].position
+                    yield events
+                    continue
+                await wake.wait(poll_interval_s)
+
+
+def _fail(item: _Append, error: BaseException) -> None:
+    if not item.future.done():
+        item.future.set_exception(error)
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+class Notifications:
+    """A LISTEN on its own connection that sets an event on every NOTIFY.
+
+    If the connection drops, waiters fall back to their poll interval and the
+    listener reconnects in the background.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, channel: str) -> None:
+        self._pool = pool
+        self._channel = channel
+        self._event = asyncio.Event()
+        self._conn: PoolConnectionProxy[asyncpg.Record] | None = None
+        self._lost = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._keep_listening(), name=f"listen-{self._channel}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._release()
+
+    def _on_notify(self, *_: Any) -> None:
+        self._event.set()
+
+    def _on_terminated(self, *_: Any) -> None:
+        self._lost.set()
+        self._event.set()  # readers poll once more rather than wait out their interval
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait for a notification; False when ``timeout`` passed without one."""
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            self._event.clear()
+        return True
+
+    async def _keep_listening(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                conn = await self._pool.acquire()
+                self._conn = conn
+                self._lost.clear()
+                conn.add_termination_listener(self._on_terminated)
+                await conn.add_listener(self._channel, self._on_notify)
+                # Anything committed while we were not listening: wake readers once.
+                self._event.set()
+                delay = 0.1
+                await self._lost.wait()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("listen_failed", channel=self._channel, error=_describe(e))
+            await self._release()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        with contextlib.suppress(Exception):
+            if not conn.is_closed():
+                await conn.remove_listener(self._channel, self._on_notify)
+        with contextlib.suppress(Exception):
+            await self._pool.release(conn)
+
+
+async def create_pool(settings: Settings) -> asyncpg.Pool:
+    """An asyncpg pool with bounded connect and statement times."""
+    assert settings.database_url is not None
+    try:
+        pool = await asyncpg.create_pool(
+            settings.database_url,
+            min_size=settings.pool_min_size,
+            max_size=settings.pool_max_size,
+            timeout=settings.connect_timeout_s,
+            command_timeout=settings.statement_timeout_s,
+            server_settings={"application_name": "budget-ledger"},
+        )
+    except _UNAVAILABLE as e:
+        raise StoreUnavailable(f"cannot connect to PostgreSQL: {_describe(e)}") from e
+    assert pool is not None
+    return pool

@@ -1,0 +1,1 @@
+"""Projection workers: tail the event log and maintain the views people query."""
