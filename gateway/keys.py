@@ -11,3 +11,5 @@ from ledger.store import EventStore
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", EventStore)
 REDIS = web.AppKey("redis", redis.Redis)
+
+REQUEST_ID = web.RequestKey("request_id", str)

@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.errors import ApiError, error_response, from_api_error
+from gateway.keys import REQUEST_ID
 from ledger.errors import ConcurrencyError, StoreUnavailable
 
 log = structlog.get_logger("gateway")
@@ -42,7 +43,7 @@ def request_id_of(request: web.Request) -> str:
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = request_id_of(request)
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()

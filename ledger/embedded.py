@@ -35,6 +35,8 @@ def _free_port() -> int:
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Servers bind with SO_REUSEADDR, so a port in TIME_WAIT is still usable.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -278,6 +280,8 @@ class EmbeddedPostgres:
         if self.pid is not None:
             _stop_pid(self.pid, signal.SIGKILL, 10)
             self.pid = None
+        if self._proc is not None:
+            self._proc.poll()  # it was reaped already; let Popen know
             self._proc = None
 
     def __enter__(self) -> Self:
@@ -416,6 +420,8 @@ class EmbeddedRedis:
         if self.pid is not None:
             _stop_pid(self.pid, signal.SIGKILL, 10)
             self.pid = None
+        if self._proc is not None:
+            self._proc.poll()  # it was reaped already; let Popen know
             self._proc = None
 
     def __enter__(self) -> Self:

@@ -42,6 +42,8 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.QueryCanceledError,
+    # A connection broken mid-operation can surface as a client state error.
+    asyncpg.InternalClientError,
 )
 
 
