@@ -89,8 +89,7 @@ class WriterStats:
 _INSERT = """
     insert into events (stream, version, type, data)
     select s, v, t, d::jsonb
-    from unnest($1::text[], $2::int[], $3::text[], $4::text[]) with ordinality as u(s, v, t, d, n)
-    order by n
+    from unnest($1::text[], $2::int[], $3::text[], $4::text[]) as u(s, v, t, d)
     returning position, stream, version
 """
 _CURRENT_VERSIONS = """
@@ -195,10 +194,8 @@ class EventStore:
             raise ValueError("append needs at least one event")
         if self._writer is None:
             raise StoreUnavailable("event store is closed")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[int]] = loop.create_future()
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         item = _Append(stream, expected_version, events, future)
-        deadline = loop.time() + self._append_timeout
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -209,13 +206,11 @@ class EventStore:
                     f"event writer queue full ({self._queue.maxsize}) for "
                     f"{self._append_timeout:g}s; PostgreSQL is too slow or down"
                 ) from None
-        try:
-            # shield: a caller that gives up must not cancel the shared batch.
-            return await asyncio.wait_for(asyncio.shield(future), deadline - loop.time())
-        except TimeoutError:
-            raise StoreUnavailable(
-                f"append to {stream!r} not confirmed within {self._append_timeout:g}s"
-            ) from None
+        # Bounded without a timer per caller: the writer bounds every batch by
+        # the append timeout and, when PostgreSQL is unavailable, fails the
+        # whole queue at once. A caller that gives up cancels only its own
+        # future; the writer skips futures that are already done.
+        return await future
 
     async def append_now(
         self, stream: str, expected_version: int | None, events: Sequence[NewEvent]
@@ -241,37 +236,61 @@ class EventStore:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        previous = 1
         while True:
             batch = [await self._queue.get()]
             self._take_queued(batch)
-            # Linger only when the last batch showed concurrent load, so a lone
-            # caller never waits for company that is not coming.
-            if previous > 1 and self._max_wait > 0 and len(batch) < self._max_batch:
-                deadline = loop.time() + self._max_wait
-                while len(batch) < self._max_batch and (left := deadline - loop.time()) > 0:
-                    try:
-                        batch.append(await asyncio.wait_for(self._queue.get(), left))
-                    except TimeoutError:
-                        break
-                    self._take_queued(batch)
-            previous = len(batch)
+            # Linger while producers that are ready to run keep adding to the
+            # batch (bounded by max_wait); stop as soon as a pass brings nothing,
+            # so a lone caller never waits for company that is not coming.
+            deadline = loop.time() + self._max_wait
+            while len(batch) < self._max_batch and loop.time() < deadline:
+                await asyncio.sleep(0)
+                if not self._take_queued(batch):
+                    break
             try:
-                await self._commit(batch)
+                async with asyncio.timeout(self._append_timeout):
+                    await self._commit(batch)
+            except TimeoutError:
+                self._fail_batch(
+                    batch,
+                    StoreUnavailable(
+                        f"append not confirmed within {self._append_timeout:g}s "
+                        "(outcome unknown; retrying with the same expected version is safe)"
+                    ),
+                )
             except Exception as e:  # the writer must outlive any one batch
                 log.exception("event_writer_batch_failed")
-                for item in batch:
-                    _fail(item, StoreError(f"event writer failed: {e!r}"))
+                self._fail_batch(batch, StoreError(f"event writer failed: {e!r}"))
             finally:
                 for _ in batch:
                     self._queue.task_done()
+            if any(_unavailable(item) for item in batch):
+                # Fail fast: whatever queued behind a failed batch would only
+                # wait for the same outage.
+                queued: list[_Append] = []
+                while not self._queue.empty():
+                    queued.append(self._queue.get_nowait())
+                self._fail_batch(
+                    queued, StoreUnavailable("PostgreSQL unavailable; append not made")
+                )
+                for _ in queued:
+                    self._queue.task_done()
 
-    def _take_queued(self, batch: list[_Append]) -> None:
+    def _fail_batch(self, batch: list[_Append], error: StoreError) -> None:
+        self.stats.failures += 1
+        self.stats.last_error = str(error)
+        for item in batch:
+            _fail(item, error)
+
+    def _take_queued(self, batch: list[_Append]) -> int:
+        taken = 0
         while len(batch) < self._max_batch:
             try:
                 batch.append(self._queue.get_nowait())
             except asyncio.QueueEmpty:
-                return
+                break
+            taken += 1
+        return taken
 
     async def _commit(self, batch: list[_Append]) -> None:
         try:
@@ -396,6 +415,11 @@ class EventStore:
                     yield events
                     continue
                 await wake.wait(poll_interval_s)
+
+
+def _unavailable(item: _Append) -> bool:
+    f = item.future
+    return f.done() and not f.cancelled() and isinstance(f.exception(), StoreUnavailable)
 
 
 def _fail(item: _Append, error: BaseException) -> None:

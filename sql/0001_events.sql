@@ -20,7 +20,6 @@ create table events (
     constraint events_stream_version_key unique (stream, version)
 );
 
-create index events_type_position_idx on events (type, position);
 create index events_recorded_at_idx on events using brin (recorded_at);
 
 -- 4242_0001 is the append lock's key; ledger/store.py uses the same function.
