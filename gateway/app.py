@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
-import redis.asyncio as redis
+import structlog
 from aiohttp import web
 
-from gateway import health
-from gateway.keys import REDIS, SETTINGS, STORE
+from gateway import admin, health
+from gateway.auth import authenticate
+from gateway.keys import ADMISSION, BUDGET_BOOK, COUNTERS, REDIS, SETTINGS, STORE, TAGS
 from gateway.middlewares import errors, request_context
+from ledger.admission import Admission
+from ledger.budgets import BudgetBook
+from ledger.counters import Counters, connect_redis
 from ledger.errors import StoreError
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledger.tags import TagService
+
+log = structlog.get_logger("gateway")
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
@@ -20,13 +30,18 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 def create_app(settings: Settings) -> web.Application:
     if settings.database_url is None or settings.redis_url is None:
         raise StoreError("the gateway needs LEDGER_DATABASE_URL and LEDGER_REDIS_URL")
-    app = web.Application(middlewares=[request_context, errors], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=[request_context, errors, authenticate], client_max_size=MAX_BODY_BYTES
+    )
     app[SETTINGS] = settings
     # Opened in this order, closed in reverse: the store drains its writer
     # before the pool closes; Redis closes after nothing can use it.
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_budgets_ctx)
+    app.cleanup_ctx.append(_sweeper_ctx)
     app.add_routes(health.routes)
+    app.add_routes(admin.routes)
     return app
 
 
@@ -40,12 +55,47 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     assert settings.redis_url is not None
-    client = redis.Redis.from_url(
+    client = connect_redis(
         settings.redis_url,
-        socket_timeout=settings.connect_timeout_s,
-        socket_connect_timeout=settings.connect_timeout_s,
-        health_check_interval=30,
+        max_connections=settings.redis_max_connections,
+        timeout_s=settings.connect_timeout_s,
     )
     app[REDIS] = client
     yield
     await client.aclose()
+
+
+async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings, store = app[SETTINGS], app[STORE]
+    book = BudgetBook(store, poll_interval_s=settings.poll_interval_s)
+    await book.start()
+    counters = Counters(app[REDIS], store.pool)
+    app[BUDGET_BOOK] = book
+    app[COUNTERS] = counters
+    app[TAGS] = TagService(store)
+    app[ADMISSION] = Admission(
+        store, counters, book, reservation_ttl=timedelta(seconds=settings.reservation_ttl_s)
+    )
+    yield
+    await book.close()
+
+
+async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Settle reservations whose gateway never did (crashed, cut off)."""
+    admission, interval = app[ADMISSION], app[SETTINGS].sweep_interval_s
+
+    async def sweep_forever() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                report = await admission.sweep()
+                if report.expired or report.settled or report.dropped:
+                    log.info("reservations_swept", **vars(report))
+            except Exception as e:  # a sweep that fails is retried next interval
+                log.warning("sweep_failed", error=str(e))
+
+    task = asyncio.create_task(sweep_forever(), name="reservation-sweeper")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

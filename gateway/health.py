@@ -7,6 +7,7 @@ import asyncio
 import msgspec
 from aiohttp import web
 
+from gateway.auth import public
 from gateway.keys import REDIS, STORE
 from ledger.errors import StoreUnavailable
 
@@ -22,11 +23,13 @@ class Readiness(msgspec.Struct):
 
 
 @routes.get("/health/live")
+@public
 async def live(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
 @routes.get("/health/ready")
+@public
 async def ready(request: web.Request) -> web.Response:
     """Ready only when PostgreSQL, Redis and the event writer all answer."""
     store = request.app[STORE]

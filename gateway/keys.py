@@ -1,15 +1,23 @@
-"""Typed application keys: everything the app owns, in one place."""
+"""Typed application and request keys: everything the app owns, in one place."""
 
 from __future__ import annotations
 
 import redis.asyncio as redis
 from aiohttp import web
 
+from ledger.admission import Admission
+from ledger.budgets import BudgetBook
+from ledger.counters import Counters
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledger.tags import TagService
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", EventStore)
 REDIS = web.AppKey("redis", redis.Redis)
+COUNTERS = web.AppKey("counters", Counters)
+BUDGET_BOOK = web.AppKey("budget_book", BudgetBook)
+TAGS = web.AppKey("tags", TagService)
+ADMISSION = web.AppKey("admission", Admission)
 
 REQUEST_ID = web.RequestKey("request_id", str)

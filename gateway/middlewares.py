@@ -12,7 +12,10 @@ from aiohttp.typedefs import Handler
 
 from gateway.errors import ApiError, error_response, from_api_error
 from gateway.keys import REQUEST_ID
+from ledger.admission import DuplicateRequest
+from ledger.counters import CountersUnavailable
 from ledger.errors import ConcurrencyError, StoreUnavailable
+from ledger.tags import TagError
 
 log = structlog.get_logger("gateway")
 
@@ -78,6 +81,23 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             message = f"method {request.method} not allowed on {request.path}"
         return error_response(
             e.status, message, type=_STATUS_TYPES.get(e.status, "invalid_request_error")
+        )
+    except TagError as e:
+        return error_response(
+            e.status,
+            str(e),
+            type=_STATUS_TYPES.get(e.status, "invalid_request_error"),
+            param=e.field,
+        )
+    except DuplicateRequest as e:
+        return error_response(409, str(e), type="conflict_error", code="duplicate_request_id")
+    except CountersUnavailable as e:
+        log.warning("counters_unavailable", error=str(e))
+        return error_response(
+            503,
+            "budget counters (Redis) are unavailable; retry later",
+            type="service_unavailable",
+            code="redis_unavailable",
         )
     except ConcurrencyError as e:
         return error_response(409, str(e), type="conflict_error", code="version_conflict")

@@ -51,6 +51,12 @@ class Settings:
     writer_queue_size: int = 20000
     append_timeout_s: float = 5.0
     poll_interval_s: float = 1.0
+    redis_max_connections: int = 64
+
+    # Budgets: an admitted request not settled within the reservation TTL is
+    # swept (charged at its estimate); the sweeper looks every sweep interval.
+    reservation_ttl_s: float = 600.0
+    sweep_interval_s: float = 5.0
 
     config_file: Path | None = field(default=None, compare=False)
 
@@ -262,4 +268,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "writer_queue_size": _int(1, 10_000_000),
     "append_timeout_s": _float(0.1, 600),
     "poll_interval_s": _float(0.01, 3600),
+    "redis_max_connections": _int(1, 10_000),
+    "reservation_ttl_s": _float(1, 7 * 86400),
+    "sweep_interval_s": _float(0.05, 3600),
 }

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Self
@@ -351,9 +351,10 @@ class EventStore:
             if accepted:
                 rows = await conn.fetch(_INSERT, s_col, v_col, t_col, d_col)
                 positions = {(r[1], r[2]): r[0] for r in rows}
-                await conn.execute(
-                    "select pg_notify($1, $2)", CHANNEL, str(max(positions.values()))
-                )
+                # Payload: "<last position> <types,...>" so listeners that care
+                # about a few types (tag definitions) can ignore the rest.
+                payload = f"{max(positions.values())} {','.join(sorted(set(t_col)))}"
+                await conn.execute("select pg_notify($1, $2)", CHANNEL, payload[:7900])
         # Committed: resolve futures only now, so nobody sees an unconfirmed write.
         self.stats.commits += 1
         self.stats.events += len(s_col)
@@ -395,6 +396,22 @@ class EventStore:
             raise StoreUnavailable(f"PostgreSQL unavailable: {_describe(e)}") from e
         return [_row(r) for r in rows]
 
+    async def read_types(
+        self, types: Sequence[str], after: int = 0, limit: int = 1000
+    ) -> list[RecordedEvent]:
+        """Like read_all, restricted to events of the given types."""
+        try:
+            rows = await self.pool.fetch(
+                f"{_SELECT} where type = any($1::text[]) and position > $2 "
+                "order by position limit $3",
+                list(types),
+                after,
+                limit,
+            )
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"PostgreSQL unavailable: {_describe(e)}") from e
+        return [_row(r) for r in rows]
+
     async def head(self) -> int:
         """The position of the last committed event (0 for an empty log)."""
         try:
@@ -431,15 +448,28 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
+def payload_types(payload: str) -> set[str]:
+    """The event types named in a NOTIFY payload of :data:`CHANNEL`."""
+    _, _, types = payload.partition(" ")
+    return set(types.split(",")) if types else set()
+
+
 class Notifications:
-    """A LISTEN on its own connection that sets an event on every NOTIFY.
+    """A LISTEN on its own connection that sets an event on every NOTIFY
+    (or on those whose payload ``wanted`` accepts).
 
     If the connection drops, waiters fall back to their poll interval and the
     listener reconnects in the background.
     """
 
-    def __init__(self, pool: asyncpg.Pool, channel: str) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        channel: str,
+        wanted: Callable[[str], bool] | None = None,
+    ) -> None:
         self._pool = pool
+        self._wanted = wanted
         self._channel = channel
         self._event = asyncio.Event()
         self._conn: PoolConnectionProxy[asyncpg.Record] | None = None
@@ -457,8 +487,9 @@ class Notifications:
                 await self._task
         await self._release()
 
-    def _on_notify(self, *_: Any) -> None:
-        self._event.set()
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
+        if self._wanted is None or self._wanted(str(payload)):
+            self._event.set()
 
     def _on_terminated(self, *_: Any) -> None:
         self._lost.set()

@@ -1,0 +1,286 @@
+"""Admin API for tag budgets, with LiteLLM-compatible paths and field names.
+
+POST /tag/new, POST|GET /tag/info, POST /tag/update, POST /tag/delete,
+GET /tag/list, GET /tag/{name}/history. Bodies are msgspec Structs that forbid
+unknown fields; every client mistake is an OpenAI-style error naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+from msgspec import UNSET, UnsetType
+
+from gateway.errors import ApiError
+from gateway.keys import BUDGET_BOOK, COUNTERS, REQUEST_ID, STORE, TAGS
+from ledger import events as ev
+from ledger.budgets import budget_of
+from ledger.money import from_nanos
+from ledger.queries import tag_totals
+from ledger.tags import TagState
+
+routes = web.RouteTableDef()
+
+MAX_ADMIN_BODY = 64 * 1024
+T = TypeVar("T")
+
+_encoder = msgspec.json.Encoder(decimal_format="number")
+
+
+# ------------------------------------------------------------------ bodies
+
+
+class TagNew(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    description: str | None = None
+    max_budget: Decimal | None = None
+    soft_budget: Decimal | None = None
+    budget_duration: str | None = None
+    models: list[str] | None = None
+    metadata: dict[str, Any] = {}
+
+
+class TagUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    description: str | UnsetType | None = UNSET
+    max_budget: Decimal | UnsetType | None = UNSET
+    soft_budget: Decimal | UnsetType | None = UNSET
+    budget_duration: str | UnsetType | None = UNSET
+    models: list[str] | UnsetType | None = UNSET
+    metadata: dict[str, Any] | UnsetType = UNSET
+
+
+class TagName(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+
+
+class TagNames(msgspec.Struct, forbid_unknown_fields=True):
+    names: list[str]
+
+
+class TagInfo(msgspec.Struct):
+    name: str
+    description: str | None
+    max_budget: Decimal | None
+    soft_budget: Decimal | None
+    budget_duration: str | None
+    models: list[str] | None
+    metadata: dict[str, Any]
+    spend: Decimal  # in the current window (0 without a budget)
+    reserved: Decimal  # estimates of requests in flight in the current window
+    remaining: Decimal | None  # max_budget - spend - reserved, never below 0
+    window_start: datetime | None
+    reset_at: datetime | None
+    total_spend: Decimal
+    request_count: int
+    created_at: datetime | None
+    updated_at: datetime | None
+
+
+class TagDeleted(msgspec.Struct):
+    message: str
+    name: str
+
+
+class FieldChange(msgspec.Struct):
+    old: Any
+    new: Any
+
+
+class HistoryItem(msgspec.Struct):
+    version: int
+    type: str
+    at: datetime
+    recorded_at: datetime
+    actor: str
+    request_id: str | None
+    changes: dict[str, FieldChange]
+
+
+_PATH_RE = re.compile(r"`\$\.?([^`]*)`")
+_FIELD_RE = re.compile(r"field `([^`]+)`")
+
+
+async def decode_body(request: web.Request, kind: type[T]) -> T:
+    """Read at most MAX_ADMIN_BODY bytes and decode them as ``kind``."""
+    if request.content_length is not None and request.content_length > MAX_ADMIN_BODY:
+        raise ApiError(413, f"request body too large: at most {MAX_ADMIN_BODY} bytes", param="body")
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(65536):
+        body += chunk
+        if len(body) > MAX_ADMIN_BODY:
+            raise ApiError(
+                413, f"request body too large: at most {MAX_ADMIN_BODY} bytes", param="body"
+            )
+    if not body.strip():
+        raise ApiError(400, "request body is empty: send a JSON object", param="body")
+    try:
+        return msgspec.json.decode(bytes(body), type=kind)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        m = _PATH_RE.search(text) or _FIELD_RE.search(text)
+        param = m[1] if m and m[1] else None
+        raise ApiError(400, f"invalid request body: {text}", param=param) from None
+    except msgspec.DecodeError as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}", param="body") from None
+
+
+def json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_encoder.encode(data), status=status, content_type="application/json")
+
+
+# ------------------------------------------------------------------ views
+
+
+async def tag_infos(request: web.Request, states: list[TagState]) -> list[TagInfo]:
+    counters = request.app[COUNTERS]
+    totals = await tag_totals(request.app[STORE].pool, [s.name for s in states])
+    now = request.app[TAGS].now()
+    out = []
+    for s in states:
+        spend = reserved = Decimal(0)
+        remaining: Decimal | None = None
+        window_start = reset_at = None
+        if s.has_budget:
+            budget = budget_of(s, now)
+            counter = await counters.read(budget)
+            spend, reserved = from_nanos(counter.spent_nanos), from_nanos(counter.reserved_nanos)
+            assert s.max_budget is not None
+            remaining = max(Decimal(0), s.max_budget - spend - reserved)
+            reset_at = budget.reset_at
+            window_start = budget.window.start if reset_at is not None else s.anchor
+        t = totals.get(s.name)
+        out.append(
+            TagInfo(
+                name=s.name,
+                description=s.description,
+                max_budget=s.max_budget,
+                soft_budget=s.soft_budget,
+                budget_duration=s.budget_duration,
+                models=s.models,
+                metadata=s.metadata,
+                spend=spend,
+                reserved=reserved,
+                remaining=remaining,
+                window_start=window_start,
+                reset_at=reset_at,
+                total_spend=t.total_spend if t else Decimal(0),
+                request_count=t.request_count if t else 0,
+                created_at=s.created_at,
+                updated_at=s.updated_at,
+            )
+        )
+    return out
+
+
+def _fields(body: TagNew | TagUpdate) -> ev.TagFields:
+    return ev.TagFields(
+        description=body.description,
+        max_budget=body.max_budget,
+        soft_budget=body.soft_budget,
+        budget_duration=body.budget_duration,
+        models=body.models,
+        metadata=body.metadata,
+    )
+
+
+async def _fresh(request: web.Request) -> None:
+    """Make this process's budget cache see the change it just made."""
+    await request.app[BUDGET_BOOK].refresh()
+
+
+# ------------------------------------------------------------------ routes
+
+
+@routes.post("/tag/new")
+async def tag_new(request: web.Request) -> web.Response:
+    body = await decode_body(request, TagNew)
+    state = await request.app[TAGS].create(body.name, _fields(body), request_id=request[REQUEST_ID])
+    await _fresh(request)
+    [info] = await tag_infos(request, [state])
+    return json(info, status=201)
+
+
+@routes.post("/tag/update")
+async def tag_update(request: web.Request) -> web.Response:
+    body = await decode_body(request, TagUpdate)
+    state = await request.app[TAGS].update(body.name, _fields(body), request_id=request[REQUEST_ID])
+    await _fresh(request)
+    [info] = await tag_infos(request, [state])
+    return json(info)
+
+
+@routes.post("/tag/delete")
+async def tag_delete(request: web.Request) -> web.Response:
+    body = await decode_body(request, TagName)
+    await request.app[TAGS].delete(body.name, request_id=request[REQUEST_ID])
+    await _fresh(request)
+    return json(TagDeleted(message=f"tag {body.name!r} deleted", name=body.name))
+
+
+@routes.post("/tag/info")
+async def tag_info_post(request: web.Request) -> web.Response:
+    body = await decode_body(request, TagNames)
+    return await _info(request, body.names)
+
+
+@routes.get("/tag/info")
+async def tag_info_get(request: web.Request) -> web.Response:
+    names = [n.strip() for raw in request.query.getall("names", []) for n in raw.split(",")]
+    names = [n for n in names if n]
+    return await _info(request, names)
+
+
+async def _info(request: web.Request, names: list[str]) -> web.Response:
+    if not names:
+        raise ApiError(400, "names must list at least one tag name", param="names")
+    if len(names) > 1000:
+        raise ApiError(400, "names may list at most 1000 tags", param="names")
+    states = await request.app[TAGS].get_many(names)
+    infos = await tag_infos(request, states)
+    return json({i.name: i for i in infos})
+
+
+@routes.get("/tag/list")
+async def tag_list(request: web.Request) -> web.Response:
+    book = request.app[BUDGET_BOOK]
+    await book.refresh()
+    states = sorted((s for s in book.tags.values() if s.exists), key=lambda s: s.name)
+    return json(await tag_infos(request, states))
+
+
+@routes.get("/tag/{name}/history")
+async def tag_history(request: web.Request) -> web.Response:
+    entries = await request.app[TAGS].history(request.match_info["name"])
+    items = []
+    for e in entries:
+        event = e.event
+        changes: dict[str, FieldChange] = {}
+        if isinstance(event, ev.TagCreated):
+            for f in ev.TagFields.__struct_fields__:
+                value = getattr(event, f)
+                if value not in (None, {}):
+                    changes[f] = FieldChange(None, value)
+        elif isinstance(event, ev.TagUpdated):
+            for f in ev.TagFields.__struct_fields__:
+                new = getattr(event.changes, f)
+                if new is not UNSET:
+                    old = getattr(event.previous, f)
+                    changes[f] = FieldChange(None if old is UNSET else old, new)
+        items.append(
+            HistoryItem(
+                version=e.version,
+                type=e.type,
+                at=event.at,
+                recorded_at=e.recorded_at,
+                actor=event.actor,
+                request_id=event.request_id,
+                changes=changes,
+            )
+        )
+    return json(items)

@@ -1,0 +1,315 @@
+"""Admission: reserve, then settle — the budget side of every request.
+
+1. ``admit`` checks every budgeted tag in one Redis call and reserves the
+   estimate on all of them or none; an admitted request is appended to the log
+   as ``RequestAdmitted`` (version 1 of ``request:<id>``) before it may go on.
+2. ``record_spend`` appends ``SpendRecorded`` (version 2) and only then settles
+   the counters at the actual cost. ``release`` does the same with
+   ``RequestReleased`` for a request that never cost anything.
+3. ``sweep`` finds reservations past their deadline. Their request stream
+   decides: if a terminal event exists, the counters are settled from it;
+   otherwise ``ReservationExpired`` charges the estimate. The stream's version
+   check makes the terminal event unique even when a late gateway and the
+   sweeper race.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import structlog
+
+from ledger import events as ev
+from ledger.budgets import BudgetBook, budget_of
+from ledger.counters import Budget, Counters, Denied
+from ledger.errors import ConcurrencyError, LedgerError
+from ledger.money import from_nanos, to_nanos
+from ledger.store import EventStore
+
+log = structlog.get_logger(__name__)
+
+
+class DuplicateRequest(LedgerError):
+    """This request id was admitted before; it is never charged twice."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"request id {request_id!r} was already used")
+        self.request_id = request_id
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    request_id: str
+    at: datetime
+    estimate: Decimal
+    tags: tuple[str, ...]
+    budgets: tuple[Budget, ...]
+    position: int  # of RequestAdmitted
+    model: str | None = None
+
+    @property
+    def budget_tags(self) -> list[str]:
+        return [b.tag for b in self.budgets]
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetExceeded:
+    """Why a request was denied: the first budget that could not take it."""
+
+    request_id: str
+    budget: Budget
+    spent: Decimal
+    reserved: Decimal
+    estimate: Decimal
+    limit: Decimal = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "limit", from_nanos(self.budget.limit_nanos))
+
+    @property
+    def tag(self) -> str:
+        return self.budget.tag
+
+    @property
+    def reset_at(self) -> datetime | None:
+        return self.budget.reset_at
+
+
+@dataclass(slots=True)
+class SweepReport:
+    expired: int = 0  # charged at their estimate
+    settled: int = 0  # a terminal event existed; counters caught up
+    dropped: int = 0  # never reached the log
+
+
+class Admission:
+    def __init__(
+        self,
+        store: EventStore,
+        counters: Counters,
+        book: BudgetBook,
+        *,
+        reservation_ttl: timedelta = timedelta(minutes=10),
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.store = store
+        self.counters = counters
+        self.book = book
+        self.reservation_ttl = reservation_ttl
+        self.now = clock or (lambda: datetime.now(UTC))
+
+    async def admit(
+        self,
+        request_id: str,
+        tags: Sequence[str],
+        estimate: Decimal,
+        *,
+        model: str | None = None,
+    ) -> Admitted | BudgetExceeded:
+        now = self.now()
+        budgets = self.book.budgets_for(tags, now)
+        estimate_nanos = to_nanos(estimate)
+        deadline = now + self.reservation_ttl
+        outcome = await self.counters.reserve(
+            request_id,
+            budgets,
+            estimate_nanos,
+            deadline,
+            reservation_ttl_s=int(self.reservation_ttl.total_seconds() * 3),
+        )
+        if isinstance(outcome, Denied):
+            denied = BudgetExceeded(
+                request_id,
+                outcome.budget,
+                from_nanos(outcome.spent_nanos),
+                from_nanos(outcome.reserved_nanos),
+                estimate,
+            )
+            await self._record_denial(denied, tags, model, now)
+            return denied
+        if outcome.duplicate:
+            raise DuplicateRequest(request_id)
+        event = ev.RequestAdmitted(
+            request_id=request_id,
+            at=now,
+            estimate=estimate,
+            deadline=deadline,
+            tags=list(dict.fromkeys(tags)),
+            budget_tags=[b.tag for b in budgets],
+            model=model,
+        )
+        try:
+            [position] = await self.store.append(
+                ev.stream_of_request(request_id), 0, [ev.to_new(event)]
+            )
+        except ConcurrencyError:
+            # Redis forgot a settled request (its marker expired or was flushed)
+            # but the log did not: the id was used. Give the reservation back.
+            await self.counters.drop_unlogged(request_id, budgets, estimate_nanos)
+            raise DuplicateRequest(request_id) from None
+        except BaseException:
+            # Not recorded (store down, cancelled): nothing may go upstream, so
+            # the reservation goes back at once instead of waiting for the sweeper.
+            with contextlib.suppress(Exception):
+                await self.counters.drop_unlogged(request_id, budgets, estimate_nanos)
+            raise
+        return Admitted(
+            request_id, now, estimate, tuple(event.tags), tuple(budgets), position, model
+        )
+
+    async def _record_denial(
+        self, denied: BudgetExceeded, tags: Sequence[str], model: str | None, now: datetime
+    ) -> None:
+        event = ev.RequestDenied(
+            request_id=denied.request_id,
+            at=now,
+            tag=denied.tag,
+            spent=denied.spent,
+            reserved=denied.reserved,
+            estimate=denied.estimate,
+            max_budget=denied.limit,
+            reset_at=denied.reset_at,
+            tags=list(dict.fromkeys(tags)),
+            model=model,
+        )
+        # Denials of one request id may repeat (a client retrying): no version check.
+        await self.store.append(f"denied:{denied.request_id}", None, [ev.to_new(event)])
+
+    async def record_spend(self, admitted: Admitted, cost: Decimal, **details: Any) -> int:
+        """Append SpendRecorded (durable before this returns), then settle."""
+        event = ev.SpendRecorded(
+            request_id=admitted.request_id,
+            admitted_at=admitted.at,
+            cost=cost,
+            tags=list(admitted.tags),
+            budget_tags=admitted.budget_tags,
+            model=details.pop("model", admitted.model),
+            **details,
+        )
+        [position] = await self.store.append(
+            ev.stream_of_request(admitted.request_id), 1, [ev.to_new(event)]
+        )
+        await self.counters.settle(
+            admitted.request_id,
+            admitted.budgets,
+            actual_nanos=to_nanos(cost),
+            estimate_nanos=to_nanos(admitted.estimate),
+            position=position,
+            admitted_position=admitted.position,
+        )
+        return position
+
+    async def release(self, admitted: Admitted, reason: str) -> int:
+        event = ev.RequestReleased(
+            request_id=admitted.request_id,
+            admitted_at=admitted.at,
+            reason=reason,
+            tags=list(admitted.tags),
+            budget_tags=admitted.budget_tags,
+        )
+        [position] = await self.store.append(
+            ev.stream_of_request(admitted.request_id), 1, [ev.to_new(event)]
+        )
+        await self.counters.release(
+            admitted.request_id,
+            admitted.budgets,
+            estimate_nanos=to_nanos(admitted.estimate),
+            position=position,
+            admitted_position=admitted.position,
+        )
+        return position
+
+    # ------------------------------------------------------------- sweeping
+
+    async def sweep(self, limit: int = 100) -> SweepReport:
+        """Settle every reservation whose deadline passed, from what the log says."""
+        report = SweepReport()
+        for request_id in await self.counters.expired(self.now(), limit):
+            await self._sweep_one(request_id, report)
+        return report
+
+    async def _sweep_one(self, request_id: str, report: SweepReport) -> None:
+        stream = ev.stream_of_request(request_id)
+        recorded = await self.store.read_stream(stream)
+        held = await self.counters.reservation(request_id)
+        if not recorded:
+            if held is not None:
+                estimate_nanos, keys = held
+                await self.counters.drop_unlogged(
+                    request_id, self._budgets_of_keys(keys), estimate_nanos
+                )
+            await self.counters.forget(request_id)
+            report.dropped += 1
+            return
+        admitted = ev.decode(recorded[0])
+        assert isinstance(admitted, ev.RequestAdmitted)
+        budgets = self._budgets_at(admitted)
+        if len(recorded) == 1:
+            expired = ev.ReservationExpired(
+                request_id=request_id,
+                admitted_at=admitted.at,
+                cost=admitted.estimate,
+                tags=admitted.tags,
+                budget_tags=admitted.budget_tags,
+            )
+            try:
+                [position] = await self.store.append(stream, 1, [ev.to_new(expired)])
+            except ConcurrencyError:
+                recorded = await self.store.read_stream(stream)  # the gateway settled just now
+            else:
+                await self.counters.settle(
+                    request_id,
+                    budgets,
+                    actual_nanos=to_nanos(admitted.estimate),
+                    estimate_nanos=to_nanos(admitted.estimate),
+                    position=position,
+                    admitted_position=recorded[0].position,
+                )
+                log.warning(
+                    "reservation_expired", request_id=request_id, charged=str(admitted.estimate)
+                )
+                report.expired += 1
+                return
+        terminal = ev.decode(recorded[1])
+        cost = getattr(terminal, "cost", Decimal(0))
+        await self.counters.settle(
+            request_id,
+            budgets,
+            actual_nanos=to_nanos(cost),
+            estimate_nanos=to_nanos(admitted.estimate),
+            position=recorded[1].position,
+            admitted_position=recorded[0].position,
+        )
+        report.settled += 1
+
+    def _budgets_at(self, admitted: ev.RequestAdmitted) -> list[Budget]:
+        """The budgets of the request's windows, by today's definitions. If a
+        definition changed since, the charge lands in the new window's counter
+        (rebuilt from the log, so counted once) and the old one simply expires."""
+        out = []
+        for tag in admitted.budget_tags:
+            state = self.book.get(tag)
+            if state is not None and state.has_budget:
+                out.append(budget_of(state, admitted.at))
+        return out
+
+    def _budgets_of_keys(self, keys: list[str]) -> list[Budget]:
+        """Budgets whose counter keys are ``keys`` (those whose definition still matches)."""
+        out = []
+        for key in keys:
+            parts = key.split(":", 4)  # ledger:w:<duration>:<start>:<tag>
+            if len(parts) != 5:
+                continue
+            state = self.book.get(parts[4])
+            if state is None or not state.has_budget:
+                continue
+            start = datetime.fromtimestamp(int(parts[3]), UTC)
+            budget = budget_of(state, start)
+            if budget.key == key:
+                out.append(budget)
+        return out

@@ -1,0 +1,181 @@
+"""Event types: the source of truth. Meanings never change; new fields get defaults.
+
+Streams:
+* ``tag:<name>``        TagCreated, TagUpdated, TagDeleted
+* ``request:<id>``      RequestAdmitted (version 1), then exactly one terminal
+                        event at version 2: SpendRecorded, RequestReleased or
+                        ReservationExpired (the stream's version check makes
+                        "exactly one" a database guarantee, not a hope)
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from ledger.store import NewEvent, RecordedEvent
+
+# --------------------------------------------------------------------- tags
+
+
+class TagFields(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The editable fields of a tag; UNSET means "not part of this change"."""
+
+    description: str | UnsetType | None = UNSET
+    max_budget: Decimal | UnsetType | None = UNSET
+    soft_budget: Decimal | UnsetType | None = UNSET
+    budget_duration: str | UnsetType | None = UNSET
+    models: list[str] | UnsetType | None = UNSET
+    metadata: dict[str, Any] | UnsetType = UNSET
+
+
+class TagCreated(msgspec.Struct, frozen=True, tag=True):
+    name: str
+    at: datetime
+    description: str | None = None
+    max_budget: Decimal | None = None
+    soft_budget: Decimal | None = None
+    budget_duration: str | None = None
+    models: list[str] | None = None
+    metadata: dict[str, Any] = {}
+    actor: str = "admin"
+    request_id: str | None = None
+
+
+class TagUpdated(msgspec.Struct, frozen=True, tag=True):
+    name: str
+    at: datetime
+    changes: TagFields  # new values of the changed fields
+    previous: TagFields  # their values before the change
+    actor: str = "admin"
+    request_id: str | None = None
+
+
+class TagDeleted(msgspec.Struct, frozen=True, tag=True):
+    name: str
+    at: datetime
+    actor: str = "admin"
+    request_id: str | None = None
+
+
+TagEvent = TagCreated | TagUpdated | TagDeleted
+TAG_EVENT_TYPES = ("TagCreated", "TagUpdated", "TagDeleted")
+
+
+# ----------------------------------------------------------------- requests
+
+
+class RequestAdmitted(msgspec.Struct, frozen=True, tag=True):
+    """A request passed its budgets: ``estimate`` is reserved on ``budget_tags``."""
+
+    request_id: str
+    at: datetime  # admission time: decides which window the request counts in
+    estimate: Decimal
+    deadline: datetime  # after this, an unsettled reservation is swept
+    tags: list[str] = []
+    budget_tags: list[str] = []
+    model: str | None = None
+
+
+class SpendRecorded(msgspec.Struct, frozen=True, tag=True):
+    """What a request actually cost. Self-contained so views need no join."""
+
+    request_id: str
+    admitted_at: datetime
+    cost: Decimal
+    tags: list[str] = []
+    budget_tags: list[str] = []
+    model: str | None = None
+    provider: str | None = None
+    user_hash: str | None = None
+    metadata: dict[str, Any] = {}
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+    status: int = 200
+    streamed: bool = False
+
+
+class RequestReleased(msgspec.Struct, frozen=True, tag=True):
+    """An admitted request that never ran (or failed before costing anything)."""
+
+    request_id: str
+    admitted_at: datetime
+    reason: str
+    tags: list[str] = []
+    budget_tags: list[str] = []
+
+
+class ReservationExpired(msgspec.Struct, frozen=True, tag=True):
+    """An admitted request whose gateway never settled it: charged at its estimate."""
+
+    request_id: str
+    admitted_at: datetime
+    cost: Decimal  # the estimate, charged because the outcome is unknown
+    tags: list[str] = []
+    budget_tags: list[str] = []
+
+
+class RequestDenied(msgspec.Struct, frozen=True, tag=True):
+    """A request refused by a budget. Stream ``denied:<request id>``: a client may
+    retry a denied id, so denials are not part of the request stream."""
+
+    request_id: str
+    at: datetime
+    tag: str
+    spent: Decimal
+    reserved: Decimal
+    estimate: Decimal
+    max_budget: Decimal
+    reset_at: datetime | None = None
+    tags: list[str] = []
+    model: str | None = None
+
+
+RequestEvent = (
+    RequestAdmitted | SpendRecorded | RequestReleased | ReservationExpired | RequestDenied
+)
+# Terminal events that charge money, and those that do not.
+CHARGING_TYPES = ("SpendRecorded", "ReservationExpired")
+TERMINAL_TYPES = ("SpendRecorded", "ReservationExpired", "RequestReleased")
+
+Event = TagEvent | RequestEvent
+
+_encoder = msgspec.json.Encoder()
+_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
+_tag_decoder: msgspec.json.Decoder[TagEvent] = msgspec.json.Decoder(TagEvent)
+
+
+def to_new(event: Event) -> NewEvent:
+    """Encode an event for the store. The type lives in its own column, so the
+    JSON payload carries the fields only."""
+    raw = msgspec.to_builtins(event)
+    kind = raw.pop("type")
+    return NewEvent(kind, _encoder.encode(raw))
+
+
+def decode(recorded: RecordedEvent) -> Event:
+    return _decoder.decode(_tagged(recorded))
+
+
+def decode_tag(recorded: RecordedEvent) -> TagEvent:
+    return _tag_decoder.decode(_tagged(recorded))
+
+
+def _tagged(recorded: RecordedEvent) -> str:
+    """The payload with its type tag re-inserted, so msgspec can pick the Struct."""
+    body = recorded.data[1:].lstrip()
+    sep = "" if body.startswith("}") else ","
+    return f'{{"type":"{recorded.type}"{sep}{body}'
+
+
+def stream_of_tag(name: str) -> str:
+    return f"tag:{name}"
+
+
+def stream_of_request(request_id: str) -> str:
+    return f"request:{request_id}"
