@@ -34,6 +34,7 @@ class BudgetBook:
         self.position = 0
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self._cache: dict[str, tuple[TagState, Budget]] = {}
 
     async def start(self) -> None:
         await self.refresh()
@@ -90,7 +91,15 @@ class BudgetBook:
             state = self.tags.get(name)
             if state is None or not state.has_budget:
                 continue
-            out.append(budget_of(state, now))
+            # Reuse the Budget (and its key string) while the window and the
+            # definition are unchanged: this runs for every request.
+            cached = self._cache.get(name)
+            if cached is not None and cached[0] is state and now in cached[1].window:
+                out.append(cached[1])
+                continue
+            budget = budget_of(state, now)
+            self._cache[name] = (state, budget)
+            out.append(budget)
         return out
 
 

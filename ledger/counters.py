@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -48,11 +48,11 @@ class Budget:
     duration: str  # "1d", ... or "life"
     window: Window
     limit_nanos: int
+    key: str = field(init=False, compare=False)  # the window counter's Redis key
 
-    @property
-    def key(self) -> str:
+    def __post_init__(self) -> None:
         start = 0 if self.window == LIFETIME else int(self.window.start.timestamp())
-        return f"ledger:w:{self.duration}:{start}:{self.tag}"
+        object.__setattr__(self, "key", f"ledger:w:{self.duration}:{start}:{self.tag}")
 
     @property
     def reset_at(self) -> datetime | None:
@@ -112,49 +112,56 @@ end
 local function greater(ah, al, bh, bl) return ah > bh or (ah == bh and al > bl) end
 """
 
-# KEYS: reservation, zset, settled marker, window keys...
-# ARGV: request id, estimate, deadline ms, reservation ttl s, then per window: limit, expire-at
+# The reservation key holds "R|<estimate>|<window keys>" while the request is
+# open and "S" once it is settled, so one GET answers "new, open or settled".
+# (Every redis.call inside a script costs a few microseconds: keep them few.)
+
+# KEYS: reservation, zset, window keys...
+# ARGV: request id, estimate, deadline ms, reservation ttl s, then per window: limit
 _RESERVE = (
     _LIB
     + """
-if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then
-  return {'dup'}
-end
-local n = #KEYS - 3
-for i = 1, n do
-  if redis.call('EXISTS', KEYS[i + 3]) == 0 then return {'missing', i} end
-end
+if redis.call('GET', KEYS[1]) then return {'dup'} end
+local n = #KEYS - 2
 local est = ARGV[2]
+local values = {}
 for i = 1, n do
-  local v = redis.call('HMGET', KEYS[i + 3], 'spent', 'reserved')
+  local v = redis.call('HMGET', KEYS[i + 2], 'spent', 'reserved', 'pos')
+  if not v[3] then return {'missing', i} end  -- every built counter has a pos
+  values[i] = v
+end
+for i = 1, n do
+  local v = values[i]
   local th, tl = total(v[1], v[2], est)
-  local lh, ll = split(ARGV[3 + 2 * i])
+  local lh, ll = split(ARGV[4 + i])
   if greater(th, tl, lh, ll) then return {'deny', i, v[1] or '0', v[2] or '0'} end
 end
 local keys = {}
 for i = 1, n do
-  redis.call('HINCRBY', KEYS[i + 3], 'reserved', est)
-  keys[i] = KEYS[i + 3]
+  redis.call('HINCRBY', KEYS[i + 2], 'reserved', est)
+  keys[i] = KEYS[i + 2]
 end
-redis.call('HSET', KEYS[1], 'est', est, 'deadline', ARGV[3], 'keys', table.concat(keys, '\\n'))
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('SET', KEYS[1], 'R|' .. est .. '|' .. table.concat(keys, '\\n'), 'EX', ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return {'ok'}
 """
 )
 
-# KEYS: reservation, zset, settled marker, window keys...
-# ARGV: request id, actual, minus the estimate, terminal event position, admit position, marker ttl
+# KEYS: reservation, zset, window keys...
+# ARGV: request id, actual, minus the estimate, terminal event position, admit position, settled ttl
 _SETTLE = """
-if redis.call('EXISTS', KEYS[3]) == 1 then return {'dup'} end
-for i = 4, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 0 then return {'missing', i - 3} end
+local r = redis.call('GET', KEYS[1])
+if r == 'S' then return {'dup'} end
+local values = {}
+for i = 3, #KEYS do
+  local pos = redis.call('HGET', KEYS[i], 'pos')
+  if not pos then return {'missing', i - 2} end
+  values[i] = tonumber(pos)
 end
-local live = redis.call('DEL', KEYS[1]) == 1
-redis.call('ZREM', KEYS[2], ARGV[1])
+local live = r ~= false
 local at, admitted = tonumber(ARGV[4]), tonumber(ARGV[5])
-for i = 4, #KEYS do
-  local pos = tonumber(redis.call('HGET', KEYS[i], 'pos') or '0')
+for i = 3, #KEYS do
+  local pos = values[i]
   -- A counter rebuilt at or after the terminal event already holds this charge.
   if pos < at then
     redis.call('HINCRBY', KEYS[i], 'spent', ARGV[2])
@@ -165,7 +172,8 @@ for i = 4, #KEYS do
     end
   end
 end
-redis.call('SET', KEYS[3], '1', 'EX', ARGV[6])
+redis.call('SET', KEYS[1], 'S', 'EX', ARGV[6])
+if live then redis.call('ZREM', KEYS[2], ARGV[1]) end
 return {'ok'}
 """
 
@@ -246,7 +254,7 @@ class Counters:
         One round trip when every counter exists; a missing counter is rebuilt
         from the log and the call repeated.
         """
-        keys = [_reservation_key(request_id), ZSET, _settled_key(request_id)]
+        keys = [_reservation_key(request_id), ZSET]
         keys += [b.key for b in budgets]
         args: list[Any] = [
             request_id,
@@ -254,8 +262,7 @@ class Counters:
             int(deadline.timestamp() * 1000),
             reservation_ttl_s,
         ]
-        for b in budgets:
-            args += [b.limit_nanos, b.expire_at()]
+        args += [b.limit_nanos for b in budgets]
         for _ in range(5):
             result = await self._call(self._reserve, keys, args)
             verdict = _text(result[0])
@@ -291,7 +298,7 @@ class Counters:
         ``position`` is the log position of the request's terminal event, which
         was committed before this call. Idempotent: False if already settled.
         """
-        keys = [_reservation_key(request_id), ZSET, _settled_key(request_id)]
+        keys = [_reservation_key(request_id), ZSET]
         keys += [b.key for b in budgets]
         args = [
             request_id,
@@ -363,12 +370,11 @@ class Counters:
 
     async def reservation(self, request_id: str) -> tuple[int, list[str]] | None:
         """(estimate, window keys) of an open reservation, if Redis still has it."""
-        est, keys = await self._redis(
-            self.redis.hmget(_reservation_key(request_id), ["est", "keys"])
-        )
-        if est is None:
+        value = await self._redis(self.redis.get(_reservation_key(request_id)))
+        if value is None or not _text(value).startswith("R|"):
             return None
-        return int(est), [k for k in _text(keys or b"").split("\n") if k]
+        _, est, keys = _text(value).split("|", 2)
+        return int(est), [k for k in keys.split("\n") if k]
 
     async def forget(self, request_id: str) -> None:
         await self._redis(self.redis.zrem(ZSET, request_id))
@@ -421,10 +427,6 @@ def connect_redis(url: str, *, max_connections: int = 64, timeout_s: float = 3.0
 
 def _reservation_key(request_id: str) -> str:
     return f"ledger:r:{request_id}"
-
-
-def _settled_key(request_id: str) -> str:
-    return f"ledger:s:{request_id}"
 
 
 def _text(value: Any) -> str:

@@ -8,9 +8,9 @@ import platform
 import time
 
 from ledger import logs
-from tests.bench import bench_store
+from tests.bench import bench_counters, bench_store
 
-BENCHES = {"store": bench_store.main}
+BENCHES = {"store": bench_store.main, "counters": bench_counters.main}
 
 
 def main() -> None:
