@@ -63,10 +63,10 @@ async def run(database_url: str, redis_url: str, repeats: int = 5) -> list[tuple
         for r in range(repeats):
             ping = await _latencies(lambda i: client.ping())
             one = await _latencies(
-                lambda i: counters.reserve(f"a{r}-{i}", budgets[:1], estimate, deadline)
+                lambda i, r=r: counters.reserve(f"a{r}-{i}", budgets[:1], estimate, deadline)
             )
             five = await _latencies(
-                lambda i: counters.reserve(f"b{r}-{i}", budgets, estimate, deadline)
+                lambda i, r=r: counters.reserve(f"b{r}-{i}", budgets, estimate, deadline)
             )
             for name, values in (
                 ("ping", ping),
@@ -93,9 +93,12 @@ def main() -> list[tuple[str, float]]:
     db, rd = os.environ.get("LEDGER_BENCH_DATABASE_URL"), os.environ.get("LEDGER_BENCH_REDIS_URL")
     if db and rd:
         return asyncio.run(run(db, rd))
-    with tempfile.TemporaryDirectory() as tmp:
-        with EmbeddedPostgres(Path(tmp) / "pg") as pg, EmbeddedRedis(Path(tmp) / "redis") as redis:
-            return asyncio.run(run(db or pg.url, rd or redis.url))
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        EmbeddedPostgres(Path(tmp) / "pg") as pg,
+        EmbeddedRedis(Path(tmp) / "redis") as redis,
+    ):
+        return asyncio.run(run(db or pg.url, rd or redis.url))
 
 
 if __name__ == "__main__":
