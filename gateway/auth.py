@@ -12,10 +12,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.errors import ApiError
-from gateway.keys import SETTINGS
+from gateway.keys import API_KEY, KEY_BOOK, SETTINGS
 
 PUBLIC = "public"
 ADMIN = "admin"
+CLIENT = "client"  # a client API key (or the admin key) — the proxy routes
 _ATTR = "__ledger_access__"
 # Credentials never travel in URLs: they end up in access logs and browser history.
 _SECRET_PARAMS = frozenset({"key", "api_key", "apikey", "admin_key", "token", "access_token"})
@@ -26,6 +27,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 def public(handler: F) -> F:
     """Mark a handler as reachable without any key (health checks)."""
     setattr(handler, _ATTR, PUBLIC)
+    return handler
+
+
+def client(handler: F) -> F:
+    """Mark a handler as needing a client API key (the admin key works too)."""
+    setattr(handler, _ATTR, CLIENT)
     return handler
 
 
@@ -65,6 +72,18 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         )
     expected = request.app[SETTINGS].admin_key
     token = bearer_token(request)
+    if access_of(request.match_info.handler) == CLIENT:
+        if token is None:
+            raise ApiError(
+                401,
+                "missing API key: send Authorization: Bearer <key> (create one with POST /key/generate)",
+                code="missing_api_key",
+            )
+        key = request.app[KEY_BOOK].authenticate(token)
+        if key is None and not (expected is not None and same_secret(token, expected)):
+            raise ApiError(401, "invalid API key", code="invalid_api_key")
+        request[API_KEY] = key  # None for the admin key: no bound tags, every model
+        return await handler(request)
     if token is None:
         raise ApiError(
             401,

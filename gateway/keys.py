@@ -5,7 +5,11 @@ from __future__ import annotations
 import redis.asyncio as redis
 from aiohttp import web
 
+from gateway.metrics import Metrics
+from gateway.upstreams import Upstreams
 from ledger.admission import Admission
+from ledger.apikeys import ApiKey, KeyBook
+from ledger.pricing import PriceBook
 from ledger.budgets import BudgetBook
 from ledger.counters import Counters
 from ledger.settings import Settings
@@ -19,5 +23,11 @@ COUNTERS = web.AppKey("counters", Counters)
 BUDGET_BOOK = web.AppKey("budget_book", BudgetBook)
 TAGS = web.AppKey("tags", TagService)
 ADMISSION = web.AppKey("admission", Admission)
+KEY_BOOK = web.AppKey("key_book", KeyBook)
+UPSTREAMS = web.AppKey("upstreams", Upstreams)
+PRICES = web.AppKey("prices", PriceBook)
+METRICS = web.AppKey("metrics", Metrics)
+USER_SECRET = web.AppKey("user_secret", bytes)
 
 REQUEST_ID = web.RequestKey("request_id", str)
+API_KEY: web.RequestKey[ApiKey | None] = web.RequestKey("api_key")

@@ -51,6 +51,14 @@ class Admitted:
     budgets: tuple[Budget, ...]
     position: int  # of RequestAdmitted
     model: str | None = None
+    remaining_nanos: int | None = None  # tightest budget's room after the reservation
+
+    def remaining_after(self, cost: Decimal) -> Decimal | None:
+        """The tightest budget's room once this request is charged ``cost``."""
+        if self.remaining_nanos is None:
+            return None
+        left = self.remaining_nanos + to_nanos(self.estimate) - to_nanos(cost)
+        return from_nanos(max(0, left))
 
     @property
     def budget_tags(self) -> list[str]:
@@ -159,7 +167,14 @@ class Admission:
                 await self.counters.drop_unlogged(request_id, budgets, estimate_nanos)
             raise
         return Admitted(
-            request_id, now, estimate, tuple(event.tags), tuple(budgets), position, model
+            request_id,
+            now,
+            estimate,
+            tuple(event.tags),
+            tuple(budgets),
+            position,
+            model,
+            outcome.remaining_nanos,
         )
 
     async def _record_denial(
@@ -204,11 +219,12 @@ class Admission:
         )
         return position
 
-    async def release(self, admitted: Admitted, reason: str) -> int:
+    async def release(self, admitted: Admitted, reason: str, status: int | None = None) -> int:
         event = ev.RequestReleased(
             request_id=admitted.request_id,
             admitted_at=admitted.at,
             reason=reason,
+            status=status,
             tags=list(admitted.tags),
             budget_tags=admitted.budget_tags,
         )

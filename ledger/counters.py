@@ -76,6 +76,8 @@ class Reserved:
     keys: tuple[str, ...]
     budgets: tuple[Budget, ...]
     duplicate: bool = False
+    # what the tightest budget has left once this reservation is made
+    remaining_nanos: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,11 +132,16 @@ for i = 1, n do
   if not v[3] then return {'missing', i} end  -- every built counter has a pos
   values[i] = v
 end
+local tight, rh, rl = 0, 0, 0
 for i = 1, n do
   local v = values[i]
   local th, tl = total(v[1], v[2], est)
   local lh, ll = split(ARGV[4 + i])
   if greater(th, tl, lh, ll) then return {'deny', i, v[1] or '0', v[2] or '0'} end
+  -- what this budget has left after the reservation; keep the tightest
+  local dh, dl = lh - th, ll - tl
+  if dl < 0 then dh, dl = dh - 1, dl + 1000000000 end
+  if tight == 0 or greater(rh, rl, dh, dl) then tight, rh, rl = i, dh, dl end
 end
 local keys = {}
 for i = 1, n do
@@ -143,7 +150,9 @@ for i = 1, n do
 end
 redis.call('SET', KEYS[1], 'R|' .. est .. '|' .. table.concat(keys, '\\n'), 'EX', ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-return {'ok'}
+if tight == 0 then return {'ok'} end
+if rh > 0 then return {'ok', tight, string.format('%d%09d', rh, rl)} end
+return {'ok', tight, string.format('%d', rl)}
 """
 )
 
@@ -267,8 +276,13 @@ class Counters:
             result = await self._call(self._reserve, keys, args)
             verdict = _text(result[0])
             if verdict == "ok":
+                remaining = int(result[2]) if len(result) > 2 else None
                 return Reserved(
-                    request_id, estimate_nanos, tuple(b.key for b in budgets), tuple(budgets)
+                    request_id,
+                    estimate_nanos,
+                    tuple(b.key for b in budgets),
+                    tuple(budgets),
+                    remaining_nanos=remaining,
                 )
             if verdict == "dup":
                 return Reserved(

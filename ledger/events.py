@@ -95,9 +95,14 @@ class SpendRecorded(msgspec.Struct, frozen=True, tag=True):
     metadata: dict[str, Any] = {}
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     latency_ms: float = 0.0
     status: int = 200
     streamed: bool = False
+    unpriced: bool = False  # no known price: cost recorded as 0
+    # "upstream" (its usage), "partial" (client left mid-stream: what was
+    # produced), or "estimate" (no usage reported: the reserved upper bound)
+    usage_source: str = "upstream"
 
 
 class RequestReleased(msgspec.Struct, frozen=True, tag=True):
@@ -108,6 +113,7 @@ class RequestReleased(msgspec.Struct, frozen=True, tag=True):
     reason: str
     tags: list[str] = []
     budget_tags: list[str] = []
+    status: int | None = None  # the upstream's status, when it answered
 
 
 class ReservationExpired(msgspec.Struct, frozen=True, tag=True):

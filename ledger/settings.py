@@ -8,9 +8,12 @@ default; every bad value raises :class:`SettingsError` naming the variable.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import math
 import os
 import tomllib
+from decimal import Decimal, InvalidOperation
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +26,28 @@ ENV_PREFIX = "LEDGER_"
 
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """An upstream: OpenAI-compatible API at ``base_url``."""
+
+    name: str
+    base_url: str
+    api_key_env: str | None = None  # the key is read from this environment variable
+    models: tuple[str, ...] = ()  # bare model names this provider serves ("" = any)
+    price_provider: str | None = None  # genai-prices provider id (default: name)
+
+
+@dataclass(frozen=True, slots=True)
+class PriceOverride:
+    """Operator price for a model, USD per million tokens (beats genai-prices)."""
+
+    model: str
+    input_per_mtok: Decimal
+    output_per_mtok: Decimal
+    cached_input_per_mtok: Decimal | None = None
+    provider: str | None = None  # None: any provider
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +82,28 @@ class Settings:
     # swept (charged at its estimate); the sweeper looks every sweep interval.
     reservation_ttl_s: float = 600.0
     sweep_interval_s: float = 5.0
+
+    # Gateway: upstream providers and request handling
+    providers: tuple[ProviderConfig, ...] = ()
+    default_provider: str | None = None
+    upstream_connect_timeout_s: float = 5.0
+    upstream_first_byte_timeout_s: float = 120.0
+    upstream_total_timeout_s: float = 600.0
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_response_bytes: int = 64 * 1024 * 1024
+    # Attribution limits
+    max_tags: int = 64
+    max_tag_length: int = 256
+    max_metadata_bytes: int = 16 * 1024
+    # End-user ids are stored as HMAC-SHA256 with this secret (>= 32 chars).
+    # Unset: a secret generated once and kept in the database is used.
+    user_hash_secret: str | None = None
+    # Pricing: "auto" denies unpriced models only for requests with a budgeted
+    # tag; "deny" always; "allow" records cost 0 flagged as unpriced.
+    unpriced_policy: str = "auto"
+    default_max_tokens: int = 4096  # output bound for estimates when the request sets none
+    image_token_bound: int = 2000  # input bound per image part
+    price_overrides: tuple[PriceOverride, ...] = ()
 
     config_file: Path | None = field(default=None, compare=False)
 
@@ -100,6 +147,14 @@ class Settings:
 
     def validate(self) -> None:
         """Cross-field checks (single fields are checked when parsed)."""
+        names = [p.name for p in self.providers]
+        if len(set(names)) != len(names):
+            raise SettingsError(f"{ENV_PREFIX}PROVIDERS names a provider twice")
+        if self.default_provider is not None and self.default_provider not in names:
+            raise SettingsError(
+                f"{ENV_PREFIX}DEFAULT_PROVIDER {self.default_provider!r} is not one of the "
+                f"configured providers ({', '.join(names) or 'none'})"
+            )
         if self.pool_min_size > self.pool_max_size:
             raise SettingsError(
                 f"{ENV_PREFIX}POOL_MIN_SIZE ({self.pool_min_size}) must not exceed "
@@ -121,7 +176,7 @@ class Settings:
         return out
 
 
-_SECRET_FIELDS = frozenset({"admin_key"})
+_SECRET_FIELDS = frozenset({"admin_key", "user_hash_secret"})
 
 
 def redact_url(url: str) -> str:
@@ -250,6 +305,96 @@ def _host(label: str, raw: Any) -> str:
     return value
 
 
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _json_list(label: str, raw: Any) -> list[Any]:
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise SettingsError(f"{label} is not valid JSON: {e}") from None
+    if not isinstance(raw, list) or not all(isinstance(x, dict) for x in raw):
+        raise SettingsError(f"{label} must be a list of objects")
+    return raw
+
+
+def _providers(label: str, raw: Any) -> tuple[ProviderConfig, ...]:
+    out = []
+    for i, item in enumerate(_json_list(label, raw)):
+        where = f"{label}[{i}]"
+        unknown = set(item) - {"name", "base_url", "api_key_env", "models", "price_provider"}
+        if unknown:
+            raise SettingsError(f"{where} has unknown field(s) {sorted(unknown)}")
+        name = item.get("name")
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise SettingsError(f"{where}.name must be a lower-case name like 'openai'")
+        base_url = item.get("base_url")
+        parts = urlsplit(base_url) if isinstance(base_url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingsError(f"{where}.base_url must be an http(s) URL")
+        key_env = item.get("api_key_env")
+        if key_env is not None and (
+            not isinstance(key_env, str) or not _ENV_NAME_RE.match(key_env)
+        ):
+            raise SettingsError(f"{where}.api_key_env must name an environment variable")
+        models = item.get("models", [])
+        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+            raise SettingsError(f"{where}.models must be a list of model names")
+        price_provider = item.get("price_provider")
+        if price_provider is not None and not isinstance(price_provider, str):
+            raise SettingsError(f"{where}.price_provider must be a string")
+        out.append(
+            ProviderConfig(name, base_url.rstrip("/"), key_env, tuple(models), price_provider)
+        )
+    return tuple(out)
+
+
+def _price(where: str, item: dict[str, Any], key: str, required: bool) -> Decimal | None:
+    value = item.get(key)
+    if value is None:
+        if required:
+            raise SettingsError(f"{where}.{key} is required (USD per million tokens)")
+        return None
+    try:
+        price = Decimal(str(value))
+    except InvalidOperation:
+        raise SettingsError(f"{where}.{key} must be a number") from None
+    if not price.is_finite() or price < 0:
+        raise SettingsError(f"{where}.{key} must be a finite number >= 0")
+    return price
+
+
+def _price_overrides(label: str, raw: Any) -> tuple[PriceOverride, ...]:
+    out = []
+    for i, item in enumerate(_json_list(label, raw)):
+        where = f"{label}[{i}]"
+        model = item.get("model")
+        if not isinstance(model, str) or not model:
+            raise SettingsError(f"{where}.model must be a model name")
+        provider = item.get("provider")
+        if provider is not None and not isinstance(provider, str):
+            raise SettingsError(f"{where}.provider must be a string")
+        inp = _price(where, item, "input_per_mtok", True)
+        outp = _price(where, item, "output_per_mtok", True)
+        assert inp is not None
+        assert outp is not None
+        cached = _price(where, item, "cached_input_per_mtok", False)
+        out.append(PriceOverride(model, inp, outp, cached, provider))
+    return tuple(out)
+
+
+def _secret(minimum: int) -> Callable[[str, Any], str | None]:
+    def parse(label: str, raw: Any) -> str | None:
+        value = _optional_text(label, raw)
+        if value is not None and len(value) < minimum:
+            raise SettingsError(f"{label} must be at least {minimum} characters long")
+        return value
+
+    return parse
+
+
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "database_url": _url(("postgresql", "postgres"), "postgresql://"),
     "redis_url": _url(("redis", "rediss", "unix"), "redis://"),
@@ -270,5 +415,20 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "poll_interval_s": _float(0.01, 3600),
     "redis_max_connections": _int(1, 10_000),
     "reservation_ttl_s": _float(1, 7 * 86400),
+    "providers": _providers,
+    "default_provider": _optional_text,
+    "upstream_connect_timeout_s": _float(0.1, 600),
+    "upstream_first_byte_timeout_s": _float(0.1, 3600),
+    "upstream_total_timeout_s": _float(0.1, 86400),
+    "max_body_bytes": _int(1024, 1024**3),
+    "max_response_bytes": _int(1024, 1024**3),
+    "max_tags": _int(1, 10_000),
+    "max_tag_length": _int(1, 10_000),
+    "max_metadata_bytes": _int(64, 1024**2),
+    "user_hash_secret": _secret(32),
+    "unpriced_policy": _choice(("auto", "deny", "allow")),
+    "default_max_tokens": _int(1, 10_000_000),
+    "image_token_bound": _int(1, 1_000_000),
+    "price_overrides": _price_overrides,
     "sweep_interval_s": _float(0.05, 3600),
 }

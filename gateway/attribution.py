@@ -1,0 +1,148 @@
+"""Attribution: who and what a request is for, from every source, merged and checked.
+
+Sources: body ``metadata.tags``, top-level ``tags``, headers ``x-ledger-tags``
+(comma-separated) and ``x-litellm-tags``; body ``metadata.spend_logs_metadata``
+and headers ``x-ledger-spend-logs-metadata`` / ``x-litellm-spend-logs-metadata``
+(JSON objects); the ``user`` field (stored as a keyed hash only); and the tags
+bound to the caller's API key, which a client cannot drop. Attribution fields
+are removed from the body before it goes upstream.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from gateway.errors import ApiError
+from ledger.privacy import hash_user, redact
+
+TAG_HEADERS = ("x-ledger-tags", "x-litellm-tags")
+METADATA_HEADERS = ("x-ledger-spend-logs-metadata", "x-litellm-spend-logs-metadata")
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_tags: int = 64
+    max_tag_length: int = 256
+    max_metadata_bytes: int = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    tags: list[str]
+    metadata: dict[str, Any]  # redacted
+    user_hash: str | None
+
+
+def _bad(message: str, param: str) -> ApiError:
+    return ApiError(400, message, param=param, code="invalid_attribution")
+
+
+def _clean_tag(tag: object, source: str, limits: Limits) -> str:
+    if not isinstance(tag, str):
+        raise _bad(f"{source} must be a list of strings; found {type(tag).__name__}", source)
+    tag = tag.strip()
+    if not tag:
+        raise _bad(f"{source} contains an empty tag", source)
+    if len(tag) > limits.max_tag_length:
+        raise _bad(
+            f"{source} contains a tag longer than {limits.max_tag_length} characters", source
+        )
+    for ch in tag:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            raise _bad(
+                f"{source} contains a tag with the control character U+{ord(ch):04X}", source
+            )
+    return tag
+
+
+def _tag_list(value: object, source: str, limits: Limits) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _bad(f"{source} must be a list of strings", source)
+    if len(value) > limits.max_tags:
+        raise _bad(f"{source} has {len(value)} tags; at most {limits.max_tags} are allowed", source)
+    return [_clean_tag(t, source, limits) for t in value]
+
+
+def _metadata_object(value: object, source: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(f"{source} must be a JSON object", source)
+    for key, item in value.items():
+        if not isinstance(key, str) or not key or len(key) > 256:
+            raise _bad(f"{source} keys must be non-empty strings of at most 256 characters", source)
+        if item is not None and not isinstance(item, str | int | float | bool):
+            raise _bad(
+                f"{source}.{key} must be a string, number or boolean (not {type(item).__name__})",
+                source,
+            )
+    return value
+
+
+def attribute(
+    body: dict[str, Any],
+    headers: Mapping[str, str],
+    key_tags: tuple[str, ...],
+    limits: Limits,
+    user_secret: bytes,
+) -> Attribution:
+    """Merge every source; strip attribution fields from ``body`` in place."""
+    tags: list[str] = list(key_tags)  # the key's tags first: always applied
+    metadata: dict[str, Any] = {}
+
+    for name in TAG_HEADERS:
+        raw = headers.get(name)
+        if raw is not None:
+            parts = [p for p in raw.split(",") if p.strip()]
+            if len(parts) > limits.max_tags:
+                raise _bad(
+                    f"header {name} has {len(parts)} tags; at most {limits.max_tags} are allowed",
+                    name,
+                )
+            tags += [_clean_tag(p, f"header {name}", limits) for p in parts]
+    for name in METADATA_HEADERS:
+        raw = headers.get(name)
+        if raw is not None:
+            try:
+                parsed = msgspec.json.decode(raw.encode())
+            except msgspec.DecodeError:
+                raise _bad(f"header {name} is not valid JSON", name) from None
+            metadata.update(_metadata_object(parsed, f"header {name}"))
+
+    meta_field = body.get("metadata")
+    if meta_field is not None and not isinstance(meta_field, dict):
+        raise _bad("metadata must be an object", "metadata")
+    if isinstance(meta_field, dict):
+        tags += _tag_list(meta_field.pop("tags", None), "metadata.tags", limits)
+        metadata.update(
+            _metadata_object(
+                meta_field.pop("spend_logs_metadata", None), "metadata.spend_logs_metadata"
+            )
+        )
+        if not meta_field:
+            del body["metadata"]  # nothing left for the upstream
+    tags += _tag_list(body.pop("tags", None), "tags", limits)
+
+    merged = list(dict.fromkeys(tags))
+    if len(merged) > limits.max_tags:
+        raise _bad(f"{len(merged)} tags in all; at most {limits.max_tags} are allowed", "tags")
+    metadata = redact(metadata)
+    if len(_encoder.encode(metadata)) > limits.max_metadata_bytes:
+        raise _bad(
+            f"spend_logs_metadata is larger than {limits.max_metadata_bytes} bytes encoded",
+            "metadata.spend_logs_metadata",
+        )
+
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise _bad("user must be a string", "user")
+    user_hash = hash_user(user, user_secret) if user else None
+    return Attribution(merged, metadata, user_hash)

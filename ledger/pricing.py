@@ -1,0 +1,105 @@
+"""Prices: genai-prices (a maintained, offline price database) plus operator overrides.
+
+Looked up once per (provider, model) and cached. Flat per-token prices are
+applied directly; tiered prices go through genai-prices' own calculation.
+All amounts are exact decimals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from genai_prices import Usage, calc_price
+
+from ledger.settings import PriceOverride
+
+_MTOK = Decimal(1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    prompt: int = 0
+    completion: int = 0
+    cached: int = 0  # part of prompt read from the provider's cache
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """Prices of one model; ``engine`` is genai-prices' ModelPrice for tiered prices."""
+
+    model: str
+    provider: str
+    input_per_mtok: Decimal | None
+    output_per_mtok: Decimal | None
+    cached_input_per_mtok: Decimal | None
+    engine: Any = None
+
+    def cost(self, tokens: Tokens) -> Decimal:
+        if self.input_per_mtok is not None and self.output_per_mtok is not None:
+            cached = min(tokens.cached, tokens.prompt)
+            cached_rate = (
+                self.cached_input_per_mtok
+                if self.cached_input_per_mtok is not None
+                else self.input_per_mtok
+            )
+            total = (
+                (tokens.prompt - cached) * self.input_per_mtok
+                + cached * cached_rate
+                + tokens.completion * self.output_per_mtok
+            )
+            return total / _MTOK
+        usage = Usage(
+            input_tokens=tokens.prompt,
+            output_tokens=tokens.completion,
+            cache_read_tokens=tokens.cached or None,
+        )
+        result = self.engine.calc_price(usage)
+        return Decimal(result["total_price"])
+
+
+class PriceBook:
+    """Prices by (provider, model), with overrides first and a cache for both
+    hits and misses (a miss is as expensive to look up as a hit)."""
+
+    def __init__(self, overrides: tuple[PriceOverride, ...] = ()) -> None:
+        self._overrides = overrides
+        self._cache: dict[tuple[str, str], Price | None] = {}
+
+    def lookup(self, provider: str, model: str) -> Price | None:
+        key = (provider, model)
+        if key in self._cache:
+            return self._cache[key]
+        price = self._override(provider, model) or _from_database(provider, model)
+        self._cache[key] = price
+        return price
+
+    def _override(self, provider: str, model: str) -> Price | None:
+        for o in self._overrides:
+            if o.model == model and o.provider in (None, provider):
+                return Price(
+                    model, provider, o.input_per_mtok, o.output_per_mtok, o.cached_input_per_mtok
+                )
+        return None
+
+
+def _flat(value: Any) -> Decimal | None:
+    return value if isinstance(value, Decimal) else None
+
+
+def _from_database(provider: str, model: str) -> Price | None:
+    try:
+        found = calc_price(
+            Usage(input_tokens=0, output_tokens=0), model_ref=model, provider_id=provider
+        )
+    except LookupError:
+        return None
+    mp = found.model_price
+    inp, out, cached = _flat(mp.input_mtok), _flat(mp.output_mtok), _flat(mp.cache_read_mtok)
+    tiered = (mp.input_mtok is not None and inp is None) or (
+        mp.output_mtok is not None and out is None
+    )
+    if tiered or inp is None or out is None:
+        return Price(model, provider, None, None, None, engine=mp)
+    return Price(model, provider, inp, out, cached)
