@@ -76,7 +76,8 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         if token is None:
             raise ApiError(
                 401,
-                "missing API key: send Authorization: Bearer <key> (create one with POST /key/generate)",
+                "missing API key: send Authorization: Bearer <key> "
+                "(create one with POST /key/generate)",
                 code="missing_api_key",
             )
         key = request.app[KEY_BOOK].authenticate(token)

@@ -9,9 +9,9 @@ from gateway.metrics import Metrics
 from gateway.upstreams import Upstreams
 from ledger.admission import Admission
 from ledger.apikeys import ApiKey, KeyBook
-from ledger.pricing import PriceBook
 from ledger.budgets import BudgetBook
 from ledger.counters import Counters
+from ledger.pricing import PriceBook
 from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.tags import TagService

@@ -34,10 +34,34 @@ import msgspec
 from aiohttp import web
 
 _encoder = msgspec.json.Encoder()
-_WORDS = (
-    "the ledger keeps every cent of every request in order so budgets hold and bills split "
-    "cleanly across teams projects customers and users while models answer"
-).split()
+_WORDS = [
+    "the",
+    "ledger",
+    "keeps",
+    "every",
+    "cent",
+    "of",
+    "every",
+    "request",
+    "in",
+    "order",
+    "so",
+    "budgets",
+    "hold",
+    "and",
+    "bills",
+    "split",
+    "cleanly",
+    "across",
+    "teams",
+    "projects",
+    "customers",
+    "and",
+    "users",
+    "while",
+    "models",
+    "answer",
+]
 MODELS = (
     "gpt-4o-mini",
     "gpt-4o",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import re
 from typing import Any
 
@@ -56,7 +57,7 @@ def secret_key(key: str) -> bool:
     words = [w.lower() for w in _WORD_RE.findall(key)]
     if any(w in _SECRET_WORDS for w in words):
         return True
-    return any(pair in _SECRET_PAIRS for pair in zip(words, words[1:], strict=False))
+    return any(pair in _SECRET_PAIRS for pair in itertools.pairwise(words))
 
 
 def secret_value(value: str) -> bool:
