@@ -17,12 +17,14 @@ from aiohttp import web
 from msgspec import UNSET, UnsetType
 
 from gateway.errors import ApiError
-from gateway.keys import BUDGET_BOOK, COUNTERS, REQUEST_ID, STORE, TAGS
+from gateway.keys import BUDGET_BOOK, COUNTERS, KEY_BOOK, METRICS, REQUEST_ID, STORE, TAGS
+from gateway.metrics import render
 from ledger import events as ev
+from ledger.apikeys import ApiKey, KeyNotFound
 from ledger.budgets import budget_of
 from ledger.money import from_nanos
 from ledger.queries import tag_totals
-from ledger.tags import TagState
+from ledger.tags import TagError, TagState, validate_name
 
 routes = web.RouteTableDef()
 
@@ -288,3 +290,103 @@ async def tag_history(request: web.Request) -> web.Response:
             )
         )
     return json(items)
+
+
+# ------------------------------------------------------------------ API keys
+
+
+class KeyGenerate(msgspec.Struct, forbid_unknown_fields=True):
+    key_alias: str | None = None
+    tags: list[str] = []
+    allowed_models: list[str] | None = None
+    metadata: dict[str, Any] = {}
+
+
+class KeyRef(msgspec.Struct, forbid_unknown_fields=True):
+    key: str  # the secret, or its key_hash as /key/list shows it
+
+
+class KeyView(msgspec.Struct):
+    key_hash: str
+    key_prefix: str
+    key_alias: str | None
+    tags: list[str]
+    allowed_models: list[str] | None
+    metadata: dict[str, Any]
+    created_at: datetime
+
+
+class KeyCreated(KeyView):
+    key: str  # shown once, never again
+
+
+def _key_view(k: ApiKey) -> dict[str, Any]:
+    return {
+        "key_hash": k.key_hash,
+        "key_prefix": k.key_prefix,
+        "key_alias": k.key_alias,
+        "tags": list(k.tags),
+        "allowed_models": list(k.allowed_models) if k.allowed_models is not None else None,
+        "metadata": k.metadata,
+        "created_at": k.created_at,
+    }
+
+
+@routes.post("/key/generate")
+async def key_generate(request: web.Request) -> web.Response:
+    body = await decode_body(request, KeyGenerate)
+    if body.key_alias is not None and not 1 <= len(body.key_alias) <= 256:
+        raise ApiError(422, "key_alias must be 1 to 256 characters", param="key_alias")
+    for tag in body.tags:
+        try:
+            validate_name(tag, "tags")
+        except TagError as e:
+            raise ApiError(422, str(e), param="tags") from None
+    if len(body.tags) > 64:
+        raise ApiError(422, "tags may list at most 64 tags", param="tags")
+    if len(msgspec.json.encode(body.metadata)) > 8192:
+        raise ApiError(422, "metadata must encode to at most 8192 bytes", param="metadata")
+    secret, key = await request.app[KEY_BOOK].generate(
+        key_alias=body.key_alias,
+        tags=body.tags,
+        allowed_models=body.allowed_models,
+        metadata=body.metadata,
+        request_id=request[REQUEST_ID],
+    )
+    return json(KeyCreated(key=secret, **_key_view(key)), status=201)
+
+
+@routes.post("/key/info")
+async def key_info(request: web.Request) -> web.Response:
+    body = await decode_body(request, KeyRef)
+    book = request.app[KEY_BOOK]
+    key = book.find(body.key)
+    if key is None:
+        await book.refresh()
+        key = book.find(body.key)
+    if key is None:
+        raise ApiError(404, "no such key", type="not_found_error", param="key")
+    return json(KeyView(**_key_view(key)))
+
+
+@routes.post("/key/delete")
+async def key_delete(request: web.Request) -> web.Response:
+    body = await decode_body(request, KeyRef)
+    try:
+        key = await request.app[KEY_BOOK].delete(body.key, request_id=request[REQUEST_ID])
+    except KeyNotFound as e:
+        raise ApiError(404, str(e), type="not_found_error", param="key") from None
+    return json({"message": "key deleted", "key_hash": key.key_hash})
+
+
+@routes.get("/key/list")
+async def key_list(request: web.Request) -> web.Response:
+    book = request.app[KEY_BOOK]
+    await book.refresh()
+    keys = sorted(book.keys.values(), key=lambda k: k.created_at)
+    return json([KeyView(**_key_view(k)) for k in keys])
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    return render(request.app[METRICS])

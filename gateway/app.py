@@ -10,14 +10,32 @@ from datetime import timedelta
 import structlog
 from aiohttp import web
 
-from gateway import admin, health
+from gateway import admin, health, proxy
 from gateway.auth import authenticate
-from gateway.keys import ADMISSION, BUDGET_BOOK, COUNTERS, REDIS, SETTINGS, STORE, TAGS
+from gateway.keys import (
+    ADMISSION,
+    BUDGET_BOOK,
+    COUNTERS,
+    KEY_BOOK,
+    METRICS,
+    PRICES,
+    REDIS,
+    SETTINGS,
+    STORE,
+    TAGS,
+    UPSTREAMS,
+    USER_SECRET,
+)
+from gateway.metrics import create_metrics
 from gateway.middlewares import errors, request_context
+from gateway.upstreams import Upstreams
 from ledger.admission import Admission
+from ledger.apikeys import KeyBook
 from ledger.budgets import BudgetBook
 from ledger.counters import Counters, connect_redis
 from ledger.errors import StoreError
+from ledger.pricing import PriceBook
+from ledger.privacy import stored_secret
 from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.tags import TagService
@@ -40,8 +58,11 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_budgets_ctx)
     app.cleanup_ctx.append(_sweeper_ctx)
+    app.cleanup_ctx.append(_upstreams_ctx)
+    app[PRICES] = PriceBook(settings.price_overrides)
     app.add_routes(health.routes)
     app.add_routes(admin.routes)
+    app.add_routes(proxy.routes)
     return app
 
 
@@ -76,7 +97,16 @@ async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ADMISSION] = Admission(
         store, counters, book, reservation_ttl=timedelta(seconds=settings.reservation_ttl_s)
     )
+    keys = KeyBook(store, poll_interval_s=settings.poll_interval_s)
+    await keys.start()
+    app[KEY_BOOK] = keys
+    app[METRICS] = create_metrics(lambda: float(store.queue_depth))
+    if settings.user_hash_secret:
+        app[USER_SECRET] = settings.user_hash_secret.encode()
+    else:
+        app[USER_SECRET] = await stored_secret(store.pool, "user_hash")
     yield
+    await keys.close()
     await book.close()
 
 
@@ -99,3 +129,11 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
+    upstreams = Upstreams(app[SETTINGS])
+    await upstreams.open()
+    app[UPSTREAMS] = upstreams
+    yield
+    await upstreams.close()

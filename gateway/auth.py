@@ -78,11 +78,14 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
                 401,
                 "missing API key: send Authorization: Bearer <key> "
                 "(create one with POST /key/generate)",
+                type="authentication_error",
                 code="missing_api_key",
             )
         key = request.app[KEY_BOOK].authenticate(token)
         if key is None and not (expected is not None and same_secret(token, expected)):
-            raise ApiError(401, "invalid API key", code="invalid_api_key")
+            raise ApiError(
+                401, "invalid API key", type="authentication_error", code="invalid_api_key"
+            )
         request[API_KEY] = key  # None for the admin key: no bound tags, every model
         return await handler(request)
     if token is None:

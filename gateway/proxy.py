@@ -1,0 +1,621 @@
+"""The OpenAI-compatible proxy: attribute, price, admit, forward, record, settle.
+
+Routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models and
+the same without /v1. A request is:
+
+1. authenticated (client key; the key's tags always apply), read (bounded),
+   attributed (tags, metadata, hashed user; attribution fields stripped);
+2. routed to its provider, checked against the key's and the tags' model lists;
+3. estimated (an upper bound) and admitted: one Redis call reserves the
+   estimate on every budgeted tag, ``RequestAdmitted`` is made durable, or the
+   client gets a 429 ``budget_exceeded`` naming the tag;
+4. forwarded; streams pass through chunk by chunk;
+5. recorded: ``SpendRecorded`` is committed before the client's response is
+   finished, then the counters are settled. Upstream failures release the
+   reservation and are recorded as ``RequestReleased`` with their status.
+
+A request cancelled mid-way (server shutdown) leaves its reservation to the
+sweeper, which charges the estimate unless a terminal event exists.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import msgspec
+import structlog
+from aiohttp import web
+
+from gateway.attribution import Attribution, Limits, attribute
+from gateway.auth import client
+from gateway.errors import ApiError, error_response
+from gateway.keys import (
+    ADMISSION,
+    API_KEY,
+    BUDGET_BOOK,
+    METRICS,
+    PRICES,
+    REQUEST_ID,
+    SETTINGS,
+    UPSTREAMS,
+    USER_SECRET,
+)
+from gateway.upstreams import Upstream
+from ledger.admission import Admitted, BudgetExceeded, DuplicateRequest
+from ledger.estimate import output_bound, prompt_bound, prompt_guess
+from ledger.pricing import Price, Tokens
+
+log = structlog.get_logger("gateway.proxy")
+routes = web.RouteTableDef()
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder()
+# Upstream response headers worth passing on; everything else is ours or hop-by-hop.
+_PASS_HEADERS = (
+    "openai-processing-ms",
+    "openai-version",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+)
+
+
+class _Kind:
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+
+
+_PATHS = {
+    _Kind.CHAT: "/chat/completions",
+    _Kind.COMPLETIONS: "/completions",
+    _Kind.EMBEDDINGS: "/embeddings",
+}
+
+
+@dataclass(slots=True)
+class _Call:
+    """Everything known about one proxied request."""
+
+    kind: str
+    request_id: str
+    model: str  # as the client named it
+    upstream: Upstream
+    upstream_model: str
+    attribution: Attribution
+    price: Price | None
+    body: dict[str, Any]
+    admitted: Admitted
+    started: float
+
+
+# ------------------------------------------------------------------ routes
+
+
+@routes.post("/v1/chat/completions")
+@routes.post("/chat/completions")
+@client
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _relay(request, _Kind.CHAT)
+
+
+@routes.post("/v1/completions")
+@routes.post("/completions")
+@client
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _relay(request, _Kind.COMPLETIONS)
+
+
+@routes.post("/v1/embeddings")
+@routes.post("/embeddings")
+@client
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await _relay(request, _Kind.EMBEDDINGS)
+
+
+@routes.get("/v1/models")
+@routes.get("/models")
+@client
+async def models(request: web.Request) -> web.Response:
+    """The default provider's model list, plus provider-prefixed names of the others."""
+    ups = request.app[UPSTREAMS]
+    if ups.default is None:
+        raise ApiError(503, "no upstream provider is configured", type="service_unavailable")
+    upstream = ups.default
+    try:
+        async with upstream.session.get(
+            upstream.url("/models"), headers=_upstream_headers(upstream, None)
+        ) as resp:
+            data = await resp.read()
+            status = resp.status
+    except (aiohttp.ClientError, TimeoutError) as e:
+        raise ApiError(
+            502,
+            f"upstream {upstream.name} did not answer: {type(e).__name__}",
+            type="upstream_error",
+            code="upstream_unreachable",
+        ) from None
+    return web.Response(status=status, body=data, content_type="application/json")
+
+
+# ------------------------------------------------------------------ admission
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(
+            413,
+            f"request body too large: at most {limit} bytes",
+            param="body",
+            code="request_too_large",
+        )
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(1 << 16):
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(
+                413,
+                f"request body too large: at most {limit} bytes",
+                param="body",
+                code="request_too_large",
+            )
+    return bytes(body)
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    try:
+        body = _decoder.decode(raw)
+    except msgspec.DecodeError as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}", param="body") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "request body is not valid UTF-8", param="body") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply", param="body") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object", param="body")
+    return body
+
+
+def _denied(denied: BudgetExceeded) -> web.Response:
+    reset = denied.reset_at
+    retry_after = (
+        max(1, math.ceil((reset - datetime.now(UTC)).total_seconds()))
+        if reset is not None
+        else None
+    )
+    when = f"; resets at {reset.isoformat()}" if reset is not None else "; it never resets"
+    message = (
+        f"budget exceeded for tag {denied.tag!r}: spent ${denied.spent} "
+        f"(+${denied.reserved} in flight) of ${denied.limit}{when}"
+    )
+    headers = {"x-should-retry": "false"}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    body = {
+        "error": {
+            "message": message,
+            "type": "budget_exceeded",
+            "param": "tags",
+            "code": "budget_exceeded",
+            "tag": denied.tag,
+            "max_budget": str(denied.limit),
+            "spend": str(denied.spent),
+            "reserved": str(denied.reserved),
+            "reset_at": reset.isoformat() if reset is not None else None,
+        }
+    }
+    return web.Response(
+        status=429, body=_encoder.encode(body), content_type="application/json", headers=headers
+    )
+
+
+async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
+    app = request.app
+    settings = app[SETTINGS]
+    metrics = app[METRICS]
+    body = _parse(await _read_body(request, settings.max_body_bytes))
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise ApiError(400, "model is required and must be a string", param="model")
+    key = request[API_KEY]
+    limits = Limits(settings.max_tags, settings.max_tag_length, settings.max_metadata_bytes)
+    attribution = attribute(
+        body, request.headers, key.tags if key else (), limits, app[USER_SECRET]
+    )
+    upstream, upstream_model = app[UPSTREAMS].route(model)
+    if key is not None and not (key.may_use(model) or key.may_use(upstream_model)):
+        raise ApiError(
+            403,
+            f"this API key may not use model {model!r}",
+            type="permission_error",
+            param="model",
+            code="model_not_allowed",
+        )
+    book = app[BUDGET_BOOK]
+    for tag in attribution.tags:
+        state = book.get(tag)
+        if (
+            state is not None
+            and state.models
+            and model not in state.models
+            and upstream_model not in state.models
+        ):
+            raise ApiError(
+                403,
+                f"tag {tag!r} may not use model {model!r} (allowed: {', '.join(state.models)})",
+                type="permission_error",
+                param="model",
+                code="model_not_allowed_for_tag",
+            )
+    price = app[PRICES].lookup(upstream.price_provider, upstream_model)
+    if price is None:
+        budgeted = bool(book.budgets_for(attribution.tags, datetime.now(UTC)))
+        if settings.unpriced_policy == "deny" or (settings.unpriced_policy == "auto" and budgeted):
+            raise ApiError(
+                400,
+                f"model {model!r} has no known price, so budgets cannot be enforced on it; "
+                "add a price override (LEDGER_PRICE_OVERRIDES)",
+                param="model",
+                code="unpriced_model",
+            )
+    out_tokens = 0 if kind == _Kind.EMBEDDINGS else output_bound(body, settings.default_max_tokens)
+    bound = Tokens(prompt_bound(body, settings.image_token_bound), out_tokens)
+    estimate = price.cost(bound) if price is not None else Decimal(0)
+
+    request_id = request[REQUEST_ID]
+    structlog.contextvars.bind_contextvars(model=model, tags=attribution.tags)
+    started = time.perf_counter()
+    try:
+        outcome = await app[ADMISSION].admit(request_id, attribution.tags, estimate, model=model)
+    except DuplicateRequest as e:
+        raise ApiError(
+            409,
+            f"{e}; it is never charged twice",
+            type="conflict_error",
+            param="x-request-id",
+            code="duplicate_request_id",
+            headers={"x-should-retry": "false"},
+        ) from None
+    metrics.admit_latency.observe(time.perf_counter() - started)
+    if isinstance(outcome, BudgetExceeded):
+        metrics.denials.inc()
+        structlog.contextvars.bind_contextvars(denied_by=outcome.tag)
+        return _denied(outcome)
+
+    body["model"] = upstream_model
+    call = _Call(
+        kind,
+        request_id,
+        model,
+        upstream,
+        upstream_model,
+        attribution,
+        price,
+        body,
+        outcome,
+        started,
+    )
+    if kind != _Kind.EMBEDDINGS and body.get("stream") is True:
+        return await _stream(request, call)
+    return await _unary(request, call)
+
+
+# ------------------------------------------------------------------ forwarding
+
+
+def _upstream_headers(upstream: Upstream, request_id: str | None) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if upstream.auth_header:
+        headers["Authorization"] = upstream.auth_header
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return headers
+
+
+def _tokens(usage: Any) -> Tokens | None:
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
+    return Tokens(max(0, prompt), max(0, completion), cached if isinstance(cached, int) else 0)
+
+
+async def _release(request: web.Request, call: _Call, reason: str, status: int | None) -> None:
+    await request.app[ADMISSION].release(call.admitted, reason, status)
+    request.app[METRICS].requests.labels(call.kind, str(status or 502)).inc()
+    structlog.contextvars.bind_contextvars(released=reason)
+
+
+async def _record(
+    request: web.Request,
+    call: _Call,
+    tokens: Tokens | None,
+    *,
+    status: int,
+    streamed: bool,
+    source: str,
+) -> Decimal:
+    """SpendRecorded (durable before this returns), then the counters settle."""
+    if tokens is None:
+        cost, source = call.admitted.estimate, "estimate"
+        tokens = Tokens()
+    else:
+        cost = call.price.cost(tokens) if call.price is not None else Decimal(0)
+    latency_ms = round((time.perf_counter() - call.started) * 1000, 3)
+    await request.app[ADMISSION].record_spend(
+        call.admitted,
+        cost,
+        model=call.model,
+        provider=call.upstream.name,
+        user_hash=call.attribution.user_hash,
+        metadata=call.attribution.metadata,
+        prompt_tokens=tokens.prompt,
+        completion_tokens=tokens.completion,
+        cached_tokens=tokens.cached,
+        latency_ms=latency_ms,
+        status=status,
+        streamed=streamed,
+        unpriced=call.price is None,
+        usage_source=source,
+    )
+    metrics = request.app[METRICS]
+    metrics.requests.labels(call.kind, str(status)).inc()
+    metrics.cost.inc(float(cost))
+    metrics.upstream_latency.labels(call.upstream.name).observe(latency_ms / 1000)
+    structlog.contextvars.bind_contextvars(cost=str(cost), latency_ms=latency_ms)
+    return cost
+
+
+def _ledger_headers(call: _Call, cost: Decimal | None) -> dict[str, str]:
+    headers = {"x-ledger-request-id": call.request_id}
+    if cost is not None:
+        headers["x-ledger-cost"] = str(cost)
+        remaining = call.admitted.remaining_after(cost)
+        if remaining is not None:
+            headers["x-ledger-budget-remaining"] = str(remaining)
+    return headers
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    data = bytearray()
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        data += chunk
+        if len(data) > limit:
+            raise _TooLarge
+    return bytes(data)
+
+
+def _upstream_failure(e: BaseException, call: _Call) -> tuple[str, int, str]:
+    """(reason, status for the client, message) for a failed upstream call."""
+    name = call.upstream.name
+    if isinstance(e, TimeoutError):
+        return "upstream_timeout", 504, f"upstream {name} timed out"
+    if isinstance(e, _TooLarge):
+        return (
+            "upstream_response_too_large",
+            502,
+            f"upstream {name} sent a response over the size limit",
+        )
+    if isinstance(e, aiohttp.ClientPayloadError):
+        return "upstream_cut", 502, f"upstream {name} cut the response short"
+    return "upstream_unreachable", 502, f"upstream {name} could not be reached ({type(e).__name__})"
+
+
+async def _unary(request: web.Request, call: _Call) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    url = call.upstream.url(_PATHS[call.kind])
+    try:
+        async with call.upstream.session.post(
+            url,
+            data=_encoder.encode(call.body),
+            headers=_upstream_headers(call.upstream, call.request_id),
+        ) as resp:
+            data = await _read_limited(resp, settings.max_response_bytes)
+            status = resp.status
+            content_type = resp.headers.get("Content-Type", "application/json")
+            passed = {h: resp.headers[h] for h in _PASS_HEADERS if h in resp.headers}
+    except (aiohttp.ClientError, TimeoutError, _TooLarge) as e:
+        reason, code, message = _upstream_failure(e, call)
+        await _release(request, call, reason, None)
+        return error_response(
+            code, message, type="upstream_error", code=reason, headers=_ledger_headers(call, None)
+        )
+    if status >= 400:
+        await _release(request, call, f"upstream_status_{status}", status)
+        if status in (401, 403):  # the gateway's provider credentials, not the client's
+            return error_response(
+                502,
+                f"upstream {call.upstream.name} refused the gateway's credentials ({status})",
+                type="upstream_error",
+                code="upstream_auth",
+                headers=_ledger_headers(call, None),
+            )
+        return web.Response(
+            status=status,
+            body=data,
+            headers={"Content-Type": content_type, **_ledger_headers(call, None)},
+        )
+    try:
+        answer = _decoder.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        await _release(request, call, "upstream_invalid_json", status)
+        return error_response(
+            502,
+            f"upstream {call.upstream.name} returned invalid JSON",
+            type="upstream_error",
+            code="upstream_invalid_json",
+            headers=_ledger_headers(call, None),
+        )
+    tokens = _tokens(answer.get("usage")) if isinstance(answer, dict) else None
+    cost = await _record(request, call, tokens, status=status, streamed=False, source="upstream")
+    return web.Response(
+        status=status,
+        body=data,
+        headers={"Content-Type": content_type, **passed, **_ledger_headers(call, cost)},
+    )
+
+
+# ------------------------------------------------------------------ streaming
+
+
+def _sse_error(message: str, code: str) -> bytes:
+    body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
+    return b"data: " + _encoder.encode(body) + b"\n\n"
+
+
+async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
+    options = call.body.get("stream_options")
+    client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+    # Always ask for usage; hide the extra chunk from a client that did not.
+    call.body["stream_options"] = {
+        **(options if isinstance(options, dict) else {}),
+        "include_usage": True,
+    }
+    url = call.upstream.url(_PATHS[call.kind])
+    headers = _upstream_headers(call.upstream, call.request_id)
+    headers["Accept"] = "text/event-stream"
+    try:
+        resp = await call.upstream.session.post(
+            url, data=_encoder.encode(call.body), headers=headers
+        )
+    except (aiohttp.ClientError, TimeoutError) as e:
+        reason, code, message = _upstream_failure(e, call)
+        await _release(request, call, reason, None)
+        return error_response(
+            code, message, type="upstream_error", code=reason, headers=_ledger_headers(call, None)
+        )
+    try:
+        if resp.status >= 400:
+            try:
+                data = await _read_limited(resp, request.app[SETTINGS].max_response_bytes)
+            except (aiohttp.ClientError, TimeoutError, _TooLarge):
+                data = b""
+            await _release(request, call, f"upstream_status_{resp.status}", resp.status)
+            if resp.status in (401, 403):
+                return error_response(
+                    502,
+                    f"upstream {call.upstream.name} refused the gateway's "
+                    f"credentials ({resp.status})",
+                    type="upstream_error",
+                    code="upstream_auth",
+                    headers=_ledger_headers(call, None),
+                )
+            return web.Response(
+                status=resp.status,
+                body=data,
+                headers={
+                    "Content-Type": resp.headers.get("Content-Type", "application/json"),
+                    **_ledger_headers(call, None),
+                },
+            )
+        return await _pipe(request, call, resp, client_wants_usage)
+    finally:
+        resp.release()
+
+
+async def _pipe(
+    request: web.Request, call: _Call, resp: aiohttp.ClientResponse, client_wants_usage: bool
+) -> web.StreamResponse:
+    out = web.StreamResponse(
+        status=200,
+        headers={
+            "Content-Type": resp.headers.get("Content-Type", "text/event-stream"),
+            "Cache-Control": "no-cache",
+            **_ledger_headers(call, None),
+        },
+    )
+    await out.prepare(request)
+    usage: Tokens | None = None
+    done_frame: bytes | None = None
+    frames = 0
+    buffer = b""
+    failure: BaseException | None = None
+    try:
+        async for chunk in resp.content.iter_any():
+            buffer += chunk
+            while True:
+                end = buffer.find(b"\n\n")
+                if end < 0:
+                    break
+                frame, buffer = buffer[: end + 2], buffer[end + 2 :]
+                if frame.startswith(b"data: [DONE]"):
+                    done_frame = frame  # held back until the spend is recorded
+                    continue
+                if (
+                    b'"usage"' in frame
+                    and b'"usage":null' not in frame
+                    and b'"usage": null' not in frame
+                ):
+                    found = _usage_of(frame)
+                    if found is not None:
+                        usage = found
+                        if not client_wants_usage:
+                            continue
+                frames += 1
+                await out.write(frame)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        # The client left: stop the upstream and charge what was produced.
+        resp.close()
+        tokens = usage or Tokens(prompt_guess(call.body), frames)
+        await _record(
+            request,
+            call,
+            tokens,
+            status=499,
+            streamed=True,
+            source="upstream" if usage else "partial",
+        )
+        return out
+    except (aiohttp.ClientError, TimeoutError) as e:
+        failure = e
+    if usage is None:
+        reason, _code, message = _upstream_failure(failure or aiohttp.ClientPayloadError(), call)
+        if failure is None:
+            reason, message = (
+                "upstream_cut",
+                f"upstream {call.upstream.name} ended the stream without usage",
+            )
+        await _release(request, call, reason, 200)
+        try:
+            await out.write(_sse_error(message, reason))
+            await out.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass
+        return out
+    await _record(request, call, usage, status=200, streamed=True, source="upstream")
+    try:
+        if buffer:
+            await out.write(buffer)
+        if done_frame is not None:
+            await out.write(done_frame)
+        await out.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        pass  # recorded already: the client left after the last content chunk
+    return out
+
+
+def _usage_of(frame: bytes) -> Tokens | None:
+    """The usage of a final SSE chunk (``choices: []`` and a usage object)."""
+    payload = frame[len(b"data:") :].strip() if frame.startswith(b"data:") else b""
+    try:
+        obj = _decoder.decode(payload)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    return _tokens(obj.get("usage"))
