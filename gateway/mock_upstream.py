@@ -57,6 +57,7 @@ class MockConfig:
 
 REQUESTS: web.AppKey[deque[dict[str, Any]]] = web.AppKey("requests")
 CONFIG = web.AppKey("config", MockConfig)
+RECORD: web.RequestKey[dict[str, Any]] = web.RequestKey("record")
 
 
 def _text_of(value: Any) -> str:
@@ -116,9 +117,14 @@ async def _prelude(request: web.Request) -> tuple[dict[str, Any], dict[str, Any]
         return _error(400, "mock upstream: body is not JSON")
     if not isinstance(body, dict):
         return _error(400, "mock upstream: body is not an object")
-    request.app[REQUESTS].append(
-        {"path": request.path, "headers": dict(request.headers), "body": body}
-    )
+    record: dict[str, Any] = {
+        "path": request.path,
+        "headers": dict(request.headers),
+        "body": body,
+        "sent": [],  # stream frames, as written
+    }
+    request.app[REQUESTS].append(record)
+    request[RECORD] = record
     raw_mock = body.get("mock")
     mock: dict[str, Any] = raw_mock if isinstance(raw_mock, dict) else {}
     delay = mock.get("delay_ms", config.delay_ms)
@@ -249,6 +255,7 @@ async def _complete(
             request.transport.close()
             return response
         await response.write(frame)
+        request[RECORD]["sent"].append(frame.decode())
         if isinstance(chunk_delay, int | float) and chunk_delay > 0:
             await asyncio.sleep(chunk_delay / 1000)
     await response.write_eof()

@@ -20,6 +20,8 @@ sweeper, which charges the estimate unless a terminal event exists.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -571,16 +573,16 @@ async def _pipe(
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         # The client left: stop the upstream and charge what was produced.
         resp.close()
-        tokens = usage or Tokens(prompt_guess(call.body), frames)
-        await _record(
-            request,
-            call,
-            tokens,
-            status=499,
-            streamed=True,
-            source="upstream" if usage else "partial",
-        )
+        await _record_partial(request, call, usage, frames)
         return out
+    except asyncio.CancelledError:
+        # Same, when the server cancels handlers of vanished clients: record in
+        # a task of its own so the cancellation cannot cut the append short.
+        resp.close()
+        task = asyncio.ensure_future(_record_partial(request, call, usage, frames))
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
+        raise
     except (aiohttp.ClientError, TimeoutError) as e:
         failure = e
     if usage is None:
@@ -607,6 +609,14 @@ async def _pipe(
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         pass  # recorded already: the client left after the last content chunk
     return out
+
+
+async def _record_partial(
+    request: web.Request, call: _Call, usage: Tokens | None, frames: int
+) -> None:
+    tokens = usage or Tokens(prompt_guess(call.body), frames)
+    source = "upstream" if usage else "partial"
+    await _record(request, call, tokens, status=499, streamed=True, source=source)
 
 
 def _usage_of(frame: bytes) -> Tokens | None:

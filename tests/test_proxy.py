@@ -1,0 +1,550 @@
+"""The proxy, driven by the official openai SDK (sync, async, streaming) and raw
+aiohttp, against the mock upstream, with real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import io
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import httpx2 as httpx
+import msgspec
+import openai
+import pytest
+from aiohttp import web
+from pytest_aiohttp import AiohttpServer
+
+from gateway.app import create_app
+from gateway.keys import ADMISSION, BUDGET_BOOK, COUNTERS, KEY_BOOK, STORE, TAGS, USER_SECRET
+from gateway.mock_upstream import REQUESTS, create_mock_app
+from ledger import events as ev
+from ledger.settings import ProviderConfig, Settings
+from ledger.store import EventStore
+
+ADMIN_KEY = "test-admin-key-0123456789"
+
+
+@dataclass
+class Gateway:
+    url: str
+    app: web.Application
+    mock: web.Application
+    key: str  # a client key with tag "key-tag"
+
+    @property
+    def store(self) -> EventStore:
+        return self.app[STORE]
+
+    clients: list[Any] = dataclasses.field(default_factory=list)
+
+    def sdk(self, **kw: Any) -> openai.AsyncOpenAI:
+        kw.setdefault("max_retries", 0)
+        key = kw.pop("api_key", self.key)
+        client = openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, **kw)
+        self.clients.append(client)
+        return client
+
+    def sync_sdk(self, **kw: Any) -> openai.OpenAI:
+        kw.setdefault("max_retries", 0)
+        key = kw.pop("api_key", self.key)
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, **kw)
+        self.clients.append(client)
+        return client
+
+    async def close(self) -> None:
+        for client in self.clients:
+            if isinstance(client, openai.AsyncOpenAI):
+                await client.close()
+            else:
+                client.close()
+
+    async def budget(self, tag: str, usd: str, **fields: Any) -> None:
+        await self.app[TAGS].create(
+            tag, ev.TagFields(max_budget=Decimal(usd), budget_duration="1d", **fields)
+        )
+        await self.app[BUDGET_BOOK].refresh()
+
+    async def request_events(self, request_id: str) -> list[ev.Event]:
+        return [ev.decode(r) for r in await self.store.read_stream(f"request:{request_id}")]
+
+    async def spends(self) -> list[ev.SpendRecorded]:
+        out = []
+        after = 0
+        while batch := await self.store.read_types(["SpendRecorded"], after, 1000):
+            out += [e for e in (ev.decode(r) for r in batch) if isinstance(e, ev.SpendRecorded)]
+            after = batch[-1].position
+        return out
+
+    async def released(self) -> list[ev.RequestReleased]:
+        rows = await self.store.read_types(["RequestReleased"], 0, 1000)
+        return [e for e in (ev.decode(r) for r in rows) if isinstance(e, ev.RequestReleased)]
+
+    def upstream_requests(self) -> list[dict[str, Any]]:
+        return list(self.mock[REQUESTS])
+
+
+@pytest.fixture
+async def gateway(settings: Settings, aiohttp_server: AiohttpServer) -> AsyncIterator[Gateway]:
+    mock_app = create_mock_app()
+    mock = await aiohttp_server(mock_app)
+    provider = ProviderConfig(
+        "mock", str(mock.make_url("/v1")).rstrip("/"), price_provider="openai"
+    )
+    app = create_app(
+        dataclasses.replace(
+            settings,
+            admin_key=ADMIN_KEY,
+            providers=(provider,),
+            upstream_first_byte_timeout_s=2.0,
+        )
+    )
+    server = await aiohttp_server(app)
+    secret, _ = await app[KEY_BOOK].generate(key_alias="test", tags=["key-tag"])
+    gw = Gateway(str(server.make_url("")).rstrip("/"), app, mock_app, secret)
+    yield gw
+    await gw.close()
+
+
+CHAT = {
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "Say hello to the ledger."}],
+}
+
+
+# ------------------------------------------------------------------ attribution
+
+
+async def test_every_attribution_source_lands_in_spend_recorded(gateway: Gateway) -> None:
+    sdk = gateway.sync_sdk()
+    raw = await asyncio.to_thread(
+        sdk.chat.completions.with_raw_response.create,
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hello"}],
+        user="ana@example.com",
+        extra_body={
+            "metadata": {
+                "tags": ["team:search", "shared"],
+                "spend_logs_metadata": {
+                    "customer": "acme",
+                    "api_key": "sk-live-0123456789abcdef",
+                    "n": 3,
+                },
+            },
+            "tags": ["app:bot"],
+        },
+        extra_headers={
+            "x-ledger-tags": "env:prod ,  shared",
+            "x-litellm-tags": "legacy",
+            "x-litellm-spend-logs-metadata": '{"region": "eu", "note": "Bearer abc.def.ghi"}',
+        },
+    )
+    completion = raw.parse()
+    assert completion.choices[0].message.content
+    request_id = raw.headers["x-ledger-request-id"]
+    cost = Decimal(raw.headers["x-ledger-cost"])
+    assert cost > 0
+    events = await gateway.request_events(request_id)
+    assert [type(e).__name__ for e in events] == ["RequestAdmitted", "SpendRecorded"]
+    spend = events[1]
+    assert isinstance(spend, ev.SpendRecorded)
+    assert spend.tags == ["key-tag", "env:prod", "shared", "legacy", "team:search", "app:bot"]
+    assert spend.metadata == {
+        "region": "eu",
+        "note": "[REDACTED]",
+        "customer": "acme",
+        "api_key": "[REDACTED]",
+        "n": 3,
+    }
+    secret = gateway.app[USER_SECRET]
+    assert spend.user_hash == hmac.new(secret, b"ana@example.com", hashlib.sha256).hexdigest()
+    assert spend.cost == cost
+    assert (spend.prompt_tokens, spend.completion_tokens) == (
+        completion.usage.prompt_tokens,  # type: ignore[union-attr]
+        completion.usage.completion_tokens,  # type: ignore[union-attr]
+    )
+    assert (spend.model, spend.provider, spend.status, spend.streamed) == (
+        "gpt-4o-mini",
+        "mock",
+        200,
+        False,
+    )
+    # nothing raw was stored
+    rows = await gateway.store.read_stream(f"request:{request_id}")
+    stored = " ".join(r.data for r in rows)
+    assert "ana@example.com" not in stored
+    assert "sk-live" not in stored
+    assert "Bearer" not in stored
+    # attribution fields never reach the upstream; the rest passes unchanged
+    sent = gateway.upstream_requests()[-1]["body"]
+    assert "tags" not in sent
+    assert "metadata" not in sent
+    assert sent["user"] == "ana@example.com"
+    assert sent["messages"] == [{"role": "user", "content": "hello"}]
+    headers = {k.lower() for k in gateway.upstream_requests()[-1]["headers"]}
+    assert not any(h.startswith(("x-ledger", "x-litellm")) for h in headers)
+
+
+async def test_other_metadata_keys_pass_upstream(gateway: Gateway) -> None:
+    await gateway.sdk().chat.completions.create(
+        **CHAT, extra_body={"metadata": {"tags": ["a"], "purpose": "eval"}}
+    )
+    assert gateway.upstream_requests()[-1]["body"]["metadata"] == {"purpose": "eval"}
+
+
+# ------------------------------------------------------------------ budgets
+
+
+async def test_budget_of_one_cent_under_200_concurrent_requests(gateway: Gateway) -> None:
+    await gateway.budget("cent", "0.01")
+    attempts = 0
+
+    async def count(_: httpx.Request) -> None:
+        nonlocal attempts
+        attempts += 1
+
+    http = httpx.AsyncClient(
+        event_hooks={"request": [count]}, timeout=60, limits=httpx.Limits(max_connections=200)
+    )
+    sdk = gateway.sdk(max_retries=3, http_client=http)
+
+    async def one(i: int) -> tuple[str, Any]:
+        try:
+            raw = await sdk.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": f"request {i} " + "x" * 200}],
+                max_tokens=400,
+                extra_headers={"x-ledger-tags": "cent"},
+            )
+            return "ok", raw.headers
+        except openai.RateLimitError as e:
+            return "denied", e
+
+    results = await asyncio.gather(*(one(i) for i in range(200)))
+    await http.aclose()
+    admitted = [r for kind, r in results if kind == "ok"]
+    denied = [r for kind, r in results if kind == "denied"]
+    assert admitted
+    assert denied
+    assert attempts == 200  # the SDK did not retry a single 429
+    for err in denied:
+        assert err.status_code == 429
+        assert err.response.headers["x-should-retry"] == "false"
+        assert int(err.response.headers["retry-after"]) > 0
+        body = err.response.json()["error"]
+        assert (body["type"], body["tag"], body["max_budget"]) == (
+            "budget_exceeded",
+            "cent",
+            "0.01",
+        )
+        assert body["reset_at"]
+    spent = sum((s.cost for s in await gateway.spends() if "cent" in s.tags), Decimal(0))
+    assert 0 < spent <= Decimal("0.01")
+    denials = await gateway.store.read_types(["RequestDenied"], 0, 1000)
+    assert len(denials) == len(denied)
+    # the header reports what the tightest budget has left
+    assert all("x-ledger-budget-remaining" in h for h in admitted)
+
+
+async def test_models_restrictions(gateway: Gateway) -> None:
+    secret, _ = await gateway.app[KEY_BOOK].generate(allowed_models=["gpt-4o"])
+    with pytest.raises(openai.PermissionDeniedError, match="may not use model"):
+        await gateway.sdk(api_key=secret).chat.completions.create(**CHAT)
+    await gateway.app[TAGS].create("limited", ev.TagFields(models=["gpt-4o"]))
+    await gateway.app[BUDGET_BOOK].refresh()
+    with pytest.raises(openai.PermissionDeniedError, match="tag 'limited'"):
+        await gateway.sdk().chat.completions.create(
+            **CHAT, extra_headers={"x-ledger-tags": "limited"}
+        )
+    ok = await gateway.sdk().chat.completions.create(
+        model="gpt-4o", messages=CHAT["messages"], extra_headers={"x-ledger-tags": "limited"}
+    )
+    assert ok.model == "gpt-4o"
+
+
+async def test_unpriced_models(gateway: Gateway) -> None:
+    made = await gateway.sdk().chat.completions.with_raw_response.create(
+        model="house-model-x", messages=CHAT["messages"]
+    )
+    [spend] = [
+        e
+        for e in await gateway.request_events(made.headers["x-ledger-request-id"])
+        if isinstance(e, ev.SpendRecorded)
+    ]
+    assert (spend.cost, spend.unpriced) == (0, True)
+    await gateway.budget("priced-only", "1")
+    with pytest.raises(openai.BadRequestError, match="no known price"):
+        await gateway.sdk().chat.completions.create(
+            model="house-model-x",
+            messages=CHAT["messages"],
+            extra_headers={"x-ledger-tags": "priced-only"},
+        )
+
+
+# ------------------------------------------------------------------ routes
+
+
+async def test_completions_embeddings_models_and_prefixed_routing(gateway: Gateway) -> None:
+    sdk = gateway.sdk()
+    text = await sdk.completions.create(model="gpt-3.5-turbo-instruct", prompt="Once", max_tokens=5)
+    assert text.choices[0].text
+    emb = await sdk.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+    assert len(emb.data) == 2
+    models = await sdk.models.list()
+    assert "gpt-4o-mini" in [m.id for m in models.data]
+    routed = await sdk.chat.completions.create(model="mock/gpt-4o-mini", messages=CHAT["messages"])
+    assert routed.model == "gpt-4o-mini"
+    assert gateway.upstream_requests()[-1]["body"]["model"] == "gpt-4o-mini"
+    spends = await gateway.spends()
+    assert {s.model for s in spends} >= {
+        "gpt-3.5-turbo-instruct",
+        "text-embedding-3-small",
+        "mock/gpt-4o-mini",
+    }
+    assert all(s.cost > 0 for s in spends)
+    # the same routes without /v1
+    async with aiohttp.ClientSession() as http:
+        r = await http.post(
+            f"{gateway.url}/chat/completions",
+            json=CHAT,
+            headers={"Authorization": f"Bearer {gateway.key}"},
+        )
+        assert r.status == 200
+
+
+# ------------------------------------------------------------------ streaming
+
+
+async def test_stream_hides_the_usage_chunk_and_is_byte_identical(gateway: Gateway) -> None:
+    async with aiohttp.ClientSession() as http:
+        r = await http.post(
+            f"{gateway.url}/v1/chat/completions",
+            json={**CHAT, "stream": True},
+            headers={"Authorization": f"Bearer {gateway.key}"},
+        )
+        assert r.status == 200
+        received = (await r.read()).decode()
+        request_id = r.headers["x-ledger-request-id"]
+    sent = gateway.upstream_requests()[-1]["sent"]
+    usage_frames = [f for f in sent if '"choices":[]' in f]
+    assert len(usage_frames) == 1
+    assert received == "".join(f for f in sent if f not in usage_frames)
+    spend = (await gateway.request_events(request_id))[1]
+    assert isinstance(spend, ev.SpendRecorded)
+    assert spend.streamed
+    usage = msgspec.json.decode(usage_frames[0].removeprefix("data: "))["usage"]
+    assert (spend.prompt_tokens, spend.completion_tokens) == (
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+    )
+
+
+async def test_stream_with_usage_requested_through_the_sdk(gateway: Gateway) -> None:
+    stream = await gateway.sdk().chat.completions.create(
+        **CHAT, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [c async for c in stream]
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 0
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    sent = gateway.upstream_requests()[-1]["sent"]
+    assert len(chunks) == len(sent) - 1  # every frame but [DONE]
+
+
+async def test_client_disconnect_mid_stream_is_charged_partially(gateway: Gateway) -> None:
+    body = {**CHAT, "stream": True, "mock": {"completion_tokens": 60, "chunk_delay_ms": 30}}
+    async with aiohttp.ClientSession() as http:
+        r = await http.post(
+            f"{gateway.url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {gateway.key}"},
+        )
+        request_id = r.headers["x-ledger-request-id"]
+        got = 0
+        async for _ in r.content.iter_any():
+            got += 1
+            if got >= 5:
+                break
+        r.close()
+    for _ in range(100):
+        events = await gateway.request_events(request_id)
+        if len(events) == 2:
+            break
+        await asyncio.sleep(0.1)
+    spend = events[1]
+    assert isinstance(spend, ev.SpendRecorded)
+    assert (spend.status, spend.usage_source) == (499, "partial")
+    assert 1 <= spend.completion_tokens < 60
+    assert 0 < spend.cost < events[0].estimate  # type: ignore[union-attr]
+    await asyncio.sleep(0.3)
+    assert len(gateway.upstream_requests()[-1]["sent"]) < 60  # the upstream call was cut off too
+
+
+# ------------------------------------------------------------------ upstream faults
+
+
+@pytest.mark.parametrize(
+    ("mock", "stream", "error", "reason"),
+    [
+        ({"status": 500}, False, openai.InternalServerError, "upstream_status_500"),
+        ({"delay_ms": 3000}, False, openai.APIStatusError, "upstream_timeout"),
+        ({"malformed": True}, False, openai.APIStatusError, "upstream_invalid_json"),
+        ({"cut_after": 10}, False, openai.APIStatusError, "upstream_cut"),
+        ({"cut_after": 3}, True, openai.APIError, "upstream_cut"),
+        ({"status": 503}, True, openai.APIStatusError, "upstream_status_503"),
+    ],
+)
+async def test_upstream_failures_release_and_record(
+    gateway: Gateway, mock: dict[str, Any], stream: bool, error: type[Exception], reason: str
+) -> None:
+    await gateway.budget("guarded", "5")
+    sdk = gateway.sdk()
+
+    async def call() -> None:
+        result = await sdk.chat.completions.create(
+            **CHAT,
+            stream=stream,
+            extra_body={"mock": mock},
+            extra_headers={"x-ledger-tags": "guarded"},
+        )
+        if stream:
+            async for _ in result:  # type: ignore[union-attr]
+                pass
+
+    with pytest.raises(error):
+        await call()
+    [released] = await gateway.released()
+    assert released.reason == reason
+    [b] = gateway.app[BUDGET_BOOK].budgets_for(["guarded"], datetime.now(UTC))
+    spend = await gateway.app[COUNTERS].read(b)
+    assert (spend.spent_nanos, spend.reserved_nanos) == (0, 0)
+
+
+# ------------------------------------------------------------------ bad input and auth
+
+
+async def test_authentication(gateway: Gateway) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        await gateway.sdk(api_key="sk-ledger-not-a-real-key").chat.completions.create(**CHAT)
+    async with aiohttp.ClientSession() as http:
+        r = await http.post(f"{gateway.url}/v1/chat/completions", json=CHAT)
+        assert r.status == 401
+        assert (await r.json())["error"]["code"] == "missing_api_key"
+    # the admin key works as a key without bound tags
+    ok = await gateway.sdk(api_key=ADMIN_KEY).chat.completions.create(**CHAT)
+    assert ok.choices
+
+
+BAD_ATTRIBUTION: list[tuple[str, dict[str, Any], dict[str, str], str]] = [
+    ("tags not a list", {"tags": "a,b"}, {}, "tags"),
+    ("tag not a string", {"tags": ["a", 3]}, {}, "tags"),
+    ("metadata.tags not a list", {"metadata": {"tags": "a"}}, {}, "metadata.tags"),
+    ("empty tag", {"tags": ["  "]}, {}, "tags"),
+    ("NUL in tag", {"tags": ["a\x00b"]}, {}, "tags"),
+    ("tag too long", {"tags": ["x" * 257]}, {}, "tags"),
+    ("too many tags", {"tags": [f"t{i}" for i in range(65)]}, {}, "tags"),
+    ("metadata not an object", {"metadata": "x"}, {}, "metadata"),
+    (
+        "nested metadata value",
+        {"metadata": {"spend_logs_metadata": {"a": {"b": 1}}}},
+        {},
+        "metadata.spend_logs_metadata",
+    ),
+    (
+        "metadata too large",
+        {"metadata": {"spend_logs_metadata": {"a": "x" * 17000}}},
+        {},
+        "metadata.spend_logs_metadata",
+    ),
+    ("user not a string", {"user": 42}, {}, "user"),
+    (
+        "header JSON invalid",
+        {},
+        {"x-ledger-spend-logs-metadata": "{oops"},
+        "x-ledger-spend-logs-metadata",
+    ),
+    (
+        "header JSON not an object",
+        {},
+        {"x-litellm-spend-logs-metadata": "[1]"},
+        "header x-litellm-spend-logs-metadata",
+    ),
+    (
+        "too many header tags",
+        {},
+        {"x-ledger-tags": ",".join(f"t{i}" for i in range(65))},
+        "x-ledger-tags",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "extra", "headers", "param"), BAD_ATTRIBUTION, ids=[b[0] for b in BAD_ATTRIBUTION]
+)
+async def test_malformed_attribution_is_a_400(
+    gateway: Gateway, what: str, extra: dict[str, Any], headers: dict[str, str], param: str
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        r = await http.post(
+            f"{gateway.url}/v1/chat/completions",
+            json={**CHAT, **extra},
+            headers={"Authorization": f"Bearer {gateway.key}", **headers},
+        )
+        assert r.status == 400, await r.text()
+        error = (await r.json())["error"]
+    assert error["param"] == param
+    assert error["code"] == "invalid_attribution"
+    assert await gateway.store.read_types(["RequestAdmitted"], 0, 10) == []  # nothing admitted
+
+
+async def test_bad_bodies(gateway: Gateway) -> None:
+    auth = {"Authorization": f"Bearer {gateway.key}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        big = b'{"model": "gpt-4o-mini", "messages": [], "x": "' + b"a" * (9 * 1024 * 1024) + b'"}'
+        r = await http.post(
+            f"{gateway.url}/v1/chat/completions", data=io.BytesIO(big), headers=auth
+        )
+        assert r.status == 413
+        assert (await r.json())["error"]["code"] == "request_too_large"
+        for raw, fragment in (
+            (b"{nope", "not valid JSON"),
+            (b"[1]", "JSON object"),
+            (b'{"messages": []}', "model is required"),
+        ):
+            r = await http.post(f"{gateway.url}/v1/chat/completions", data=raw, headers=auth)
+            assert r.status == 400
+            assert fragment in (await r.json())["error"]["message"]
+
+
+async def test_same_request_id_is_never_charged_twice(gateway: Gateway) -> None:
+    sdk = gateway.sdk()
+    headers = {"x-request-id": "client-retry-123"}
+    first = await sdk.chat.completions.with_raw_response.create(**CHAT, extra_headers=headers)
+    assert first.headers["x-ledger-request-id"] == "client-retry-123"
+    with pytest.raises(openai.ConflictError) as info:
+        await sdk.chat.completions.create(**CHAT, extra_headers=headers)
+    assert info.value.response.headers["x-should-retry"] == "false"
+    spends = [s for s in await gateway.spends() if s.request_id == "client-retry-123"]
+    assert len(spends) == 1
+
+
+async def test_metrics_and_admission_state(gateway: Gateway) -> None:
+    await gateway.sdk().chat.completions.create(**CHAT)
+    async with aiohttp.ClientSession() as http:
+        r = await http.get(
+            f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        )
+        text = await r.text()
+    assert r.status == 200
+    assert 'ledger_requests_total{route="chat",status="200"} 1.0' in text
+    assert "ledger_admit_latency_seconds_count 1.0" in text
+    assert "ledger_event_writer_queue_depth" in text
+    assert gateway.app[ADMISSION] is not None
