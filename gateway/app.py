@@ -106,6 +106,8 @@ async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
     else:
         app[USER_SECRET] = await stored_secret(store.pool, "user_hash")
     yield
+    await app[ADMISSION].drain()
+    await counters.close()
     await keys.close()
     await book.close()
 

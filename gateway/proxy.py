@@ -58,6 +58,13 @@ routes = web.RouteTableDef()
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
+
+
+class _Answer(msgspec.Struct):
+    usage: Any = None
+
+
+_answer_decoder = msgspec.json.Decoder(_Answer)
 # Upstream response headers worth passing on; everything else is ours or hop-by-hop.
 _PASS_HEADERS = (
     "openai-processing-ms",
@@ -358,6 +365,7 @@ async def _record(
     await request.app[ADMISSION].record_spend(
         call.admitted,
         cost,
+        wait_settle=False,
         model=call.model,
         provider=call.upstream.name,
         user_hash=call.attribution.user_hash,
@@ -453,8 +461,8 @@ async def _unary(request: web.Request, call: _Call) -> web.StreamResponse:
             headers={"Content-Type": content_type, **_ledger_headers(call, None)},
         )
     try:
-        answer = _decoder.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+        answer = _answer_decoder.decode(data)  # validates it all, keeps only usage
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
         await _release(request, call, "upstream_invalid_json", status)
         return error_response(
             502,
@@ -463,7 +471,7 @@ async def _unary(request: web.Request, call: _Call) -> web.StreamResponse:
             code="upstream_invalid_json",
             headers=_ledger_headers(call, None),
         )
-    tokens = _tokens(answer.get("usage")) if isinstance(answer, dict) else None
+    tokens = _tokens(answer.usage)
     cost = await _record(request, call, tokens, status=status, streamed=False, source="upstream")
     return web.Response(
         status=status,

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -110,6 +111,7 @@ class Admission:
         self.book = book
         self.reservation_ttl = reservation_ttl
         self.now = clock or (lambda: datetime.now(UTC))
+        self._background: set[asyncio.Task[bool]] = set()
 
     async def admit(
         self,
@@ -195,8 +197,15 @@ class Admission:
         # Denials of one request id may repeat (a client retrying): no version check.
         await self.store.append(f"denied:{denied.request_id}", None, [ev.to_new(event)])
 
-    async def record_spend(self, admitted: Admitted, cost: Decimal, **details: Any) -> int:
-        """Append SpendRecorded (durable before this returns), then settle."""
+    async def record_spend(
+        self, admitted: Admitted, cost: Decimal, *, wait_settle: bool = True, **details: Any
+    ) -> int:
+        """Append SpendRecorded (durable before this returns), then settle.
+
+        ``wait_settle=False`` settles in the background (the gateway answers its
+        client first; until then the counter still holds the estimate, which
+        only errs on the safe side). A settle that fails is left to the sweeper.
+        """
         event = ev.SpendRecorded(
             request_id=admitted.request_id,
             admitted_at=admitted.at,
@@ -209,7 +218,7 @@ class Admission:
         [position] = await self.store.append(
             ev.stream_of_request(admitted.request_id), 1, [ev.to_new(event)]
         )
-        await self.counters.settle(
+        settle = self.counters.settle(
             admitted.request_id,
             admitted.budgets,
             actual_nanos=to_nanos(cost),
@@ -217,7 +226,23 @@ class Admission:
             position=position,
             admitted_position=admitted.position,
         )
+        if wait_settle:
+            await settle
+        else:
+            task = asyncio.create_task(settle)
+            self._background.add(task)
+            task.add_done_callback(self._settled)
         return position
+
+    def _settled(self, task: asyncio.Task[bool]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("settle_failed", error=str(task.exception()))
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait for background settles (graceful shutdown)."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=timeout)
 
     async def release(self, admitted: Admitted, reason: str, status: int | None = None) -> int:
         event = ev.RequestReleased(

@@ -18,6 +18,8 @@ so that no sum passes through a double above 2^53.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -245,7 +247,11 @@ class Counters:
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
         self._init = client.register_script(_INIT)
+        self._batcher = _ScriptBatcher(client)
         self.rebuilds = 0
+
+    async def close(self) -> None:
+        await self._batcher.close()
 
     # ------------------------------------------------------------- admit
 
@@ -413,16 +419,82 @@ class Counters:
     # ------------------------------------------------------------- plumbing
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return await script(keys=keys, args=args)
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:
-            raise CountersUnavailable(f"Redis unavailable: {e}") from e
+        return await self._batcher.call(script, keys, args)
 
     async def _redis(self, command: Awaitable[Any]) -> Any:
         try:
             return await command
         except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:
             raise CountersUnavailable(f"Redis unavailable: {e}") from e
+
+
+class _ScriptBatcher:
+    """Sends every script call queued while the previous round trip was in
+    flight as one pipeline: under load, one round trip serves many requests;
+    a lone call goes out at once."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._pending: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="redis-script-batcher")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((script, keys, args, future))
+        self._wake.set()
+        return await future
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            if not batch:
+                continue
+            try:
+                await self._send(batch)
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as e:
+                error = CountersUnavailable(f"Redis unavailable: {e}")
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+            except Exception as e:  # the batcher must outlive any one batch
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+
+    async def _send(
+        self, batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]
+    ) -> None:
+        if len(batch) == 1:
+            script, keys, args, future = batch[0]
+            result = await script(keys=keys, args=args)  # loads the script if Redis lost it
+            if not future.done():
+                future.set_result(result)
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for script, keys, args, _ in batch:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        results = await pipe.execute(raise_on_error=False)
+        for (script, keys, args, future), result in zip(batch, results, strict=True):
+            if isinstance(result, redis_errors.NoScriptError):
+                result = await script(keys=keys, args=args)  # SCRIPT FLUSH or restart
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(CountersUnavailable(f"Redis script failed: {result}"))
+            else:
+                future.set_result(result)
 
 
 def connect_redis(url: str, *, max_connections: int = 64, timeout_s: float = 3.0) -> aioredis.Redis:

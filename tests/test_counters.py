@@ -40,8 +40,10 @@ async def rclient(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture
-async def counters(rclient: aioredis.Redis, store: EventStore) -> Counters:
-    return Counters(rclient, store.pool)
+async def counters(rclient: aioredis.Redis, store: EventStore) -> AsyncIterator[Counters]:
+    c = Counters(rclient, store.pool)
+    yield c
+    await c.close()
 
 
 def day_budget(tag: str, limit: Decimal, now: datetime | None = None) -> Budget:

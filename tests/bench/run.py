@@ -8,9 +8,13 @@ import platform
 import time
 
 from ledger import logs
-from tests.bench import bench_counters, bench_store
+from tests.bench import bench_counters, bench_gateway, bench_store
 
-BENCHES = {"store": bench_store.main, "counters": bench_counters.main}
+BENCHES = {
+    "store": bench_store.main,
+    "counters": bench_counters.main,
+    "gateway": bench_gateway.main,
+}
 
 
 def main() -> None:

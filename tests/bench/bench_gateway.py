@@ -1,0 +1,185 @@
+"""The gateway (full ledger) against a bare aiohttp pass-through proxy.
+
+Both sit in front of the same mock upstream, each in its own process, loaded by
+a client in a third process at concurrency 1, 32 and 128. The gateway does the
+whole job on every request: key check, attribution, pricing, a budget reserve
+in Redis, RequestAdmitted and SpendRecorded made durable in PostgreSQL (fsync
+on), and the settle. Figures are medians over ``repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from ledger.embedded import EmbeddedPostgres, EmbeddedRedis
+
+ADMIN = "bench-admin-key-0123456789"
+DURATION = float(os.environ.get("LEDGER_BENCH_DURATION", "5"))
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):  # noqa: S310 (loopback http)
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} never answered")
+
+
+def _admin(url: str, path: str, body: dict[str, object]) -> dict[str, object]:
+    req = urllib.request.Request(  # noqa: S310 (loopback http)
+        url + path,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310
+        result: dict[str, object] = json.loads(r.read())
+        return result
+
+
+def _load(url: str, key: str, tags: str, concurrency: int) -> dict[str, float]:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.bench.load",
+            "--url",
+            url,
+            "--key",
+            key,
+            "--tags",
+            tags,
+            "--concurrency",
+            str(concurrency),
+            "--duration",
+            str(DURATION),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main(repeats: int = 3) -> list[tuple[str, float]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        EmbeddedPostgres(Path(tmp) / "pg") as pg,
+        EmbeddedRedis(Path(tmp) / "redis") as redis,
+    ):
+        try:
+            mock_port, bare_port, gw_port = _port(), _port(), _port()
+            quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "ledger.cli", "mock-upstream", "--port", str(mock_port)],
+                    **quiet,
+                )
+            )
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "tests.bench.bare_proxy",
+                        "--port",
+                        str(bare_port),
+                        "--upstream",
+                        f"http://127.0.0.1:{mock_port}",
+                    ],
+                    **quiet,
+                )
+            )
+            subprocess.run(
+                [sys.executable, "-m", "ledger.cli", "migrate"],
+                check=True,
+                **quiet,
+                env={**os.environ, "LEDGER_DATABASE_URL": pg.url},
+            )
+            env = {
+                **os.environ,
+                "LEDGER_DATABASE_URL": pg.url,
+                "LEDGER_REDIS_URL": redis.url,
+                "LEDGER_ADMIN_KEY": ADMIN,
+                "LEDGER_LOG_LEVEL": "warning",
+                "LEDGER_PROVIDERS": json.dumps(
+                    [
+                        {
+                            "name": "mock",
+                            "base_url": f"http://127.0.0.1:{mock_port}/v1",
+                            "price_provider": "openai",
+                        }
+                    ]
+                ),
+            }
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "ledger.cli", "serve", "--port", str(gw_port)],
+                    env=env,
+                    **quiet,
+                )
+            )
+            gw = f"http://127.0.0.1:{gw_port}"
+            _wait(f"{gw}/health/ready")
+            _wait(f"http://127.0.0.1:{mock_port}/v1/models")
+            _admin(
+                gw, "/tag/new", {"name": "bench", "max_budget": 1000000, "budget_duration": "1d"}
+            )
+            key = str(_admin(gw, "/key/generate", {"tags": ["team:bench"]})["key"])
+            rows: list[tuple[str, float]] = []
+            for concurrency in (1, 32, 128):
+                bare, full = [], []
+                for _ in range(repeats):
+                    bare.append(
+                        _load(
+                            f"http://127.0.0.1:{bare_port}/v1/chat/completions",
+                            "none",
+                            "",
+                            concurrency,
+                        )
+                    )
+                    full.append(_load(f"{gw}/v1/chat/completions", key, "bench", concurrency))
+                b_rps = statistics.median(r["rps"] for r in bare)
+                g_rps = statistics.median(r["rps"] for r in full)
+                b50 = statistics.median(r["p50_ms"] for r in bare)
+                g50 = statistics.median(r["p50_ms"] for r in full)
+                b99 = statistics.median(r["p99_ms"] for r in bare)
+                g99 = statistics.median(r["p99_ms"] for r in full)
+                errors = sum(r["errors"] for r in full)
+                rows += [
+                    (f"c={concurrency}: bare proxy requests/s", b_rps),
+                    (f"c={concurrency}: gateway requests/s", g_rps),
+                    (f"c={concurrency}: throughput ratio gateway/bare", g_rps / b_rps),
+                    (f"c={concurrency}: added p50 latency (ms)", g50 - b50),
+                    (f"c={concurrency}: added p99 latency (ms)", g99 - b99),
+                    (f"c={concurrency}: gateway errors", errors),
+                ]
+            return rows
+        finally:
+            for p in reversed(procs):
+                p.terminate()
+                p.wait(30)
+
+
+if __name__ == "__main__":
+    for name, value in main():
+        print(f"{name:70s} {value:12,.3f}")
