@@ -23,7 +23,7 @@ from ledger import events as ev
 from ledger.apikeys import ApiKey, KeyNotFound
 from ledger.budgets import budget_of
 from ledger.money import from_nanos
-from ledger.queries import tag_totals
+from ledger.queries import tag_totals_view
 from ledger.tags import TagError, TagState, validate_name
 
 routes = web.RouteTableDef()
@@ -116,9 +116,7 @@ async def decode_body(request: web.Request, kind: type[T]) -> T:
     async for chunk in request.content.iter_chunked(65536):
         body += chunk
         if len(body) > MAX_ADMIN_BODY:
-            raise ApiError(
-                413, f"request body too large: at most {MAX_ADMIN_BODY} bytes", param="body"
-            )
+            raise ApiError(413, f"request body too large: at most {MAX_ADMIN_BODY} bytes", param="body")
     if not body.strip():
         raise ApiError(400, "request body is empty: send a JSON object", param="body")
     try:
@@ -131,9 +129,7 @@ async def decode_body(request: web.Request, kind: type[T]) -> T:
     except msgspec.DecodeError as e:
         raise ApiError(400, f"request body is not valid JSON: {e}", param="body") from None
     except UnicodeDecodeError as e:
-        raise ApiError(
-            400, f"request body is not valid UTF-8 JSON: {e.reason}", param="body"
-        ) from None
+        raise ApiError(400, f"request body is not valid UTF-8 JSON: {e.reason}", param="body") from None
 
 
 def json(data: Any, status: int = 200) -> web.Response:
@@ -145,7 +141,7 @@ def json(data: Any, status: int = 200) -> web.Response:
 
 async def tag_infos(request: web.Request, states: list[TagState]) -> list[TagInfo]:
     counters = request.app[COUNTERS]
-    totals = await tag_totals(request.app[STORE].pool, [s.name for s in states])
+    totals = await tag_totals_view(request.app[STORE].pool, [s.name for s in states])
     now = request.app[TAGS].now()
     out = []
     for s in states:

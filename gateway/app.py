@@ -10,7 +10,7 @@ from datetime import timedelta
 import structlog
 from aiohttp import web
 
-from gateway import admin, health, proxy
+from gateway import admin, health, proxy, spend
 from gateway.auth import authenticate
 from gateway.keys import (
     ADMISSION,
@@ -25,6 +25,7 @@ from gateway.keys import (
     TAGS,
     UPSTREAMS,
     USER_SECRET,
+    WORKERS,
 )
 from gateway.metrics import create_metrics
 from gateway.middlewares import errors, request_context
@@ -48,9 +49,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 def create_app(settings: Settings) -> web.Application:
     if settings.database_url is None or settings.redis_url is None:
         raise StoreError("the gateway needs LEDGER_DATABASE_URL and LEDGER_REDIS_URL")
-    app = web.Application(
-        middlewares=[request_context, errors, authenticate], client_max_size=MAX_BODY_BYTES
-    )
+    app = web.Application(middlewares=[request_context, errors, authenticate], client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
     # Opened in this order, closed in reverse: the store drains its writer
     # before the pool closes; Redis closes after nothing can use it.
@@ -63,6 +62,9 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(health.routes)
     app.add_routes(admin.routes)
     app.add_routes(proxy.routes)
+    app.add_routes(spend.routes)
+    if settings.run_projections:
+        app.cleanup_ctx.append(_projections_ctx)
     return app
 
 
@@ -139,3 +141,24 @@ async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
     app[UPSTREAMS] = upstreams
     yield
     await upstreams.close()
+
+
+async def _projections_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Projection workers: active in one process per projection, standing by elsewhere."""
+    from projections.runtime import Worker
+    from projections.spend import PROJECTIONS
+
+    settings = app[SETTINGS]
+    workers = [
+        Worker(app[STORE], factory(), poll_interval_s=settings.poll_interval_s)
+        for factory in PROJECTIONS.values()
+    ]
+    app[WORKERS] = workers
+    tasks = [asyncio.create_task(w.run(), name=f"projection-{w.projection.name}") for w in workers]
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        # a worker cancelled mid-statement may surface the driver's error instead
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

@@ -50,14 +50,10 @@ def _clean_tag(tag: object, source: str, limits: Limits) -> str:
     if not tag:
         raise _bad(f"{source} contains an empty tag", source)
     if len(tag) > limits.max_tag_length:
-        raise _bad(
-            f"{source} contains a tag longer than {limits.max_tag_length} characters", source
-        )
+        raise _bad(f"{source} contains a tag longer than {limits.max_tag_length} characters", source)
     for ch in tag:
         if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
-            raise _bad(
-                f"{source} contains a tag with the control character U+{ord(ch):04X}", source
-            )
+            raise _bad(f"{source} contains a tag with the control character U+{ord(ch):04X}", source)
     return tag
 
 
@@ -123,9 +119,7 @@ def attribute(
     if isinstance(meta_field, dict):
         tags += _tag_list(meta_field.pop("tags", None), "metadata.tags", limits)
         metadata.update(
-            _metadata_object(
-                meta_field.pop("spend_logs_metadata", None), "metadata.spend_logs_metadata"
-            )
+            _metadata_object(meta_field.pop("spend_logs_metadata", None), "metadata.spend_logs_metadata")
         )
         if not meta_field:
             del body["metadata"]  # nothing left for the upstream

@@ -76,16 +76,13 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         if token is None:
             raise ApiError(
                 401,
-                "missing API key: send Authorization: Bearer <key> "
-                "(create one with POST /key/generate)",
+                "missing API key: send Authorization: Bearer <key> (create one with POST /key/generate)",
                 type="authentication_error",
                 code="missing_api_key",
             )
         key = request.app[KEY_BOOK].authenticate(token)
         if key is None and not (expected is not None and same_secret(token, expected)):
-            raise ApiError(
-                401, "invalid API key", type="authentication_error", code="invalid_api_key"
-            )
+            raise ApiError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
         request[API_KEY] = key  # None for the admin key: no bound tags, every model
         return await handler(request)
     if token is None:
@@ -96,7 +93,5 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
             code="missing_api_key",
         )
     if expected is None or not same_secret(token, expected):
-        raise ApiError(
-            401, "invalid admin key", type="authentication_error", code="invalid_api_key"
-        )
+        raise ApiError(401, "invalid admin key", type="authentication_error", code="invalid_api_key")
     return await handler(request)

@@ -56,6 +56,4 @@ def error_response(
 
 
 def from_api_error(e: ApiError) -> web.Response:
-    return error_response(
-        e.status, e.message, type=e.type, param=e.param, code=e.code, headers=e.headers
-    )
+    return error_response(e.status, e.message, type=e.type, param=e.param, code=e.code, headers=e.headers)

@@ -39,9 +39,7 @@ def create_metrics(queue_depth: Callable[[], float]) -> Metrics:
     depth.set_function(queue_depth)
     return Metrics(
         registry=registry,
-        requests=Counter(
-            "ledger_requests", "Proxied requests", ["route", "status"], registry=registry
-        ),
+        requests=Counter("ledger_requests", "Proxied requests", ["route", "status"], registry=registry),
         denials=Counter("ledger_budget_denials", "Requests denied by a budget", registry=registry),
         cost=Counter(
             "ledger_cost_usd",
@@ -66,6 +64,4 @@ def create_metrics(queue_depth: Callable[[], float]) -> Metrics:
 
 
 def render(metrics: Metrics) -> web.Response:
-    return web.Response(
-        body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+    return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

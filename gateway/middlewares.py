@@ -79,9 +79,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             message = f"no route for {request.method} {request.path}"
         elif e.status == 405:
             message = f"method {request.method} not allowed on {request.path}"
-        return error_response(
-            e.status, message, type=_STATUS_TYPES.get(e.status, "invalid_request_error")
-        )
+        return error_response(e.status, message, type=_STATUS_TYPES.get(e.status, "invalid_request_error"))
     except TagError as e:
         return error_response(
             e.status,

@@ -82,9 +82,7 @@ def completion_tokens_of(body: dict[str, Any], mock: dict[str, Any]) -> int:
     if isinstance(mock.get("completion_tokens"), int):
         wanted = int(mock["completion_tokens"])
     else:
-        digest = hashlib.sha256(
-            _encoder.encode(body.get("messages", body.get("prompt", "")))
-        ).digest()
+        digest = hashlib.sha256(_encoder.encode(body.get("messages", body.get("prompt", "")))).digest()
         wanted = 16 + digest[0] % 49  # 16..64, the same for the same prompt
     cap = body.get("max_completion_tokens") or body.get("max_tokens")
     if isinstance(cap, int) and cap > 0:
@@ -136,9 +134,7 @@ async def _prelude(request: web.Request) -> tuple[dict[str, Any], dict[str, Any]
     return body, mock
 
 
-async def _plain(
-    request: web.Request, mock: dict[str, Any], payload: dict[str, Any]
-) -> web.StreamResponse:
+async def _plain(request: web.Request, mock: dict[str, Any], payload: dict[str, Any]) -> web.StreamResponse:
     data = _encoder.encode(payload)
     if mock.get("malformed"):
         data = b'{"id": "broken", "choices": [ this is not json'
@@ -214,9 +210,7 @@ async def _complete(
 
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    )
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     chunk_delay = mock.get("chunk_delay_ms", request.app[CONFIG].chunk_delay_ms)
     cut = mock.get("cut_after")
@@ -268,11 +262,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         return got
     body, mock = got
     inputs = body.get("input", "")
-    items = (
-        inputs
-        if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int)
-        else [inputs]
-    )
+    items = inputs if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else [inputs]
     raw_dims = body.get("dimensions")
     dims = raw_dims if isinstance(raw_dims, int) and 0 < raw_dims <= 4096 else 8
     data = []

@@ -195,9 +195,7 @@ def _parse(raw: bytes) -> dict[str, Any]:
 def _denied(denied: BudgetExceeded) -> web.Response:
     reset = denied.reset_at
     retry_after = (
-        max(1, math.ceil((reset - datetime.now(UTC)).total_seconds()))
-        if reset is not None
-        else None
+        max(1, math.ceil((reset - datetime.now(UTC)).total_seconds())) if reset is not None else None
     )
     when = f"; resets at {reset.isoformat()}" if reset is not None else "; it never resets"
     message = (
@@ -235,9 +233,7 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
         raise ApiError(400, "model is required and must be a string", param="model")
     key = request[API_KEY]
     limits = Limits(settings.max_tags, settings.max_tag_length, settings.max_metadata_bytes)
-    attribution = attribute(
-        body, request.headers, key.tags if key else (), limits, app[USER_SECRET]
-    )
+    attribution = attribute(body, request.headers, key.tags if key else (), limits, app[USER_SECRET])
     upstream, upstream_model = app[UPSTREAMS].route(model)
     if key is not None and not (key.may_use(model) or key.may_use(upstream_model)):
         raise ApiError(
@@ -500,9 +496,7 @@ async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
     headers = _upstream_headers(call.upstream, call.request_id)
     headers["Accept"] = "text/event-stream"
     try:
-        resp = await call.upstream.session.post(
-            url, data=_encoder.encode(call.body), headers=headers
-        )
+        resp = await call.upstream.session.post(url, data=_encoder.encode(call.body), headers=headers)
     except (aiohttp.ClientError, TimeoutError) as e:
         reason, code, message = _upstream_failure(e, call)
         await _release(request, call, reason, None)
@@ -519,8 +513,7 @@ async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
             if resp.status in (401, 403):
                 return error_response(
                     502,
-                    f"upstream {call.upstream.name} refused the gateway's "
-                    f"credentials ({resp.status})",
+                    f"upstream {call.upstream.name} refused the gateway's credentials ({resp.status})",
                     type="upstream_error",
                     code="upstream_auth",
                     headers=_ledger_headers(call, None),
@@ -566,11 +559,7 @@ async def _pipe(
                 if frame.startswith(b"data: [DONE]"):
                     done_frame = frame  # held back until the spend is recorded
                     continue
-                if (
-                    b'"usage"' in frame
-                    and b'"usage":null' not in frame
-                    and b'"usage": null' not in frame
-                ):
+                if b'"usage"' in frame and b'"usage":null' not in frame and b'"usage": null' not in frame:
                     found = _usage_of(frame)
                     if found is not None:
                         usage = found
@@ -619,9 +608,7 @@ async def _pipe(
     return out
 
 
-async def _record_partial(
-    request: web.Request, call: _Call, usage: Tokens | None, frames: int
-) -> None:
+async def _record_partial(request: web.Request, call: _Call, usage: Tokens | None, frames: int) -> None:
     tokens = usage or Tokens(prompt_guess(call.body), frames)
     source = "upstream" if usage else "partial"
     await _record(request, call, tokens, status=499, streamed=True, source=source)

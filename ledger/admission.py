@@ -154,9 +154,7 @@ class Admission:
             model=model,
         )
         try:
-            [position] = await self.store.append(
-                ev.stream_of_request(request_id), 0, [ev.to_new(event)]
-            )
+            [position] = await self.store.append(ev.stream_of_request(request_id), 0, [ev.to_new(event)])
         except ConcurrencyError:
             # Redis forgot a settled request (its marker expired or was flushed)
             # but the log did not: the id was used. Give the reservation back.
@@ -215,9 +213,7 @@ class Admission:
             model=details.pop("model", admitted.model),
             **details,
         )
-        [position] = await self.store.append(
-            ev.stream_of_request(admitted.request_id), 1, [ev.to_new(event)]
-        )
+        [position] = await self.store.append(ev.stream_of_request(admitted.request_id), 1, [ev.to_new(event)])
         settle = self.counters.settle(
             admitted.request_id,
             admitted.budgets,
@@ -253,9 +249,7 @@ class Admission:
             tags=list(admitted.tags),
             budget_tags=admitted.budget_tags,
         )
-        [position] = await self.store.append(
-            ev.stream_of_request(admitted.request_id), 1, [ev.to_new(event)]
-        )
+        [position] = await self.store.append(ev.stream_of_request(admitted.request_id), 1, [ev.to_new(event)])
         await self.counters.release(
             admitted.request_id,
             admitted.budgets,
@@ -281,9 +275,7 @@ class Admission:
         if not recorded:
             if held is not None:
                 estimate_nanos, keys = held
-                await self.counters.drop_unlogged(
-                    request_id, self._budgets_of_keys(keys), estimate_nanos
-                )
+                await self.counters.drop_unlogged(request_id, self._budgets_of_keys(keys), estimate_nanos)
             await self.counters.forget(request_id)
             report.dropped += 1
             return
@@ -311,9 +303,7 @@ class Admission:
                     position=position,
                     admitted_position=recorded[0].position,
                 )
-                log.warning(
-                    "reservation_expired", request_id=request_id, charged=str(admitted.estimate)
-                )
+                log.warning("reservation_expired", request_id=request_id, charged=str(admitted.estimate))
                 report.expired += 1
                 return
         terminal = ev.decode(recorded[1])

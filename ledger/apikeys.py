@@ -134,9 +134,7 @@ class KeyBook:
                 created_at=event.at,
                 key_alias=event.key_alias,
                 tags=tuple(event.tags),
-                allowed_models=tuple(event.allowed_models)
-                if event.allowed_models is not None
-                else None,
+                allowed_models=tuple(event.allowed_models) if event.allowed_models is not None else None,
                 metadata=dict(event.metadata),
             )
         else:
@@ -193,9 +191,7 @@ class KeyBook:
             raise KeyNotFound("no such key", "key")
         stream = f"key:{key.key_hash}"
         try:
-            await self.store.append(
-                stream, 1, [_to_new(KeyDeleted(key.key_hash, self.now(), request_id))]
-            )
+            await self.store.append(stream, 1, [_to_new(KeyDeleted(key.key_hash, self.now(), request_id))])
         except ConcurrencyError:
             raise KeyNotFound("no such key (already deleted)", "key") from None
         await self.refresh()

@@ -40,17 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     for p in (dev, serve):
         p.add_argument("--host", help="address to listen on (LEDGER_HOST, default 127.0.0.1)")
         p.add_argument("--port", type=int, help="port to listen on (LEDGER_PORT, default 4000)")
-    dev.add_argument(
-        "--data-dir", help="where embedded servers keep data (LEDGER_DATA_DIR, default .data)"
-    )
+    dev.add_argument("--data-dir", help="where embedded servers keep data (LEDGER_DATA_DIR, default .data)")
 
     mock = sub.add_parser("mock-upstream", help="run the built-in OpenAI-compatible mock upstream")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=4010)
     mock.add_argument("--delay-ms", type=float, default=0.0, help="wait before every first byte")
-    mock.add_argument(
-        "--chunk-delay-ms", type=float, default=0.0, help="wait between stream chunks"
-    )
+    mock.add_argument("--chunk-delay-ms", type=float, default=0.0, help="wait between stream chunks")
     mock.add_argument("--fail-status", type=int, help="answer every request with this status")
     mock.add_argument("--api-key", help="require this bearer key")
 
@@ -63,9 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         overrides: dict[str, Any] = {
-            k: v
-            for k, v in vars(args).items()
-            if k in {"host", "port", "data_dir"} and v is not None
+            k: v for k, v in vars(args).items() if k in {"host", "port", "data_dir"} and v is not None
         }
         if args.command == "dev" and "LEDGER_LOG_FORMAT" not in os.environ:
             overrides["log_format"] = "console" if sys.stderr.isatty() else "json"
@@ -93,9 +87,7 @@ def _mock_upstream(args: argparse.Namespace) -> int:
 
     config = MockConfig(args.delay_ms, args.chunk_delay_ms, args.fail_status, args.api_key)
     print(f"mock upstream on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
-    web.run_app(
-        create_mock_app(config), host=args.host, port=args.port, print=None, access_log=None
-    )
+    web.run_app(create_mock_app(config), host=args.host, port=args.port, print=None, access_log=None)
     return 0
 
 
@@ -108,9 +100,7 @@ def _migrate_cmd(settings: Settings) -> int:
             settings = dataclasses.replace(settings, database_url=pg.url)
         assert settings.database_url is not None
         applied = asyncio.run(migrate(settings.database_url))
-        print(
-            f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else "")
-        )
+        print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
     return 0
 
 
@@ -174,9 +164,7 @@ async def _serve(settings: Settings, *, dev: bool = False) -> int:
             mock_site = web.TCPSite(mock, "127.0.0.1", 0)
             await mock_site.start()
             port = mock.addresses[0][1]
-            provider = ProviderConfig(
-                "mock", f"http://127.0.0.1:{port}/v1", price_provider="openai"
-            )
+            provider = ProviderConfig("mock", f"http://127.0.0.1:{port}/v1", price_provider="openai")
             settings = dataclasses.replace(settings, providers=(provider,))
         app = create_app(settings)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)

@@ -356,9 +356,7 @@ class Counters:
             admitted_position=admitted_position,
         )
 
-    async def drop_unlogged(
-        self, request_id: str, budgets: Sequence[Budget], estimate_nanos: int
-    ) -> bool:
+    async def drop_unlogged(self, request_id: str, budgets: Sequence[Budget], estimate_nanos: int) -> bool:
         """Release a reservation whose admission never reached the log (so no
         rebuild ever counted it)."""
         return await self.settle(
@@ -473,9 +471,7 @@ class _ScriptBatcher:
                     if not future.done():
                         future.set_exception(e)
 
-    async def _send(
-        self, batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]
-    ) -> None:
+    async def _send(self, batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]) -> None:
         if len(batch) == 1:
             script, keys, args, future = batch[0]
             result = await script(keys=keys, args=args)  # loads the script if Redis lost it

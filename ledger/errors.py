@@ -43,6 +43,5 @@ class ConcurrencyError(StoreError):
         self.expected_version = expected_version
         self.actual_version = actual_version
         super().__init__(
-            f"stream {stream!r} is at version {actual_version}, "
-            f"append expected version {expected_version}"
+            f"stream {stream!r} is at version {actual_version}, append expected version {expected_version}"
         )

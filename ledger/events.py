@@ -142,9 +142,7 @@ class RequestDenied(msgspec.Struct, frozen=True, tag=True):
     model: str | None = None
 
 
-RequestEvent = (
-    RequestAdmitted | SpendRecorded | RequestReleased | ReservationExpired | RequestDenied
-)
+RequestEvent = RequestAdmitted | SpendRecorded | RequestReleased | ReservationExpired | RequestDenied
 # Terminal events that charge money, and those that do not.
 CHARGING_TYPES = ("SpendRecorded", "ReservationExpired")
 TERMINAL_TYPES = ("SpendRecorded", "ReservationExpired", "RequestReleased")

@@ -40,9 +40,7 @@ class Price:
         if self.input_per_mtok is not None and self.output_per_mtok is not None:
             cached = min(tokens.cached, tokens.prompt)
             cached_rate = (
-                self.cached_input_per_mtok
-                if self.cached_input_per_mtok is not None
-                else self.input_per_mtok
+                self.cached_input_per_mtok if self.cached_input_per_mtok is not None else self.input_per_mtok
             )
             total = (
                 (tokens.prompt - cached) * self.input_per_mtok
@@ -78,9 +76,7 @@ class PriceBook:
     def _override(self, provider: str, model: str) -> Price | None:
         for o in self._overrides:
             if o.model == model and o.provider in (None, provider):
-                return Price(
-                    model, provider, o.input_per_mtok, o.output_per_mtok, o.cached_input_per_mtok
-                )
+                return Price(model, provider, o.input_per_mtok, o.output_per_mtok, o.cached_input_per_mtok)
         return None
 
 
@@ -90,16 +86,12 @@ def _flat(value: Any) -> Decimal | None:
 
 def _from_database(provider: str, model: str) -> Price | None:
     try:
-        found = calc_price(
-            Usage(input_tokens=0, output_tokens=0), model_ref=model, provider_id=provider
-        )
+        found = calc_price(Usage(input_tokens=0, output_tokens=0), model_ref=model, provider_id=provider)
     except LookupError:
         return None
     mp = found.model_price
     inp, out, cached = _flat(mp.input_mtok), _flat(mp.output_mtok), _flat(mp.cache_read_mtok)
-    tiered = (mp.input_mtok is not None and inp is None) or (
-        mp.output_mtok is not None and out is None
-    )
+    tiered = (mp.input_mtok is not None and inp is None) or (mp.output_mtok is not None and out is None)
     if tiered or inp is None or out is None:
         return Price(model, provider, None, None, None, engine=mp)
     return Price(model, provider, inp, out, cached)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 
@@ -38,3 +39,151 @@ async def tag_totals(pool: asyncpg.Pool, names: list[str]) -> dict[str, TagTotal
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as e:
         raise StoreUnavailable(f"PostgreSQL unavailable: {e}") from e
     return {r["name"]: TagTotals(Decimal(r["spend"]), int(r["requests"])) for r in rows}
+
+
+# ------------------------------------------------------------------ spend views
+
+_GROUPS = {
+    "tag": "unnest(tags)",
+    "user": "user_hash",
+    "model": "model",
+}
+INTERVALS = ("day", "week", "month")
+
+
+def valid_group(group_by: str) -> bool:
+    if group_by in _GROUPS:
+        return True
+    key = group_by.removeprefix("metadata.")
+    return group_by.startswith("metadata.") and 0 < len(key) <= 128
+
+
+async def spend_report(
+    pool: asyncpg.Pool, *, group_by: str, interval: str, start: Any, end: Any
+) -> list[asyncpg.Record]:
+    """Spend per group and period (day, ISO week or month) between two instants."""
+    assert valid_group(group_by)
+    assert interval in INTERVALS
+    args: list[Any] = [start, end]
+    if group_by in _GROUPS:
+        expr = _GROUPS[group_by]
+    else:
+        args.append(group_by.removeprefix("metadata."))
+        expr = "metadata->>$3"  # the key is a bound parameter, never spliced in
+    sql = f"""
+        select {expr} as grp, date_trunc('{interval}', recorded_at at time zone 'UTC')::date as period,
+               sum(cost) as spend, count(*) as requests,
+               sum(prompt_tokens) as prompt_tokens, sum(completion_tokens) as completion_tokens
+        from spend_logs
+        where kind in ('spend', 'expired') and recorded_at >= $1 and recorded_at < $2
+        group by 1, 2 order by 2, 3 desc
+    """  # noqa: S608 - expression and interval come from whitelists
+    return await pool.fetch(sql, *args)
+
+
+async def spend_by_tag(pool: asyncpg.Pool, start: Any, end: Any) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        """
+        select tag, sum(spend) as spend, sum(requests) as requests,
+               sum(prompt_tokens) as prompt_tokens, sum(completion_tokens) as completion_tokens
+        from tag_daily_spend where day >= $1 and day <= $2
+        group by tag order by spend desc
+        """,
+        start,
+        end,
+    )
+
+
+async def spend_by_user(pool: asyncpg.Pool, start: Any, end: Any, limit: int) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        """
+        select user_hash, sum(spend) as spend, sum(requests) as requests
+        from user_daily_spend where day >= $1 and day <= $2
+        group by user_hash order by spend desc limit $3
+        """,
+        start,
+        end,
+        limit,
+    )
+
+
+async def tag_daily_activity(
+    pool: asyncpg.Pool, tags: list[str] | None, start: Any, end: Any
+) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        """
+        select tag, day, model, spend, requests, prompt_tokens, completion_tokens
+        from tag_daily_spend
+        where day >= $1 and day <= $2 and ($3::text[] is null or tag = any($3))
+        order by day, tag, model
+        """,
+        start,
+        end,
+        tags,
+    )
+
+
+async def user_info(pool: asyncpg.Pool, user_hash: str) -> tuple[asyncpg.Record | None, list[asyncpg.Record]]:
+    total = await pool.fetchrow("select * from user_spend where user_hash = $1", user_hash)
+    daily = await pool.fetch(
+        "select day, spend, requests from user_daily_spend where user_hash = $1 order by day",
+        user_hash,
+    )
+    return total, daily
+
+
+_LOG_FIELDS = (
+    "position, request_id, recorded_at, admitted_at, kind, model, provider, tags, user_hash, "
+    "metadata::text as metadata, prompt_tokens, completion_tokens, cost, status, latency_ms, streamed"
+)
+
+
+def spend_logs_query(
+    *,
+    tag: str | None,
+    user_hash: str | None,
+    model: str | None,
+    status: int | None,
+    kind: str | None,
+    start: Any,
+    end: Any,
+    cursor: tuple[Any, int] | None,
+    limit: int | None,
+) -> tuple[str, list[Any]]:
+    """Newest first; the cursor is the (recorded_at, position) of the last row seen."""
+    where = ["recorded_at >= $1", "recorded_at < $2"]
+    args: list[Any] = [start, end]
+
+    def add(cond: str, value: Any) -> None:
+        args.append(value)
+        where.append(cond.replace("?", f"${len(args)}"))
+
+    if tag is not None:
+        add("tags @> array[?]::text[]", tag)
+    if user_hash is not None:
+        add("user_hash = ?", user_hash)
+    if model is not None:
+        add("model = ?", model)
+    if status is not None:
+        add("status = ?", status)
+    if kind is not None:
+        add("kind = ?", kind)
+    if cursor is not None:
+        args += [cursor[0], cursor[1]]
+        where.append(f"(recorded_at, position) < (${len(args) - 1}, ${len(args)})")
+    sql = (
+        f"select {_LOG_FIELDS} from spend_logs where {' and '.join(where)} "  # noqa: S608
+        "order by recorded_at desc, position desc"
+    )
+    if limit is not None:
+        args.append(limit)
+        sql += f" limit ${len(args)}"
+    return sql, args
+
+
+async def tag_totals_view(pool: asyncpg.Pool, names: list[str]) -> dict[str, TagTotals]:
+    """All-time totals of each tag from the tag_info view."""
+    rows = await pool.fetch(
+        "select tag, total_spend, request_count from tag_info where tag = any($1::text[])", names
+    )
+    return {r["tag"]: TagTotals(Decimal(r["total_spend"]), int(r["request_count"])) for r in rows}

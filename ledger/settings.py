@@ -77,6 +77,9 @@ class Settings:
     append_timeout_s: float = 5.0
     poll_interval_s: float = 1.0
     redis_max_connections: int = 64
+    # Projection workers in every gateway process (one active per projection,
+    # the others standing by); set false to run `ledger projections run` apart.
+    run_projections: bool = True
 
     # Budgets: an admitted request not settled within the reservation TTL is
     # swept (charged at its estimate); the sweeper looks every sweep interval.
@@ -282,6 +285,17 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
     return parse
 
 
+def _bool(label: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    value = _text(label, raw).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{label} must be true or false, got {raw!r}")
+
+
 def _path(label: str, raw: Any) -> Path:
     if isinstance(raw, Path):
         return raw
@@ -335,9 +349,7 @@ def _providers(label: str, raw: Any) -> tuple[ProviderConfig, ...]:
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise SettingsError(f"{where}.base_url must be an http(s) URL")
         key_env = item.get("api_key_env")
-        if key_env is not None and (
-            not isinstance(key_env, str) or not _ENV_NAME_RE.match(key_env)
-        ):
+        if key_env is not None and (not isinstance(key_env, str) or not _ENV_NAME_RE.match(key_env)):
             raise SettingsError(f"{where}.api_key_env must name an environment variable")
         models = item.get("models", [])
         if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
@@ -345,9 +357,7 @@ def _providers(label: str, raw: Any) -> tuple[ProviderConfig, ...]:
         price_provider = item.get("price_provider")
         if price_provider is not None and not isinstance(price_provider, str):
             raise SettingsError(f"{where}.price_provider must be a string")
-        out.append(
-            ProviderConfig(name, base_url.rstrip("/"), key_env, tuple(models), price_provider)
-        )
+        out.append(ProviderConfig(name, base_url.rstrip("/"), key_env, tuple(models), price_provider))
     return tuple(out)
 
 
@@ -414,6 +424,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "append_timeout_s": _float(0.1, 600),
     "poll_interval_s": _float(0.01, 3600),
     "redis_max_connections": _int(1, 10_000),
+    "run_projections": _bool,
     "reservation_ttl_s": _float(1, 7 * 86400),
     "providers": _providers,
     "default_provider": _optional_text,

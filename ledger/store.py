@@ -123,6 +123,7 @@ class EventStore:
         self._queue: asyncio.Queue[_Append] = asyncio.Queue(maxsize=queue_size)
         self._writer: asyncio.Task[None] | None = None
         self.stats = WriterStats()
+        self.dsn: str | None = None  # for components that need connections of their own
 
     # ------------------------------------------------------------ lifecycle
 
@@ -139,6 +140,7 @@ class EventStore:
             append_timeout_s=settings.append_timeout_s,
             acquire_timeout_s=settings.connect_timeout_s,
         )
+        store.dsn = settings.database_url
         store.start()
         return store
 
@@ -270,9 +272,7 @@ class EventStore:
                 queued: list[_Append] = []
                 while not self._queue.empty():
                     queued.append(self._queue.get_nowait())
-                self._fail_batch(
-                    queued, StoreUnavailable("PostgreSQL unavailable; append not made")
-                )
+                self._fail_batch(queued, StoreUnavailable("PostgreSQL unavailable; append not made"))
                 for _ in queued:
                     self._queue.task_done()
 
@@ -299,9 +299,7 @@ class EventStore:
             # Only reachable if a row got in without the append lock; fall back
             # to one transaction per caller so one conflict fails one caller.
             if len(batch) == 1:
-                _fail(
-                    batch[0], ConcurrencyError(batch[0].stream, batch[0].expected_version or 0, -1)
-                )
+                _fail(batch[0], ConcurrencyError(batch[0].stream, batch[0].expected_version or 0, -1))
                 return
             for item in batch:
                 await self._commit([item])
@@ -325,9 +323,7 @@ class EventStore:
             # positions become visible in order (see sql/0001_events.sql).
             await conn.execute("select ledger_append_lock()")
             streams = list({item.stream for item in batch})
-            current: dict[str, int] = {
-                r[0]: r[1] for r in await conn.fetch(_CURRENT_VERSIONS, streams)
-            }
+            current: dict[str, int] = {r[0]: r[1] for r in await conn.fetch(_CURRENT_VERSIONS, streams)}
             accepted: list[tuple[_Append, int]] = []  # (append, its first version)
             rejected: list[tuple[_Append, int]] = []
             s_col: list[str] = []
@@ -402,8 +398,7 @@ class EventStore:
         """Like read_all, restricted to events of the given types."""
         try:
             rows = await self.pool.fetch(
-                f"{_SELECT} where type = any($1::text[]) and position > $2 "
-                "order by position limit $3",
+                f"{_SELECT} where type = any($1::text[]) and position > $2 order by position limit $3",
                 list(types),
                 after,
                 limit,

@@ -89,9 +89,7 @@ def _validate_fields(fields: ev.TagFields, current: TagState | None) -> ev.TagFi
     changes: dict[str, Any] = {}
     if fields.description is not UNSET:
         if fields.description is not None and len(fields.description) > MAX_DESCRIPTION:
-            raise InvalidTag(
-                f"description must be at most {MAX_DESCRIPTION} characters", "description"
-            )
+            raise InvalidTag(f"description must be at most {MAX_DESCRIPTION} characters", "description")
         changes["description"] = fields.description
     for money_field in ("max_budget", "soft_budget"):
         value = getattr(fields, money_field)
@@ -121,20 +119,14 @@ def _validate_fields(fields: ev.TagFields, current: TagState | None) -> ev.TagFi
             changes["models"] = None
     if fields.metadata is not UNSET:
         if len(msgspec.json.encode(fields.metadata)) > MAX_METADATA_BYTES:
-            raise InvalidTag(
-                f"metadata must encode to at most {MAX_METADATA_BYTES} bytes", "metadata"
-            )
+            raise InvalidTag(f"metadata must encode to at most {MAX_METADATA_BYTES} bytes", "metadata")
         changes["metadata"] = fields.metadata
     result = ev.TagFields(**changes)
     after_max = (
-        result.max_budget
-        if result.max_budget is not UNSET
-        else (current.max_budget if current else None)
+        result.max_budget if result.max_budget is not UNSET else (current.max_budget if current else None)
     )
     after_soft = (
-        result.soft_budget
-        if result.soft_budget is not UNSET
-        else (current.soft_budget if current else None)
+        result.soft_budget if result.soft_budget is not UNSET else (current.soft_budget if current else None)
     )
     after_duration = (
         result.budget_duration
@@ -243,9 +235,7 @@ class TagService:
     async def load(self, name: str) -> TagState:
         return replay(name, await self.store.read_stream(ev.stream_of_tag(name)))
 
-    async def create(
-        self, name: str, fields: ev.TagFields, *, request_id: str | None = None
-    ) -> TagState:
+    async def create(self, name: str, fields: ev.TagFields, *, request_id: str | None = None) -> TagState:
         validate_name(name)
         state = await self.load(name)
         if state.exists:
@@ -281,9 +271,7 @@ class TagService:
             if not state.exists:
                 raise TagNotFound([name])
             checked = _validate_fields(fields, state)
-            set_fields = [
-                f for f in ev.TagFields.__struct_fields__ if getattr(checked, f) is not UNSET
-            ]
+            set_fields = [f for f in ev.TagFields.__struct_fields__ if getattr(checked, f) is not UNSET]
             previous = ev.TagFields(**{f: getattr(state, f) for f in set_fields})
             event = ev.TagUpdated(
                 name=name, at=self.now(), changes=checked, previous=previous, request_id=request_id
@@ -304,9 +292,7 @@ class TagService:
         try:
             await self.store.append(ev.stream_of_tag(name), state.version, [ev.to_new(event)])
         except ConcurrencyError:
-            raise TagConflict(
-                f"tag {name!r} changed while it was being deleted; retry", "name"
-            ) from None
+            raise TagConflict(f"tag {name!r} changed while it was being deleted; retry", "name") from None
         return state.apply(event, state.version + 1)
 
     async def get_many(self, names: list[str]) -> list[TagState]:

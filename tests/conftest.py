@@ -17,6 +17,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -76,9 +77,7 @@ def docker_available() -> bool:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(
-    tmp_path_factory: pytest.TempPathFactory, docker_available: bool
-) -> Iterator[Server]:
+def postgres_server(tmp_path_factory: pytest.TempPathFactory, docker_available: bool) -> Iterator[Server]:
     url = os.environ.get("LEDGER_TEST_DATABASE_URL")
     if url:
         yield Server(url, "env")
@@ -94,9 +93,7 @@ def postgres_server(
 
 
 @pytest.fixture(scope="session")
-def redis_server(
-    tmp_path_factory: pytest.TempPathFactory, docker_available: bool
-) -> Iterator[Server]:
+def redis_server(tmp_path_factory: pytest.TempPathFactory, docker_available: bool) -> Iterator[Server]:
     url = os.environ.get("LEDGER_TEST_REDIS_URL")
     if url:
         yield Server(url, "env")
@@ -199,3 +196,14 @@ async def store(database_url: str) -> AsyncIterator[EventStore]:
     store = await EventStore.open(Settings.from_dsn(database_url, pool_max_size=20))
     yield store
     await store.close()
+
+
+async def projected(app: Any, timeout: float = 10.0) -> None:
+    """Wait until the app's projection workers have applied everything in the log."""
+    from gateway.keys import STORE, WORKERS
+
+    head = await app[STORE].head()
+    deadline = asyncio.get_running_loop().time() + timeout
+    while any(w.position < head for w in app[WORKERS]):
+        assert asyncio.get_running_loop().time() < deadline, "projections did not catch up"
+        await asyncio.sleep(0.02)

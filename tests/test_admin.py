@@ -16,6 +16,7 @@ from gateway.auth import ADMIN, PUBLIC, access_of
 from gateway.keys import ADMISSION
 from ledger.admission import Admitted
 from ledger.settings import Settings
+from tests.conftest import projected
 
 ADMIN_KEY = "test-admin-key-0123456789"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -70,6 +71,7 @@ async def test_create_inspect_update_delete(client: TestClient, app: web.Applica
     b = await admission.admit("req-2", ["team:search"], Decimal("1"))  # in flight
     assert isinstance(b, Admitted)
 
+    await projected(app)
     status, infos = await post(client, "/tag/info", {"names": ["team:search"]})
     assert status == 200
     info = infos["team:search"]
@@ -271,9 +273,7 @@ async def test_every_route_needs_a_key(client: TestClient, app: web.Application)
             continue
         path = route.resource.canonical.replace("{name}", "some-tag") if route.resource else "/"
         if access == ADMIN:  # a client key is no admin key
-            r = await client.request(
-                route.method, path, headers={"Authorization": f"Bearer {client_key}"}
-            )
+            r = await client.request(route.method, path, headers={"Authorization": f"Bearer {client_key}"})
             assert r.status == 401, (route.method, path)
         for headers in (
             {},

@@ -60,9 +60,7 @@ def get(url: str) -> tuple[int, bytes]:
 def wait_ready(port: int, proc: subprocess.Popen[str], timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, (
-            f"ledger dev exited early:\n{proc.stdout.read() if proc.stdout else ''}"
-        )
+        assert proc.poll() is None, f"ledger dev exited early:\n{proc.stdout.read() if proc.stdout else ''}"
         try:
             status, _ = get(f"http://127.0.0.1:{port}/health/ready")
             if status == 200:

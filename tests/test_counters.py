@@ -61,9 +61,7 @@ async def new_ledger(
     return admission, tags, book
 
 
-async def with_tag(
-    tags: TagService, book: BudgetBook, name: str, budget: str, duration: str = "1d"
-) -> None:
+async def with_tag(tags: TagService, book: BudgetBook, name: str, budget: str, duration: str = "1d") -> None:
     await tags.create(name, ev.TagFields(max_budget=Decimal(budget), budget_duration=duration))
     await book.refresh()
 
@@ -191,9 +189,7 @@ async def test_settle_release_and_idempotency(store: EventStore, counters: Count
         await admission.admit("q1", ["team"], Decimal("0.01"))
 
 
-async def test_denial_names_tag_limit_spend_and_reset(
-    store: EventStore, counters: Counters
-) -> None:
+async def test_denial_names_tag_limit_spend_and_reset(store: EventStore, counters: Counters) -> None:
     admission, tags, book = await new_ledger(store, counters)
     await with_tag(tags, book, "small", "0.05")
     a = await admission.admit("d1", ["small", "free-tag"], Decimal("0.04"))
@@ -225,9 +221,7 @@ async def test_flushall_never_resets_a_budget(
         cost = Decimal("0.1") + Decimal(i) / 100
         await admission.record_spend(a, cost)
         spent += cost
-    open_one = await admission.admit(
-        "f-open", ["flush"], Decimal("0.3")
-    )  # in flight across the flush
+    open_one = await admission.admit("f-open", ["flush"], Decimal("0.3"))  # in flight across the flush
     assert isinstance(open_one, Admitted)
     budget = open_one.budgets[0]
     before = await counters.read(budget)
@@ -289,9 +283,7 @@ async def test_window_rollover_with_injected_clock(store: EventStore, counters: 
     assert spend.spent_nanos == 0
 
 
-async def test_old_window_keys_expire(
-    store: EventStore, counters: Counters, rclient: aioredis.Redis
-) -> None:
+async def test_old_window_keys_expire(store: EventStore, counters: Counters, rclient: aioredis.Redis) -> None:
     admission, tags, book = await new_ledger(store, counters)
     await with_tag(tags, book, "short", "1", duration="2s")
     a = await admission.admit("s1", ["short"], Decimal("0.1"))
@@ -313,9 +305,7 @@ async def test_old_window_keys_expire(
 # ------------------------------------------------------------- sweeping
 
 
-async def test_expired_reservation_is_swept_and_charged(
-    store: EventStore, counters: Counters
-) -> None:
+async def test_expired_reservation_is_swept_and_charged(store: EventStore, counters: Counters) -> None:
     clock = Clock(datetime.now(UTC))
     admission, tags, book = await new_ledger(store, counters, clock)
     await with_tag(tags, book, "sweep", "1")

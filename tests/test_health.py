@@ -28,9 +28,7 @@ async def test_not_ready_without_redis(aiohttp_client: AiohttpClient, database_u
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]
-    settings = Settings.from_dsn(
-        database_url, f"redis://127.0.0.1:{dead_port}/0", connect_timeout_s=0.5
-    )
+    settings = Settings.from_dsn(database_url, f"redis://127.0.0.1:{dead_port}/0", connect_timeout_s=0.5)
     client = await client_for(aiohttp_client, settings)
     r = await client.get("/health/ready")
     assert r.status == 503
@@ -40,9 +38,7 @@ async def test_not_ready_without_redis(aiohttp_client: AiohttpClient, database_u
     assert body["redis"] != "ok"
 
 
-async def test_errors_use_the_openai_envelope(
-    aiohttp_client: AiohttpClient, settings: Settings
-) -> None:
+async def test_errors_use_the_openai_envelope(aiohttp_client: AiohttpClient, settings: Settings) -> None:
     client = await client_for(aiohttp_client, settings)
     r = await client.get("/no/such/route", headers={"x-request-id": "req-123"})
     assert r.status == 404

@@ -38,8 +38,7 @@ async def test_first_run_applies_all_and_rerun_is_a_no_op(empty_database_url: st
         cols = {
             r["column_name"]: r["data_type"]
             for r in await conn.fetch(
-                "select column_name, data_type from information_schema.columns "
-                "where table_name = 'events'"
+                "select column_name, data_type from information_schema.columns where table_name = 'events'"
             )
         }
     finally:
@@ -65,9 +64,7 @@ async def test_changed_applied_file_is_refused(empty_database_url: str, tmp_path
         await migrate(empty_database_url, folder)
 
 
-async def test_new_file_is_applied_in_its_own_transaction(
-    empty_database_url: str, tmp_path: Path
-) -> None:
+async def test_new_file_is_applied_in_its_own_transaction(empty_database_url: str, tmp_path: Path) -> None:
     folder = tmp_path / "sql"
     shutil.copytree(sql_dir(), folder)
     await migrate(empty_database_url, folder)
@@ -88,9 +85,7 @@ async def test_badly_named_file_is_refused(tmp_path: Path) -> None:
         load(tmp_path)
 
 
-async def test_unknown_applied_migration_is_refused(
-    empty_database_url: str, tmp_path: Path
-) -> None:
+async def test_unknown_applied_migration_is_refused(empty_database_url: str, tmp_path: Path) -> None:
     folder = tmp_path / "sql"
     shutil.copytree(sql_dir(), folder)
     (folder / "9002_extra.sql").write_text("select 1;")

@@ -95,9 +95,7 @@ class Gateway:
 async def gateway(settings: Settings, aiohttp_server: AiohttpServer) -> AsyncIterator[Gateway]:
     mock_app = create_mock_app()
     mock = await aiohttp_server(mock_app)
-    provider = ProviderConfig(
-        "mock", str(mock.make_url("/v1")).rstrip("/"), price_provider="openai"
-    )
+    provider = ProviderConfig("mock", str(mock.make_url("/v1")).rstrip("/"), price_provider="openai")
     app = create_app(
         dataclasses.replace(
             settings,
@@ -260,9 +258,7 @@ async def test_models_restrictions(gateway: Gateway) -> None:
     await gateway.app[TAGS].create("limited", ev.TagFields(models=["gpt-4o"]))
     await gateway.app[BUDGET_BOOK].refresh()
     with pytest.raises(openai.PermissionDeniedError, match="tag 'limited'"):
-        await gateway.sdk().chat.completions.create(
-            **CHAT, extra_headers={"x-ledger-tags": "limited"}
-        )
+        await gateway.sdk().chat.completions.create(**CHAT, extra_headers={"x-ledger-tags": "limited"})
     ok = await gateway.sdk().chat.completions.create(
         model="gpt-4o", messages=CHAT["messages"], extra_headers={"x-ledger-tags": "limited"}
     )
@@ -509,9 +505,7 @@ async def test_bad_bodies(gateway: Gateway) -> None:
     auth = {"Authorization": f"Bearer {gateway.key}", "Content-Type": "application/json"}
     async with aiohttp.ClientSession() as http:
         big = b'{"model": "gpt-4o-mini", "messages": [], "x": "' + b"a" * (9 * 1024 * 1024) + b'"}'
-        r = await http.post(
-            f"{gateway.url}/v1/chat/completions", data=io.BytesIO(big), headers=auth
-        )
+        r = await http.post(f"{gateway.url}/v1/chat/completions", data=io.BytesIO(big), headers=auth)
         assert r.status == 413
         assert (await r.json())["error"]["code"] == "request_too_large"
         for raw, fragment in (
@@ -539,9 +533,7 @@ async def test_same_request_id_is_never_charged_twice(gateway: Gateway) -> None:
 async def test_metrics_and_admission_state(gateway: Gateway) -> None:
     await gateway.sdk().chat.completions.create(**CHAT)
     async with aiohttp.ClientSession() as http:
-        r = await http.get(
-            f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
-        )
+        r = await http.get(f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
         text = await r.text()
     assert r.status == 200
     assert 'ledger_requests_total{route="chat",status="200"} 1.0' in text

@@ -151,9 +151,7 @@ async def test_conflict_on_new_stream_and_stale_expected_version(store: EventSto
     assert len(await store.read_stream("new")) == 1
 
 
-async def test_same_stream_version_twice_never_duplicates(
-    store: EventStore, database_url: str
-) -> None:
+async def test_same_stream_version_twice_never_duplicates(store: EventStore, database_url: str) -> None:
     await store.append("idem", 0, [ev(1)])
     with pytest.raises(ConcurrencyError):
         await store.append("idem", 0, [ev(1)])

@@ -88,9 +88,7 @@ async def test_postgres_stopped_mid_run(own_postgres: EmbeddedPostgres) -> None:
 
     conn = await asyncpg.connect(pg.url)
     try:
-        rows = await conn.fetch(
-            "select stream, count(*) n, max(version) v from events group by stream"
-        )
+        rows = await conn.fetch("select stream, count(*) n, max(version) v from events group by stream")
     finally:
         await conn.close()
     counts = {r["stream"]: (r["n"], r["v"]) for r in rows}

@@ -106,9 +106,7 @@ durations = st.builds(
     st.integers(min_value=1, max_value=400),
     st.sampled_from(["s", "m", "h", "d", "w", "mo"]),
 ).filter(
-    lambda t: (
-        not (t.endswith("mo") and int(t[:-2]) > 120) and not (t.endswith("w") and int(t[:-1]) > 520)
-    )
+    lambda t: not (t.endswith("mo") and int(t[:-2]) > 120) and not (t.endswith("w") and int(t[:-1]) > 520)
 )
 instants = st.datetimes(
     min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)

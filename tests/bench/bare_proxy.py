@@ -37,6 +37,4 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
     args = parser.parse_args()
-    web.run_app(
-        make_app(args.upstream), host="127.0.0.1", port=args.port, print=None, access_log=None
-    )
+    web.run_app(make_app(args.upstream), host="127.0.0.1", port=args.port, print=None, access_log=None)

@@ -65,9 +65,7 @@ async def run(database_url: str, redis_url: str, repeats: int = 5) -> list[tuple
             one = await _latencies(
                 lambda i, r=r: counters.reserve(f"a{r}-{i}", budgets[:1], estimate, deadline)
             )
-            five = await _latencies(
-                lambda i, r=r: counters.reserve(f"b{r}-{i}", budgets, estimate, deadline)
-            )
+            five = await _latencies(lambda i, r=r: counters.reserve(f"b{r}-{i}", budgets, estimate, deadline))
             for name, values in (
                 ("ping", ping),
                 ("reserve, 1 tag", one),

@@ -141,9 +141,7 @@ def main(repeats: int = 3) -> list[tuple[str, float]]:
             gw = f"http://127.0.0.1:{gw_port}"
             _wait(f"{gw}/health/ready")
             _wait(f"http://127.0.0.1:{mock_port}/v1/models")
-            _admin(
-                gw, "/tag/new", {"name": "bench", "max_budget": 1000000, "budget_duration": "1d"}
-            )
+            _admin(gw, "/tag/new", {"name": "bench", "max_budget": 1000000, "budget_duration": "1d"})
             key = str(_admin(gw, "/key/generate", {"tags": ["team:bench"]})["key"])
             rows: list[tuple[str, float]] = []
             for concurrency in (1, 32, 128):

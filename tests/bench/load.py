@@ -29,9 +29,7 @@ async def run(url: str, key: str, tags: str, concurrency: int, duration: float) 
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         # warm up connections
-        await asyncio.gather(
-            *(session.post(url, data=payload, headers=headers) for _ in range(concurrency))
-        )
+        await asyncio.gather(*(session.post(url, data=payload, headers=headers) for _ in range(concurrency)))
         deadline = time.perf_counter() + duration
 
         async def worker() -> None:

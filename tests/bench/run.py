@@ -19,9 +19,7 @@ BENCHES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="make bench")
-    parser.add_argument(
-        "names", nargs="*", choices=[*BENCHES, []], help="benchmarks to run (default: all)"
-    )
+    parser.add_argument("names", nargs="*", choices=[*BENCHES, []], help="benchmarks to run (default: all)")
     args = parser.parse_args()
     logs.configure("console", "warning")
     names = args.names or list(BENCHES)

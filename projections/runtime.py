@@ -1,0 +1,197 @@
+"""The projection runtime: named workers that turn the event log into views.
+
+A worker owns one projection. It holds a session-level advisory lock on a
+dedicated connection while it is the active worker (others stand by and take
+over when the connection dies), and for every batch it, in ONE transaction:
+locks its checkpoint row, reads the events after it, applies them to its
+tables, and advances the checkpoint. A crash anywhere rolls the whole batch
+back, so every event is applied exactly once. It wakes on NOTIFY and polls as a
+fallback.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+import structlog
+
+from ledger.store import CHANNEL, EventStore, Notifications, RecordedEvent
+
+log = structlog.get_logger(__name__)
+
+_LOCK_CLASS = 4243  # advisory lock namespace of projection workers
+_SELECT = "select position, stream, version, type, data::text, recorded_at from events"
+
+
+class Projection(abc.ABC):
+    """A view: the tables it owns, the event types it reads, how it applies them."""
+
+    name: str
+    tables: tuple[str, ...]
+    types: frozenset[str]
+
+    async def load(self, conn: asyncpg.Connection, position: int) -> None:  # noqa: B027
+        """Rebuild any in-memory state as of ``position`` (before applying after it)."""
+
+    @abc.abstractmethod
+    async def apply(
+        self, conn: asyncpg.Connection, events: list[RecordedEvent], tables: Mapping[str, str]
+    ) -> None:
+        """Apply events (already filtered to ``types``) inside the caller's transaction.
+
+        ``tables`` maps each owned table name to the (possibly schema-qualified)
+        name to write: the live table, or a replay's fresh one.
+        """
+
+
+def lock_key(name: str) -> int:
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def live_tables(projection: Projection) -> dict[str, str]:
+    return {t: t for t in projection.tables}
+
+
+async def read_batch(conn: asyncpg.Connection, after: int, limit: int) -> list[RecordedEvent]:
+    rows = await conn.fetch(f"{_SELECT} where position > $1 order by position limit $2", after, limit)
+    return [RecordedEvent(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    batches: int = 0
+    events: int = 0
+    active: bool = False
+
+
+class Worker:
+    def __init__(
+        self,
+        store: EventStore,
+        projection: Projection,
+        *,
+        batch_size: int = 2000,
+        poll_interval_s: float = 1.0,
+        standby_retry_s: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.projection = projection
+        self.batch_size = batch_size
+        self.poll_interval_s = poll_interval_s
+        self.standby_retry_s = standby_retry_s
+        self.position = -1  # unknown until loaded
+        self.stats = WorkerStats()
+
+    async def run(self) -> None:
+        """Forever: become the active worker, then follow the log."""
+        while True:
+            try:
+                await self._run_active()
+            except asyncio.CancelledError:
+                raise
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as e:
+                log.warning("projection_worker_error", projection=self.projection.name, error=str(e))
+                self.stats.active = False
+                await asyncio.sleep(self.standby_retry_s)
+
+    async def _run_active(self) -> None:
+        name = self.projection.name
+        # statement_cache_size=0: a replay swaps tables under us; cached plans
+        # would point at the dropped ones.
+        conn = await asyncpg.connect(self.store_dsn, statement_cache_size=0)
+        try:
+            # Standing by: the lock is PostgreSQL's, so there is nothing local to wait on.
+            while not await conn.fetchval(  # noqa: ASYNC110
+                "select pg_try_advisory_lock($1, $2)", _LOCK_CLASS, lock_key(name)
+            ):
+                await asyncio.sleep(self.standby_retry_s)
+            self.stats.active = True
+            log.info("projection_active", projection=name)
+            await conn.execute(
+                "insert into projection_checkpoints (name) values ($1) on conflict do nothing", name
+            )
+            async with Notifications(self.store.pool, CHANNEL) as wake:
+                while True:
+                    applied = await self.step(conn)
+                    if applied < self.batch_size:
+                        await wake.wait(self.poll_interval_s)
+        finally:
+            self.stats.active = False
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    @property
+    def store_dsn(self) -> str:
+        dsn = self.store.dsn
+        assert dsn is not None
+        return dsn
+
+    async def step(self, conn: asyncpg.Connection) -> int:
+        """Apply one batch in one transaction; return how many events were read."""
+        p = self.projection
+        async with conn.transaction():
+            checkpoint = await conn.fetchval(
+                "select position from projection_checkpoints where name = $1 for update", p.name
+            )
+            if checkpoint is None:
+                await conn.execute(
+                    "insert into projection_checkpoints (name) values ($1) on conflict do nothing",
+                    p.name,
+                )
+                checkpoint = 0
+            if checkpoint != self.position:
+                # first batch, or a replay moved the checkpoint: reload state there
+                await p.load(conn, checkpoint)
+                self.position = checkpoint
+            events = await read_batch(conn, checkpoint, self.batch_size)
+            if not events:
+                return 0
+            relevant = [e for e in events if e.type in p.types]
+            if relevant:
+                await p.apply(conn, relevant, live_tables(p))
+            last = events[-1].position
+            await conn.execute(
+                "update projection_checkpoints set position = $2, updated_at = now() where name = $1",
+                p.name,
+                last,
+            )
+        self.position = last
+        self.stats.batches += 1
+        self.stats.events += len(events)
+        return len(events)
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    name: str
+    position: int
+    head: int
+    events_behind: int
+    seconds_behind: float
+
+
+async def lag(pool: asyncpg.Pool, names: list[str]) -> list[Lag]:
+    """How far each projection is behind the head of the log."""
+    head = int(await pool.fetchval("select coalesce(max(position), 0) from events"))
+    out = []
+    for name in names:
+        position = await pool.fetchval("select position from projection_checkpoints where name = $1", name)
+        position = int(position or 0)
+        behind = max(0, head - position)  # positions may have gaps; close enough for lag
+        seconds = 0.0
+        if behind:
+            oldest = await pool.fetchval(
+                "select recorded_at from events where position > $1 order by position limit 1",
+                position,
+            )
+            if oldest is not None:
+                seconds = max(0.0, (datetime.now(UTC) - oldest).total_seconds())
+        out.append(Lag(name, position, head, behind, seconds))
+    return out
