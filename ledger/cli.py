@@ -13,7 +13,8 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,29 @@ def _parser() -> argparse.ArgumentParser:
     mock.add_argument("--api-key", help="require this bearer key")
 
     mig = sub.add_parser("migrate", help="apply pending SQL migrations")
-    mig.add_argument("--data-dir", help="use the embedded PostgreSQL of this data dir")
+    ops = [mig]
+
+    proj = sub.add_parser("projections", help="projection workers: run them, or show their lag")
+    proj.add_argument("action", choices=("run", "status"))
+    ops.append(proj)
+
+    rep = sub.add_parser("replay", help="rebuild projections from the event log")
+    which = rep.add_mutually_exclusive_group()
+    which.add_argument("--projection", help="one projection by name")
+    which.add_argument("--all", action="store_true", help="every projection (the default)")
+    rep.add_argument(
+        "--until", help="only events recorded up to this ISO timestamp, into a schema of its own"
+    )
+    ops.append(rep)
+
+    ops.append(sub.add_parser("verify", help="check views and counters against the event log"))
+    cnt = sub.add_parser("counters", help="budget counters in Redis")
+    cnt.add_argument("action", choices=("rebuild",))
+    ops.append(cnt)
+    for p in ops:
+        p.add_argument(
+            "--data-dir", help="use the embedded servers of this data dir (e.g. a running `ledger dev`)"
+        )
     return parser
 
 
@@ -73,13 +96,78 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _migrate_cmd(settings)
         if args.command == "mock-upstream":
             return _mock_upstream(args)
+        if args.command in ("projections", "replay", "verify", "counters"):
+            return _operate(settings, args)
     except SettingsError as e:
         print(f"ledger: configuration error: {e}", file=sys.stderr)
         return 2
     except LedgerError as e:
         print(f"ledger: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if os.environ.get("LEDGER_LOG_LEVEL", "").lower() == "debug":
+            raise
+        print(
+            f"ledger: {type(e).__name__}: {e} (LEDGER_LOG_LEVEL=debug shows the traceback)", file=sys.stderr
+        )
+        return 1
     return 2
+
+
+@contextlib.contextmanager
+def _servers(settings: Settings, *, redis: bool) -> Iterator[Settings]:
+    """Settings with server URLs: configured ones, or the embedded servers of the
+    data dir — adopted when a `ledger dev` runs them (and left running), started
+    for the command otherwise (and stopped after it)."""
+    with contextlib.ExitStack() as stack:
+        if settings.database_url is None:
+            pg = EmbeddedPostgres(settings.data_dir / "pg").start()
+            if not pg.adopted:
+                stack.callback(pg.stop)
+            settings = dataclasses.replace(settings, database_url=pg.url)
+        if redis and settings.redis_url is None:
+            rd = EmbeddedRedis(settings.data_dir / "redis").start()
+            if not rd.adopted:
+                stack.callback(rd.stop)
+            settings = dataclasses.replace(settings, redis_url=rd.url)
+        yield settings
+
+
+def _operate(settings: Settings, args: argparse.Namespace) -> int:
+    from projections import commands
+    from projections.spend import PROJECTIONS
+
+    with _servers(settings, redis=args.command in ("verify", "counters")) as s:
+        assert s.database_url is not None
+        asyncio.run(migrate(s.database_url))
+        if args.command == "projections":
+            if args.action == "status":
+                return asyncio.run(commands.status(s))
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(commands.run_workers(s))
+            return 0
+        if args.command == "replay":
+            if args.projection is not None and args.projection not in PROJECTIONS:
+                raise SettingsError(
+                    f"--projection must be one of {', '.join(PROJECTIONS)}; got {args.projection!r}"
+                )
+            names = [args.projection] if args.projection else list(PROJECTIONS)
+            until = None
+            if args.until:
+                try:
+                    until = datetime.fromisoformat(args.until.replace("Z", "+00:00"))
+                except ValueError:
+                    raise SettingsError(
+                        f"--until must be an ISO 8601 timestamp; got {args.until!r}"
+                    ) from None
+                if until.tzinfo is None:
+                    until = until.replace(tzinfo=UTC)
+            return asyncio.run(commands.replay_command(s, names, until))
+        if args.command == "verify":
+            return asyncio.run(commands.verify(s))
+        return asyncio.run(commands.counters_rebuild(s))
 
 
 def _mock_upstream(args: argparse.Namespace) -> int:
@@ -92,12 +180,7 @@ def _mock_upstream(args: argparse.Namespace) -> int:
 
 
 def _migrate_cmd(settings: Settings) -> int:
-    with contextlib.ExitStack() as stack:
-        if settings.database_url is None:
-            pg = EmbeddedPostgres(settings.data_dir / "pg").start()
-            if not pg.adopted:
-                stack.callback(pg.stop)
-            settings = dataclasses.replace(settings, database_url=pg.url)
+    with _servers(settings, redis=False) as settings:
         assert settings.database_url is not None
         applied = asyncio.run(migrate(settings.database_url))
         print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))

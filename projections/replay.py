@@ -35,11 +35,12 @@ class ReplayResult:
 
 
 async def _create_shadow(conn: asyncpg.Connection, schema: str, projection: Projection) -> dict[str, str]:
-    await conn.execute(f'drop schema if exists "{schema}" cascade')
-    await conn.execute(f'create schema "{schema}"')
+    # Schema names are generated here (lower-case, digits, underscores): safe unquoted.
+    await conn.execute(f"drop schema if exists {schema} cascade")
+    await conn.execute(f"create schema {schema}")
     for table in projection.tables:
-        await conn.execute(f'create table "{schema}".{table} (like public.{table} including all)')
-    return {t: f'"{schema}".{t}' for t in projection.tables}
+        await conn.execute(f"create table {schema}.{table} (like public.{table} including all)")
+    return {t: f"{schema}.{t}" for t in projection.tables}
 
 
 async def _build(
@@ -140,13 +141,13 @@ async def replay(
             )
             for table in projection.tables:
                 await conn.execute(f"drop table if exists public.{table}")
-                await conn.execute(f'alter table "{schema}".{table} set schema public')
+                await conn.execute(f"alter table {schema}.{table} set schema public")
             await conn.execute(
                 "update projection_checkpoints set position = $2, updated_at = now() where name = $1",
                 projection.name,
                 position,
             )
-            await conn.execute(f'drop schema "{schema}"')
+            await conn.execute(f"drop schema {schema}")
         return ReplayResult(projection.name, count, position, time.perf_counter() - started, "public")
     finally:
         await conn.close()

@@ -82,17 +82,17 @@ async def verify_projection(dsn: str, projection: Projection, report: Report, *,
                 report.views_checked += 1
                 report.rows_checked += int(await conn.fetchval(f"select count(*) from public.{table}"))
                 extra = await conn.fetch(
-                    f'select * from public.{table} except all select * from "{schema}".{table} limit {sample}'
+                    f"select * from public.{table} except all select * from {schema}.{table} limit {sample}"
                 )
                 missing = await conn.fetch(
-                    f'select * from "{schema}".{table} except all select * from public.{table} limit {sample}'
+                    f"select * from {schema}.{table} except all select * from public.{table} limit {sample}"
                 )
                 for row in extra:
                     report.drifts.append(Drift(f"view {table}", f"row not in the log's version: {dict(row)}"))
                 for row in missing:
                     report.drifts.append(Drift(f"view {table}", f"the log says there should be: {dict(row)}"))
     finally:
-        await conn.execute(f'drop schema if exists "{schema}" cascade')
+        await conn.execute(f"drop schema if exists {schema} cascade")
         await conn.close()
 
 
