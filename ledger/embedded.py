@@ -274,7 +274,9 @@ class EmbeddedPostgres:
             _stop_pid(self.pid, signal.SIGKILL, 10)
             self.pid = None
         if self._proc is not None:
-            self._proc.poll()  # it was reaped already; let Popen know
+            # reap it through Popen too, so it never reports a running child
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(5)
             self._proc = None
 
     def __enter__(self) -> Self:
@@ -412,7 +414,9 @@ class EmbeddedRedis:
             _stop_pid(self.pid, signal.SIGKILL, 10)
             self.pid = None
         if self._proc is not None:
-            self._proc.poll()  # it was reaped already; let Popen know
+            # reap it through Popen too, so it never reports a running child
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(5)
             self._proc = None
 
     def __enter__(self) -> Self:

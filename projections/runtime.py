@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import os
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -105,7 +106,11 @@ class Worker:
         name = self.projection.name
         # statement_cache_size=0: a replay swaps tables under us; cached plans
         # would point at the dropped ones.
-        conn = await asyncpg.connect(self.store_dsn, statement_cache_size=0)
+        conn = await asyncpg.connect(
+            self.store_dsn,
+            statement_cache_size=0,
+            server_settings={"application_name": f"ledger-projection-{os.getpid()}"},
+        )
         try:
             # Standing by: the lock is PostgreSQL's, so there is nothing local to wait on.
             while not await conn.fetchval(  # noqa: ASYNC110
