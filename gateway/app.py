@@ -145,7 +145,7 @@ async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _projections_ctx(app: web.Application) -> AsyncIterator[None]:
     """Projection workers: active in one process per projection, standing by elsewhere."""
-    from projections.runtime import Worker
+    from projections.runtime import Worker, lag
     from projections.spend import PROJECTIONS
 
     settings = app[SETTINGS]
@@ -155,6 +155,17 @@ async def _projections_ctx(app: web.Application) -> AsyncIterator[None]:
     ]
     app[WORKERS] = workers
     tasks = [asyncio.create_task(w.run(), name=f"projection-{w.projection.name}") for w in workers]
+
+    async def watch_lag() -> None:
+        metrics, pool, names = app[METRICS], app[STORE].pool, [w.projection.name for w in workers]
+        while True:
+            with contextlib.suppress(Exception):  # metrics must never take the gateway down
+                for row in await lag(pool, names):
+                    metrics.projection_lag_events.labels(row.name).set(row.events_behind)
+                    metrics.projection_lag_seconds.labels(row.name).set(row.seconds_behind)
+            await asyncio.sleep(2)
+
+    tasks.append(asyncio.create_task(watch_lag(), name="projection-lag"))
     yield
     for task in tasks:
         task.cancel()

@@ -27,6 +27,8 @@ class Metrics:
     upstream_latency: Histogram
     admit_latency: Histogram
     queue_depth: Gauge
+    projection_lag_events: Gauge
+    projection_lag_seconds: Gauge
 
 
 def create_metrics(queue_depth: Callable[[], float]) -> Metrics:
@@ -60,6 +62,18 @@ def create_metrics(queue_depth: Callable[[], float]) -> Metrics:
             registry=registry,
         ),
         queue_depth=depth,
+        projection_lag_events=Gauge(
+            "ledger_projection_lag_events",
+            "Events a projection is behind the log head",
+            ["projection"],
+            registry=registry,
+        ),
+        projection_lag_seconds=Gauge(
+            "ledger_projection_lag_seconds",
+            "Age of the oldest event a projection has not applied",
+            ["projection"],
+            registry=registry,
+        ),
     )
 
 

@@ -39,7 +39,7 @@ async def _create_shadow(conn: asyncpg.Connection, schema: str, projection: Proj
     await conn.execute(f"drop schema if exists {schema} cascade")
     await conn.execute(f"create schema {schema}")
     for table in projection.tables:
-        await conn.execute(f"create table {schema}.{table} (like public.{table} including all)")
+        await conn.execute(f"create table {schema}.{table} (like view_templates.{table} including all)")
     return {t: f"{schema}.{t}" for t in projection.tables}
 
 

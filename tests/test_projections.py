@@ -245,6 +245,15 @@ async def test_replay_equals_live_and_verify_names_drift(
     assert await snapshot(database_url) == before
     assert (await verify_all(database_url, counters)).ok
 
+    # drop a view outright; a replay brings it back with the same numbers
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("drop table tag_daily_spend")
+    finally:
+        await conn.close()
+    await replay(database_url, create("spend_rollups"))
+    assert await snapshot(database_url) == before
+
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute("update tag_info set total_spend = total_spend + 1 where tag = 'team:a'")

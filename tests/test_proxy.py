@@ -539,4 +539,5 @@ async def test_metrics_and_admission_state(gateway: Gateway) -> None:
     assert 'ledger_requests_total{route="chat",status="200"} 1.0' in text
     assert "ledger_admit_latency_seconds_count 1.0" in text
     assert "ledger_event_writer_queue_depth" in text
+    assert "ledger_projection_lag_events" in text
     assert gateway.app[ADMISSION] is not None

@@ -1,0 +1,124 @@
+"""Replay speed: 1,000,000 realistic events, then `replay --all`.
+
+Events are written through the store's batch writer (RequestAdmitted and
+SpendRecorded pairs with tags, users, metadata, some denials); the replay
+rebuilds every projection from position 0 and swaps it in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+from ledger import events as ev
+from ledger.embedded import EmbeddedPostgres
+from ledger.migrations import migrate
+from ledger.settings import Settings
+from ledger.store import EventStore
+from projections.replay import replay
+from projections.spend import PROJECTIONS, create
+
+EVENTS = int(os.environ.get("LEDGER_BENCH_REPLAY_EVENTS", "1000000"))
+
+
+async def generate(store: EventStore, n_events: int) -> float:
+    started = time.perf_counter()
+    tag = ev.TagCreated(name="team:0", at=datetime.now(UTC), max_budget=Decimal(10**6), budget_duration="1d")
+    await store.append("tag:team:0", 0, [ev.to_new(tag)])
+    base = datetime.now(UTC) - timedelta(days=30)
+    written = 1
+    i = 0
+    while written < n_events:
+        batch = []
+        for _ in range(2500):
+            at = base + timedelta(seconds=i * 2)
+            rid = f"bench-{i}"
+            tags = [f"team:{i % 10}", f"app:{i % 37}", f"env:{'prod' if i % 4 else 'dev'}"]
+            if i % 50 == 0:
+                denied = ev.RequestDenied(
+                    request_id=rid,
+                    at=at,
+                    tag="team:0",
+                    spent=Decimal(1),
+                    reserved=Decimal(0),
+                    estimate=Decimal("0.01"),
+                    max_budget=Decimal(1),
+                    tags=tags,
+                    model="gpt-4o-mini",
+                )
+                batch.append((f"denied:{rid}", None, [ev.to_new(denied)]))
+            else:
+                admitted = ev.RequestAdmitted(
+                    request_id=rid,
+                    at=at,
+                    estimate=Decimal("0.002"),
+                    deadline=at + timedelta(minutes=10),
+                    tags=tags,
+                    budget_tags=["team:0"] if i % 10 == 0 else [],
+                    model="gpt-4o-mini",
+                )
+                spend = ev.SpendRecorded(
+                    request_id=rid,
+                    admitted_at=at,
+                    cost=Decimal("0.000123") + i % 7,
+                    tags=tags,
+                    budget_tags=admitted.budget_tags,
+                    model="gpt-4o-mini",
+                    provider="openai",
+                    user_hash=f"{i % 997:064x}",
+                    metadata={"customer": f"c{i % 13}", "feature": "chat"},
+                    prompt_tokens=500 + i % 300,
+                    completion_tokens=80 + i % 50,
+                    latency_ms=420.0,
+                    status=200,
+                )
+                batch.append((f"request:{rid}", 0, [ev.to_new(admitted), ev.to_new(spend)]))
+            i += 1
+        results = await store.append_batch(batch)
+        written += sum(len(r) for r in results if isinstance(r, list))
+    return time.perf_counter() - started
+
+
+async def run(url: str) -> list[tuple[str, float]]:
+    await migrate(url)
+    store = await EventStore.open(Settings.from_dsn(url))
+    try:
+        gen_s = await generate(store, EVENTS)
+        head = await store.head()
+    finally:
+        await store.close()
+    rows: list[tuple[str, float]] = [
+        (f"generated events (batch writer, {gen_s:.0f}s)", float(head)),
+        ("generation events/s", head / gen_s),
+    ]
+    total = 0.0
+    for name in PROJECTIONS:
+        result = await replay(url, create(name))
+        rows.append((f"replay {name}: events/s", result.events / result.seconds))
+        total += result.seconds
+    rows.append(("replay --all: events/s (log read once per projection)", head / total))
+    rows.append(("replay --all: seconds", total))
+    return rows
+
+
+def main() -> list[tuple[str, float]]:
+    url = os.environ.get("LEDGER_BENCH_DATABASE_URL")
+    if url:
+        return asyncio.run(run(url))
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        EmbeddedPostgres(
+            Path(tmp) / "pg", settings={"max_wal_size": "4GB", "checkpoint_timeout": "30min"}
+        ) as pg,
+    ):
+        return asyncio.run(run(pg.url))
+
+
+if __name__ == "__main__":
+    for label, value in main():
+        print(f"{label:70s} {value:14,.1f}")
