@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import timedelta
 
 import structlog
@@ -25,7 +25,6 @@ from gateway.keys import (
     TAGS,
     UPSTREAMS,
     USER_SECRET,
-    WORKERS,
 )
 from gateway.metrics import create_metrics
 from gateway.middlewares import errors, request_context
@@ -37,16 +36,19 @@ from ledger.counters import Counters, connect_redis
 from ledger.errors import StoreError
 from ledger.pricing import PriceBook
 from ledger.privacy import stored_secret
+from ledger.queries import projection_lag
 from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.tags import TagService
 
 log = structlog.get_logger("gateway")
 
+CleanupContext = Callable[[web.Application], AsyncIterator[None]]
+
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, contexts: Sequence[CleanupContext] = ()) -> web.Application:
     if settings.database_url is None or settings.redis_url is None:
         raise StoreError("the gateway needs LEDGER_DATABASE_URL and LEDGER_REDIS_URL")
     app = web.Application(middlewares=[request_context, errors, authenticate], client_max_size=MAX_BODY_BYTES)
@@ -63,8 +65,9 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(admin.routes)
     app.add_routes(proxy.routes)
     app.add_routes(spend.routes)
-    if settings.run_projections:
-        app.cleanup_ctx.append(_projections_ctx)
+    app.cleanup_ctx.append(_lag_ctx)
+    # Background work the composition root adds (the projection workers).
+    app.cleanup_ctx.extend(contexts)
     return app
 
 
@@ -143,33 +146,20 @@ async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
     await upstreams.close()
 
 
-async def _projections_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Projection workers: active in one process per projection, standing by elsewhere."""
-    from projections.runtime import Worker, lag
-    from projections.spend import PROJECTIONS
+async def _lag_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Keep the projection-lag gauges fresh (whichever process runs the workers)."""
 
-    settings = app[SETTINGS]
-    workers = [
-        Worker(app[STORE], factory(), poll_interval_s=settings.poll_interval_s)
-        for factory in PROJECTIONS.values()
-    ]
-    app[WORKERS] = workers
-    tasks = [asyncio.create_task(w.run(), name=f"projection-{w.projection.name}") for w in workers]
-
-    async def watch_lag() -> None:
-        metrics, pool, names = app[METRICS], app[STORE].pool, [w.projection.name for w in workers]
+    async def watch() -> None:
+        metrics, pool = app[METRICS], app[STORE].pool
         while True:
             with contextlib.suppress(Exception):  # metrics must never take the gateway down
-                for row in await lag(pool, names):
+                for row in await projection_lag(pool):
                     metrics.projection_lag_events.labels(row.name).set(row.events_behind)
                     metrics.projection_lag_seconds.labels(row.name).set(row.seconds_behind)
             await asyncio.sleep(2)
 
-    tasks.append(asyncio.create_task(watch_lag(), name="projection-lag"))
+    task = asyncio.create_task(watch(), name="projection-lag")
     yield
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        # a worker cancelled mid-statement may surface the driver's error instead
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

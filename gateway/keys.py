@@ -15,7 +15,6 @@ from ledger.pricing import PriceBook
 from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.tags import TagService
-from projections.runtime import Worker
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", EventStore)
@@ -29,7 +28,6 @@ UPSTREAMS = web.AppKey("upstreams", Upstreams)
 PRICES = web.AppKey("prices", PriceBook)
 METRICS = web.AppKey("metrics", Metrics)
 USER_SECRET = web.AppKey("user_secret", bytes)
-WORKERS: web.AppKey[list[Worker]] = web.AppKey("projection_workers")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 API_KEY: web.RequestKey[ApiKey | None] = web.RequestKey("api_key")

@@ -249,7 +249,13 @@ async def _serve(settings: Settings, *, dev: bool = False) -> int:
             port = mock.addresses[0][1]
             provider = ProviderConfig("mock", f"http://127.0.0.1:{port}/v1", price_provider="openai")
             settings = dataclasses.replace(settings, providers=(provider,))
-        app = create_app(settings)
+        contexts = []
+        if settings.run_projections:
+            from gateway.keys import STORE
+            from projections.runtime import workers_context
+
+            contexts.append(workers_context(lambda a: a[STORE], settings.poll_interval_s))
+        app = create_app(settings, contexts)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
         runners.append(runner)

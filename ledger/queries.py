@@ -7,6 +7,7 @@ them onto maintained views behind these same functions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -187,3 +188,37 @@ async def tag_totals_view(pool: asyncpg.Pool, names: list[str]) -> dict[str, Tag
         "select tag, total_spend, request_count from tag_info where tag = any($1::text[])", names
     )
     return {r["tag"]: TagTotals(Decimal(r["total_spend"]), int(r["request_count"])) for r in rows}
+
+
+# ------------------------------------------------------------------ projection lag
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    name: str
+    position: int
+    head: int
+    events_behind: int
+    seconds_behind: float
+
+
+async def projection_lag(pool: asyncpg.Pool, names: list[str] | None = None) -> list[Lag]:
+    """How far each projection is behind the head of the log."""
+    head = int(await pool.fetchval("select coalesce(max(position), 0) from events"))
+    if names is None:
+        names = [r[0] for r in await pool.fetch("select name from projection_checkpoints order by name")]
+    out = []
+    for name in names:
+        position = await pool.fetchval("select position from projection_checkpoints where name = $1", name)
+        position = int(position or 0)
+        behind = max(0, head - position)  # positions may have gaps; close enough for lag
+        seconds = 0.0
+        if behind:
+            oldest = await pool.fetchval(
+                "select recorded_at from events where position > $1 order by position limit 1",
+                position,
+            )
+            if oldest is not None:
+                seconds = max(0.0, (datetime.now(UTC) - oldest).total_seconds())
+        out.append(Lag(name, position, head, behind, seconds))
+    return out

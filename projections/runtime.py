@@ -16,13 +16,14 @@ import asyncio
 import contextlib
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import asyncpg
 import structlog
+from aiohttp import web
 
+from ledger.queries import projection_lag
 from ledger.store import CHANNEL, EventStore, Notifications, RecordedEvent
 
 log = structlog.get_logger(__name__)
@@ -173,30 +174,29 @@ class Worker:
         return len(events)
 
 
-@dataclass(frozen=True, slots=True)
-class Lag:
-    name: str
-    position: int
-    head: int
-    events_behind: int
-    seconds_behind: float
+def workers_context(
+    store_of: Callable[[web.Application], EventStore], poll_interval_s: float = 1.0
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context that runs every projection's worker inside an aiohttp app.
+
+    The composition root passes how to find the app's store, so neither the
+    gateway nor this package needs to know the other.
+    """
+    from projections.spend import PROJECTIONS
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        store = store_of(app)
+        workers = [Worker(store, make(), poll_interval_s=poll_interval_s) for make in PROJECTIONS.values()]
+        tasks = [asyncio.create_task(w.run(), name=f"projection-{w.projection.name}") for w in workers]
+        yield
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            # a worker cancelled mid-statement may surface the driver's error instead
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    return context
 
 
-async def lag(pool: asyncpg.Pool, names: list[str]) -> list[Lag]:
-    """How far each projection is behind the head of the log."""
-    head = int(await pool.fetchval("select coalesce(max(position), 0) from events"))
-    out = []
-    for name in names:
-        position = await pool.fetchval("select position from projection_checkpoints where name = $1", name)
-        position = int(position or 0)
-        behind = max(0, head - position)  # positions may have gaps; close enough for lag
-        seconds = 0.0
-        if behind:
-            oldest = await pool.fetchval(
-                "select recorded_at from events where position > $1 order by position limit 1",
-                position,
-            )
-            if oldest is not None:
-                seconds = max(0.0, (datetime.now(UTC) - oldest).total_seconds())
-        out.append(Lag(name, position, head, behind, seconds))
-    return out
+lag = projection_lag  # re-exported for the CLI

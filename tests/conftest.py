@@ -200,10 +200,23 @@ async def store(database_url: str) -> AsyncIterator[EventStore]:
 
 async def projected(app: Any, timeout: float = 10.0) -> None:
     """Wait until the app's projection workers have applied everything in the log."""
-    from gateway.keys import STORE, WORKERS
+    from gateway.keys import STORE
+    from ledger.queries import projection_lag
 
-    head = await app[STORE].head()
+    pool = app[STORE].pool
     deadline = asyncio.get_running_loop().time() + timeout
-    while any(w.position < head for w in app[WORKERS]):
-        assert asyncio.get_running_loop().time() < deadline, "projections did not catch up"
+    while True:
+        rows = await projection_lag(pool)
+        if len(rows) == 2 and all(r.events_behind == 0 for r in rows):
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"projections did not catch up: {rows}"
         await asyncio.sleep(0.02)
+
+
+def gateway_app(settings: Settings) -> Any:
+    """The gateway app as `ledger serve` builds it, projection workers included."""
+    from gateway.app import create_app
+    from gateway.keys import STORE
+    from projections.runtime import workers_context
+
+    return create_app(settings, [workers_context(lambda a: a[STORE], settings.poll_interval_s)])

@@ -11,12 +11,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from gateway.app import create_app
 from gateway.auth import ADMIN, PUBLIC, access_of
 from gateway.keys import ADMISSION
 from ledger.admission import Admitted
 from ledger.settings import Settings
-from tests.conftest import projected
+from tests.conftest import gateway_app, projected
 
 ADMIN_KEY = "test-admin-key-0123456789"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -24,7 +23,7 @@ AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 @pytest.fixture
 async def app(settings: Settings) -> web.Application:
-    return create_app(dataclasses.replace(settings, admin_key=ADMIN_KEY))
+    return gateway_app(dataclasses.replace(settings, admin_key=ADMIN_KEY))
 
 
 @pytest.fixture

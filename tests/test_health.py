@@ -7,12 +7,12 @@ import socket
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from gateway.app import create_app
 from ledger.settings import Settings
+from tests.conftest import gateway_app
 
 
 async def client_for(aiohttp_client: AiohttpClient, settings: Settings) -> TestClient:
-    return await aiohttp_client(create_app(settings))
+    return await aiohttp_client(gateway_app(settings))
 
 
 async def test_live_and_ready(aiohttp_client: AiohttpClient, settings: Settings) -> None:

@@ -22,12 +22,12 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from gateway.app import create_app
 from gateway.keys import ADMISSION, BUDGET_BOOK, COUNTERS, KEY_BOOK, STORE, TAGS, USER_SECRET
 from gateway.mock_upstream import REQUESTS, create_mock_app
 from ledger import events as ev
 from ledger.settings import ProviderConfig, Settings
 from ledger.store import EventStore
+from tests.conftest import gateway_app
 
 ADMIN_KEY = "test-admin-key-0123456789"
 
@@ -96,7 +96,7 @@ async def gateway(settings: Settings, aiohttp_server: AiohttpServer) -> AsyncIte
     mock_app = create_mock_app()
     mock = await aiohttp_server(mock_app)
     provider = ProviderConfig("mock", str(mock.make_url("/v1")).rstrip("/"), price_provider="openai")
-    app = create_app(
+    app = gateway_app(
         dataclasses.replace(
             settings,
             admin_key=ADMIN_KEY,

@@ -16,12 +16,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from gateway.app import create_app
 from gateway.keys import ADMISSION, BUDGET_BOOK, TAGS, USER_SECRET
 from ledger import events as ev
 from ledger.admission import Admitted
 from ledger.settings import Settings
-from tests.conftest import projected
+from tests.conftest import gateway_app, projected
 
 ADMIN = "test-admin-key-0123456789"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -30,7 +29,7 @@ N = 45
 
 @pytest.fixture
 async def app(settings: Settings) -> web.Application:
-    return create_app(dataclasses.replace(settings, admin_key=ADMIN))
+    return gateway_app(dataclasses.replace(settings, admin_key=ADMIN))
 
 
 @pytest.fixture

@@ -44,7 +44,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         return
     tr = terminalreporter
     tr.section("fault scenarios")
-    header = f"{'scenario':44} {'requests':>8} {'admitted':>8} {'spend vs budget':>24} {'lost':>5} {'dups':>5} {'5xx':>5}"
+    header = (
+        f"{'scenario':44} {'requests':>8} {'admitted':>8} {'spend vs budget':>24} "
+        f"{'lost':>5} {'dups':>5} {'5xx':>5}"
+    )
     tr.write_line(header)
     for r in REPORT:
         tr.write_line(

@@ -30,10 +30,10 @@ def free_port() -> int:
 
 def http(method: str, url: str, body: Any = None, key: str = ADMIN, timeout: float = 10) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(
+    req = urllib.request.Request(  # noqa: S310 (loopback http)
         url,
         data=data,
-        method=method,  # noqa: S310 (loopback http)
+        method=method,
         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
     )
     try:

@@ -86,7 +86,8 @@ async def test_gateway_killed_under_load(cluster: Cluster, report: list[Row]) ->
         }
         expired = await conn.fetchval("select count(*) from events where type = 'ReservationExpired'")
         duplicates = await conn.fetchval(
-            "select count(*) - count(distinct stream) from events where version = 2 and stream like 'request:%'"
+            "select count(*) - count(distinct stream) from events "
+            "where version = 2 and stream like 'request:%'"
         )
     finally:
         await conn.close()
