@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import structlog
 from aiohttp import web
@@ -19,6 +19,7 @@ from gateway.keys import (
     KEY_BOOK,
     METRICS,
     PRICES,
+    RECONCILE,
     REDIS,
     SETTINGS,
     STORE,
@@ -31,7 +32,7 @@ from gateway.middlewares import errors, request_context
 from gateway.upstreams import Upstreams
 from ledger.admission import Admission
 from ledger.apikeys import KeyBook
-from ledger.budgets import BudgetBook
+from ledger.budgets import BudgetBook, rebuild_window_counters
 from ledger.counters import Counters, connect_redis
 from ledger.errors import StoreError
 from ledger.pricing import PriceBook
@@ -66,6 +67,7 @@ def create_app(settings: Settings, contexts: Sequence[CleanupContext] = ()) -> w
     app.add_routes(proxy.routes)
     app.add_routes(spend.routes)
     app.cleanup_ctx.append(_lag_ctx)
+    app.cleanup_ctx.append(_reconcile_ctx)
     # Background work the composition root adds (the projection workers).
     app.cleanup_ctx.extend(contexts)
     return app
@@ -159,6 +161,31 @@ async def _lag_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(2)
 
     task = asyncio.create_task(watch(), name="projection-lag")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
+    """After requests were admitted without Redis, rebuild every live window
+    counter from the log as soon as Redis answers again."""
+    flag = app[RECONCILE] = asyncio.Event()
+
+    async def reconcile() -> None:
+        while True:
+            await flag.wait()
+            try:
+                await app[REDIS].ping()
+                n = await rebuild_window_counters(app[BUDGET_BOOK], app[COUNTERS], datetime.now(UTC))
+            except Exception as e:  # still down: try again shortly
+                log.info("reconcile_waiting", error=str(e))
+                await asyncio.sleep(1)
+                continue
+            flag.clear()
+            log.warning("counters_reconciled", rebuilt=n)
+
+    task = asyncio.create_task(reconcile(), name="counter-reconcile")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

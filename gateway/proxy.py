@@ -43,6 +43,7 @@ from gateway.keys import (
     BUDGET_BOOK,
     METRICS,
     PRICES,
+    RECONCILE,
     REQUEST_ID,
     SETTINGS,
     UPSTREAMS,
@@ -50,6 +51,7 @@ from gateway.keys import (
 )
 from gateway.upstreams import Upstream
 from ledger.admission import Admitted, BudgetExceeded, DuplicateRequest
+from ledger.counters import CountersUnavailable
 from ledger.estimate import output_bound, prompt_bound, prompt_guess
 from ledger.pricing import Price, Tokens
 
@@ -277,8 +279,20 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
     request_id = request[REQUEST_ID]
     structlog.contextvars.bind_contextvars(model=model, tags=attribution.tags)
     started = time.perf_counter()
+    admission = app[ADMISSION]
     try:
-        outcome = await app[ADMISSION].admit(request_id, attribution.tags, estimate, model=model)
+        try:
+            outcome: Admitted | BudgetExceeded = await admission.admit(
+                request_id, attribution.tags, estimate, model=model
+            )
+        except CountersUnavailable:
+            if settings.on_redis_down != "allow":
+                # every decision is recorded, this one too; then 503 (middleware)
+                await admission.record_refusal(request_id, attribution.tags, model, "redis_unavailable")
+                raise
+            outcome = await admission.admit_unreserved(request_id, attribution.tags, estimate, model=model)
+            app[RECONCILE].set()  # rebuild the counters from the log once Redis is back
+            structlog.contextvars.bind_contextvars(unreserved=True)
     except DuplicateRequest as e:
         raise ApiError(
             409,

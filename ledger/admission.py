@@ -177,6 +177,51 @@ class Admission:
             outcome.remaining_nanos,
         )
 
+    async def admit_unreserved(
+        self, request_id: str, tags: Sequence[str], estimate: Decimal, *, model: str | None = None
+    ) -> Admitted:
+        """Admit without a reservation (Redis is down and the policy says allow).
+
+        The admission is in the log, so counters rebuilt from it count it; the
+        caller asks for that rebuild once Redis answers again.
+        """
+        now = self.now()
+        budgets = self.book.budgets_for(tags, now)
+        event = ev.RequestAdmitted(
+            request_id=request_id,
+            at=now,
+            estimate=estimate,
+            deadline=now + self.reservation_ttl,
+            tags=list(dict.fromkeys(tags)),
+            budget_tags=[b.tag for b in budgets],
+            model=model,
+            unreserved=True,
+        )
+        try:
+            [position] = await self.store.append(ev.stream_of_request(request_id), 0, [ev.to_new(event)])
+        except ConcurrencyError:
+            raise DuplicateRequest(request_id) from None
+        return Admitted(request_id, now, estimate, tuple(event.tags), tuple(budgets), position, model)
+
+    async def record_refusal(
+        self, request_id: str, tags: Sequence[str], model: str | None, reason: str
+    ) -> None:
+        """A request refused for lack of a budget check (no tag, no amounts)."""
+        now = self.now()
+        event = ev.RequestDenied(
+            request_id=request_id,
+            at=now,
+            tag="",
+            spent=Decimal(0),
+            reserved=Decimal(0),
+            estimate=Decimal(0),
+            max_budget=Decimal(0),
+            tags=list(dict.fromkeys(tags)),
+            model=model,
+            reason=reason,
+        )
+        await self.store.append(f"denied:{request_id}", None, [ev.to_new(event)])
+
     async def _record_denial(
         self, denied: BudgetExceeded, tags: Sequence[str], model: str | None, now: datetime
     ) -> None:

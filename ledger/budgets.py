@@ -16,7 +16,7 @@ from datetime import datetime
 import structlog
 
 from ledger import events as ev
-from ledger.counters import Budget
+from ledger.counters import Budget, Counters
 from ledger.money import limit_to_nanos
 from ledger.store import CHANNEL, EventStore, Notifications, payload_types
 from ledger.tags import TagState
@@ -111,3 +111,16 @@ def budget_of(state: TagState, now: datetime) -> Budget:
         window=state.window(now),
         limit_nanos=limit_to_nanos(state.max_budget),
     )
+
+
+async def rebuild_window_counters(book: BudgetBook, counters: Counters, now: datetime) -> int:
+    """Recompute the current window counter of every budget from the log."""
+    rebuilt = 0
+    for state in list(book.tags.values()):
+        if not state.has_budget:
+            continue
+        budget = budget_of(state, now)
+        await counters.redis.delete(budget.key)
+        await counters.rebuild(budget)
+        rebuilt += 1
+    return rebuilt

@@ -79,6 +79,8 @@ class RequestAdmitted(msgspec.Struct, frozen=True, tag=True):
     tags: list[str] = []
     budget_tags: list[str] = []
     model: str | None = None
+    # admitted while Redis was down (LEDGER_ON_REDIS_DOWN=allow): nothing reserved
+    unreserved: bool = False
 
 
 class SpendRecorded(msgspec.Struct, frozen=True, tag=True):
@@ -140,6 +142,7 @@ class RequestDenied(msgspec.Struct, frozen=True, tag=True):
     reset_at: datetime | None = None
     tags: list[str] = []
     model: str | None = None
+    reason: str = "budget"  # or "redis_unavailable": refused because budgets could not be checked
 
 
 RequestEvent = RequestAdmitted | SpendRecorded | RequestReleased | ReservationExpired | RequestDenied

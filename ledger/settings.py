@@ -80,6 +80,9 @@ class Settings:
     # Projection workers in every gateway process (one active per projection,
     # the others standing by); set false to run `ledger projections run` apart.
     run_projections: bool = True
+    # Redis down: "deny" answers 503 (budgets cannot be checked); "allow" admits
+    # and records, then rebuilds the counters from the log once Redis is back.
+    on_redis_down: str = "deny"
 
     # Budgets: an admitted request not settled within the reservation TTL is
     # swept (charged at its estimate); the sweeper looks every sweep interval.
@@ -425,6 +428,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "poll_interval_s": _float(0.01, 3600),
     "redis_max_connections": _int(1, 10_000),
     "run_projections": _bool,
+    "on_redis_down": _choice(("deny", "allow")),
     "reservation_ttl_s": _float(1, 7 * 86400),
     "providers": _providers,
     "default_provider": _optional_text,

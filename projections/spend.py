@@ -211,8 +211,9 @@ class SpendRollups(Projection):
                 continue
             e = ev.decode(r)
             if isinstance(e, ev.RequestDenied):
-                b.tags[e.tag].denials += 1
-                b.tags[e.tag].seen(r.recorded_at)
+                if e.tag:  # refusals for lack of Redis name no tag
+                    b.tags[e.tag].denials += 1
+                    b.tags[e.tag].seen(r.recorded_at)
                 continue
             assert isinstance(e, ev.SpendRecorded | ev.ReservationExpired)
             prompt = getattr(e, "prompt_tokens", 0)
