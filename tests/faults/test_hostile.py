@@ -1,0 +1,270 @@
+"""Hostile input: fuzzed attribution, a table of named attacks, and the privacy sweep."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import json
+import subprocess
+from typing import Any
+from unittest import mock
+
+import aiohttp
+import asyncpg
+import openai
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.attribution import Limits, attribute
+from gateway.auth import same_secret
+from gateway.errors import ApiError
+from ledger.embedded import EmbeddedPostgres
+from ledger.privacy import REDACTED, secret_value
+from tests.faults.conftest import Row
+from tests.faults.harness import ADMIN, Cluster, http
+from tests.test_proxy import CHAT, Gateway, gateway
+
+pytestmark = pytest.mark.faults
+__all__ = ["gateway"]  # the fixture, imported for this module
+
+SECRET_VALUES = ["sk-live-0123456789abcdef", "Bearer abc.def.ghi", "AKIAABCDEFGHIJKLMNOP", "ghp_" + "a" * 30]
+
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(max_size=40),
+    st.sampled_from(SECRET_VALUES),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+header_text = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=300)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    metadata=st.one_of(
+        json_values,
+        st.dictionaries(
+            st.one_of(st.text(max_size=20), st.sampled_from(["tags", "spend_logs_metadata", "api_key"])),
+            json_values,
+            max_size=4,
+        ),
+    ),
+    tags=json_values,
+    user=json_values,
+    tag_header=st.one_of(st.none(), header_text),
+    meta_header=st.one_of(st.none(), header_text, st.builds(json.dumps, json_values)),
+)
+def test_attribution_fuzz_never_crashes_nor_keeps_a_secret(
+    metadata: Any, tags: Any, user: Any, tag_header: str | None, meta_header: str | None
+) -> None:
+    body: dict[str, Any] = {"model": "m", "metadata": metadata, "tags": tags, "user": user}
+    headers = {
+        k: v
+        for k, v in (("x-ledger-tags", tag_header), ("x-ledger-spend-logs-metadata", meta_header))
+        if v is not None
+    }
+    refused: ApiError | None = None
+    try:
+        result = attribute(body, headers, ("key-tag",), Limits(), b"k" * 32)
+    except ApiError as e:
+        refused = e
+    if refused is not None:
+        assert refused.status == 400
+        assert refused.param
+        return
+    assert result.tags[0] == "key-tag"
+    assert len(result.tags) == len(set(result.tags)) <= 64
+    for key, value in result.metadata.items():
+        assert not (isinstance(value, str) and secret_value(value)), (key, value)
+    assert "tags" not in body
+    assert "spend_logs_metadata" not in (body.get("metadata") or {})
+    if isinstance(user, str) and user:
+        assert result.user_hash is not None
+        assert user not in result.user_hash
+
+
+def test_key_comparison_is_constant_time() -> None:
+    with mock.patch("gateway.auth.hmac.compare_digest", wraps=hmac.compare_digest) as spy:
+        assert same_secret("a" * 20, "a" * 20)
+        assert not same_secret("a", "a" * 200)  # different lengths compare digests of equal length
+    assert spy.call_count == 2
+    assert all(len(c.args[0]) == len(c.args[1]) == 32 for c in spy.call_args_list)
+
+
+async def post(
+    gw: Gateway,
+    path: str,
+    *,
+    json_body: Any = None,
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    key: str | None = None,
+) -> tuple[int, str]:
+    auth = {"Authorization": f"Bearer {key or gw.key}", "Content-Type": "application/json", **(headers or {})}
+    async with aiohttp.ClientSession() as s:
+        payload = io.BytesIO(data) if data is not None else None
+        async with s.post(f"{gw.url}{path}", json=json_body, data=payload, headers=auth) as r:
+            return r.status, await r.text()
+
+
+async def test_named_attacks(gateway: Gateway) -> None:
+    gw = gateway
+    admin = "test-admin-key-0123456789"
+    results: dict[str, int] = {}
+    # oversize body
+    results["oversize body"], _ = await post(
+        gw, "/v1/chat/completions", data=b'{"model":"m","x":"' + b"a" * (9 << 20) + b'"}'
+    )
+    # oversize headers: refused by the HTTP parser itself
+    results["oversize header"], _ = await post(
+        gw, "/v1/chat/completions", json_body=CHAT, headers={"x-ledger-tags": "a" * 20000}
+    )
+    # deeply nested JSON
+    deep = b'{"model":"m","metadata":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    results["deeply nested JSON"], _ = await post(gw, "/v1/chat/completions", data=deep)
+    # invalid UTF-8
+    results["invalid UTF-8"], _ = await post(gw, "/v1/chat/completions", data=b'{"model": "\xff\xfe"}')
+    # NUL bytes in tags, 10,000 tags
+    results["NUL in tag"], _ = await post(gw, "/v1/chat/completions", json_body={**CHAT, "tags": ["a\x00b"]})
+    results["10,000 tags"], _ = await post(
+        gw, "/v1/chat/completions", json_body={**CHAT, "tags": [f"t{i}" for i in range(10_000)]}
+    )
+    # negative, NaN and huge budgets
+    for label, value in (("negative budget", -1), ("NaN budget", "NaN"), ("huge budget", "1e30")):
+        results[label], _ = await post(
+            gw, "/tag/new", json_body={"name": "b", "max_budget": value}, key=admin
+        )
+    # path traversal in the history route
+    async with aiohttp.ClientSession() as s:
+        async with s.get(
+            f"{gw.url}/tag/..%2F..%2Fetc%2Fpasswd/history", headers={"Authorization": f"Bearer {admin}"}
+        ) as r:
+            results["path traversal"] = r.status
+            assert "root:" not in await r.text()
+        # the admin key in a query string is refused even though it is right
+        async with s.get(
+            f"{gw.url}/tag/list?api_key={admin}", headers={"Authorization": f"Bearer {admin}"}
+        ) as r:
+            results["admin key in query string"] = r.status
+    assert results == {
+        "oversize body": 413,
+        "oversize header": 400,
+        "deeply nested JSON": 400,
+        "invalid UTF-8": 400,
+        "NUL in tag": 400,
+        "10,000 tags": 400,
+        "negative budget": 422,
+        "NaN budget": 422,
+        "huge budget": 422,
+        "path traversal": 404,
+        "admin key in query string": 400,
+    }
+
+
+async def test_sql_injection_strings_are_stored_verbatim(gateway: Gateway) -> None:
+    gw = gateway
+    admin = "test-admin-key-0123456789"
+    evil = "x'); drop table events; --"
+    status, _ = await post(
+        gw, "/tag/new", json_body={"name": evil, "max_budget": 1, "budget_duration": "1d"}, key=admin
+    )
+    assert status == 201
+    await gw.sdk().chat.completions.create(
+        **CHAT,
+        extra_body={
+            "tags": [evil],
+            "metadata": {"spend_logs_metadata": {"note": "'; delete from events; --"}},
+        },
+    )
+    [spend] = await gw.spends()
+    assert evil in spend.tags
+    assert spend.metadata == {"note": "'; delete from events; --"}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(
+            f"{gw.url}/tag/info", params={"names": evil}, headers={"Authorization": f"Bearer {admin}"}
+        ) as r,
+    ):
+        assert r.status == 200
+        assert evil in await r.json()
+
+
+async def test_unicode_look_alike_tags_are_distinct(gateway: Gateway) -> None:
+    gw = gateway
+    latin, cyrillic = "team:search", "team:\u0455earch"  # DZE looks like s
+    await gw.budget(latin, "0.0000001")
+    ok = await gw.sdk().chat.completions.create(**CHAT, extra_body={"tags": [cyrillic]})
+    assert ok.choices
+    with pytest.raises(openai.RateLimitError):
+        await gw.sdk().chat.completions.create(**CHAT, extra_body={"tags": [latin]})
+    [spend] = await gw.spends()
+    assert cyrillic in spend.tags
+    assert latin not in spend.tags
+
+
+def test_no_raw_secret_or_user_id_in_the_database_or_logs(cluster: Cluster, report: list[Row]) -> None:
+    url = cluster.start_gateway(0, log_level="info")
+    key = http("POST", f"{url}/key/generate", {"tags": ["privacy"]})[1]["key"]
+    emails = [f"person{i}@example.com" for i in range(5)]
+    secrets_sent = [
+        "sk-proj-SECRETSECRET0123456789",
+        "Bearer eyJhbGciOiJIUzI1NiJ9.c2VjcmV0cGF5bG9hZA.sig",
+        "hunter2-password-value",
+    ]
+    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+    for i, email in enumerate(emails):
+        sdk.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "hi"}],
+            user=email,
+            extra_body={
+                "metadata": {
+                    "spend_logs_metadata": {
+                        "api_key": secrets_sent[0],
+                        "password": secrets_sent[2],
+                        "note": secrets_sent[1],
+                        "n": i,
+                    }
+                }
+            },
+            extra_headers={
+                "x-ledger-spend-logs-metadata": json.dumps(
+                    {"Authorization": secrets_sent[1], "token": secrets_sent[0]}
+                )
+            },
+        )
+    sdk.close()
+    asyncio.run(asyncio.sleep(2.5))  # views catch up
+    dump = subprocess.run(
+        [str(EmbeddedPostgres.bin_dir() / "pg_dump"), cluster.pg.url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    logs = cluster.log_of(0)
+    assert ADMIN not in logs
+    assert key not in logs
+    assert key not in dump
+    for needle in [*emails, *secrets_sent, "SECRETSECRET", "hunter2"]:
+        assert needle not in dump, f"{needle!r} is in the database dump"
+        assert needle not in logs, f"{needle!r} is in the logs"
+    assert REDACTED in dump
+    assert "SpendRecorded" in dump
+    report.append(Row("privacy: dump + logs grep", len(emails), len(emails), "0 raw secrets", 0, 0, 0))
+
+
+async def test_pg_dump_sees_everything(cluster: Cluster) -> None:
+    """The privacy sweep reads a full dump: make sure it contains the log itself."""
+    conn = await asyncpg.connect(cluster.pg.url)
+    try:
+        assert await conn.fetchval("select to_regclass('public.events') is not null")
+    finally:
+        await conn.close()
