@@ -24,6 +24,7 @@ from ledger.apikeys import ApiKey, KeyNotFound
 from ledger.budgets import budget_of
 from ledger.money import from_nanos
 from ledger.queries import tag_totals_view
+from ledger.store import NUL_ESCAPE
 from ledger.tags import TagError, TagState, validate_name
 
 routes = web.RouteTableDef()
@@ -119,6 +120,10 @@ async def decode_body(request: web.Request, kind: type[T]) -> T:
             raise ApiError(413, f"request body too large: at most {MAX_ADMIN_BODY} bytes", param="body")
     if not body.strip():
         raise ApiError(400, "request body is empty: send a JSON object", param="body")
+    if NUL_ESCAPE.search(body):
+        raise ApiError(
+            400, "request body contains a NUL character (\\u0000), which cannot be stored", param="body"
+        )
     try:
         return msgspec.json.decode(bytes(body), type=kind)
     except msgspec.ValidationError as e:
@@ -316,6 +321,11 @@ class KeyCreated(KeyView):
     key: str  # shown once, never again
 
 
+class KeyDeletedView(msgspec.Struct):
+    message: str
+    key_hash: str
+
+
 def _key_view(k: ApiKey) -> dict[str, Any]:
     return {
         "key_hash": k.key_hash,
@@ -372,7 +382,7 @@ async def key_delete(request: web.Request) -> web.Response:
         key = await request.app[KEY_BOOK].delete(body.key, request_id=request[REQUEST_ID])
     except KeyNotFound as e:
         raise ApiError(404, str(e), type="not_found_error", param="key") from None
-    return json({"message": "key deleted", "key_hash": key.key_hash})
+    return json(KeyDeletedView(message="key deleted", key_hash=key.key_hash))
 
 
 @routes.get("/key/list")

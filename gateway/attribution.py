@@ -75,6 +75,8 @@ def _metadata_object(value: object, source: str) -> dict[str, Any]:
     for key, item in value.items():
         if not isinstance(key, str) or not key or len(key) > 256:
             raise _bad(f"{source} keys must be non-empty strings of at most 256 characters", source)
+        if "\x00" in key or (isinstance(item, str) and "\x00" in item):
+            raise _bad(f"{source} contains a NUL character, which cannot be stored", source)
         if item is not None and not isinstance(item, str | int | float | bool):
             raise _bad(
                 f"{source}.{key} must be a string, number or boolean (not {type(item).__name__})",

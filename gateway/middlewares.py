@@ -14,7 +14,7 @@ from gateway.errors import ApiError, error_response, from_api_error
 from gateway.keys import REQUEST_ID
 from ledger.admission import DuplicateRequest
 from ledger.counters import CountersUnavailable
-from ledger.errors import ConcurrencyError, StoreUnavailable
+from ledger.errors import ConcurrencyError, InvalidEvent, StoreUnavailable
 from ledger.tags import TagError
 
 log = structlog.get_logger("gateway")
@@ -97,6 +97,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             type="service_unavailable",
             code="redis_unavailable",
         )
+    except InvalidEvent as e:
+        return error_response(400, str(e), type="invalid_request_error", code="unstorable_value")
     except ConcurrencyError as e:
         return error_response(409, str(e), type="conflict_error", code="version_conflict")
     except StoreUnavailable as e:

@@ -53,13 +53,13 @@ def _json(data: Any) -> web.Response:
 
 def _check_params(request: web.Request) -> None:
     known = _KNOWN[request.path]
-    for name in request.query:
+    for name, value in request.query.items():
         if name not in known:
             raise ApiError(
-                400,
-                f"unknown query parameter {name!r}; known: {', '.join(sorted(known))}",
-                param=name,
+                400, f"unknown query parameter {name!r}; known: {', '.join(sorted(known))}", param=name
             )
+        if "\x00" in value:
+            raise ApiError(400, f"{name} contains a NUL character", param=name)
 
 
 def _instant(request: web.Request, name: str, default: datetime, *, end: bool = False) -> datetime:

@@ -35,6 +35,10 @@ class StoreOverloaded(StoreUnavailable):
     """The append queue stayed full for longer than the time bound."""
 
 
+class InvalidEvent(StoreError):
+    """An event PostgreSQL cannot store (a NUL character, say); fails only its own append."""
+
+
 class ConcurrencyError(StoreError):
     """An append lost the optimistic-concurrency race on its stream."""
 

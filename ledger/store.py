@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,7 +26,7 @@ import msgspec
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
-from ledger.errors import ConcurrencyError, StoreError, StoreOverloaded, StoreUnavailable
+from ledger.errors import ConcurrencyError, InvalidEvent, StoreError, StoreOverloaded, StoreUnavailable
 from ledger.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -194,6 +195,7 @@ class EventStore:
         """
         if not events:
             raise ValueError("append needs at least one event")
+        _check_storable(stream, events)
         if self._writer is None:
             raise StoreUnavailable("event store is closed")
         future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
@@ -295,6 +297,13 @@ class EventStore:
     async def _commit(self, batch: list[_Append]) -> None:
         try:
             await self._write(batch)
+        except asyncpg.DataError as e:
+            # One caller's bad value must not fail the others: retry one by one.
+            if len(batch) == 1:
+                _fail(batch[0], InvalidEvent(f"event cannot be stored: {_describe(e)}"))
+                return
+            for item in batch:
+                await self._commit([item])
         except asyncpg.UniqueViolationError:
             # Only reachable if a row got in without the append lock; fall back
             # to one transaction per caller so one conflict fails one caller.
@@ -427,6 +436,19 @@ class EventStore:
                     yield events
                     continue
                 await wake.wait(poll_interval_s)
+
+
+# A JSON-escaped NUL: \u0000 preceded by an even number of backslashes.
+NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _check_storable(stream: str, events: Sequence[NewEvent]) -> None:
+    """PostgreSQL text and jsonb cannot hold NUL characters: refuse them up front."""
+    if "\x00" in stream:
+        raise InvalidEvent("stream names cannot contain NUL characters")
+    for event in events:
+        if "\x00" in event.type or NUL_ESCAPE.search(event.data):
+            raise InvalidEvent(f"{event.type} event contains a NUL character, which cannot be stored")
 
 
 def _unavailable(item: _Append) -> bool:

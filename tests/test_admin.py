@@ -224,6 +224,8 @@ BAD_INPUTS: list[tuple[str, str, Any, int, str | None]] = [
     ("/tag/info", "names not a list", {"names": "a,b"}, 400, "names"),
     ("/tag/info", "empty names", {"names": []}, 400, "names"),
     ("/tag/info", "names with a number", {"names": ["a", 1]}, 400, "names[1]"),
+    ("/tag/new", "NUL in metadata", {"name": "x", "metadata": {"k": "a\u0000b"}}, 400, "body"),
+    ("/key/generate", "NUL in key metadata", {"metadata": {"k": "\u0000"}}, 400, "body"),
 ]
 
 

@@ -462,6 +462,12 @@ BAD_ATTRIBUTION: list[tuple[str, dict[str, Any], dict[str, str], str]] = [
     ),
     ("user not a string", {"user": 42}, {}, "user"),
     (
+        "NUL in metadata",
+        {"metadata": {"spend_logs_metadata": {"k": "a\x00b"}}},
+        {},
+        "metadata.spend_logs_metadata",
+    ),
+    (
         "header JSON invalid",
         {},
         {"x-ledger-spend-logs-metadata": "{oops"},

@@ -10,7 +10,7 @@ import asyncpg
 import msgspec
 import pytest
 
-from ledger.errors import ConcurrencyError, StoreUnavailable
+from ledger.errors import ConcurrencyError, InvalidEvent, StoreUnavailable
 from ledger.settings import Settings
 from ledger.store import EventStore, NewEvent, RecordedEvent
 
@@ -244,3 +244,17 @@ async def test_closed_store_refuses_appends(database_url: str) -> None:
 async def test_empty_append_is_refused(store: EventStore) -> None:
     with pytest.raises(ValueError, match="at least one event"):
         await store.append("e", 0, [])
+
+
+async def test_unstorable_event_fails_only_its_caller(store: EventStore) -> None:
+    bad = NewEvent("Tested", msgspec.json.encode({"note": "nul\x00here"}))
+    fine = NewEvent("Tested", msgspec.json.encode({"note": "a literal \\u0000 is fine"}))
+    results = await asyncio.gather(
+        store.append("nul-1", 0, [bad]), store.append("nul-2", 0, [fine]), return_exceptions=True
+    )
+    assert isinstance(results[0], InvalidEvent)
+    assert "NUL" in str(results[0])
+    assert isinstance(results[1], list)
+    assert await store.read_stream("nul-1") == []
+    with pytest.raises(InvalidEvent):
+        await store.append("nul\x00stream", 0, [fine])
