@@ -20,6 +20,7 @@ from gateway.errors import ApiError
 from gateway.keys import BUDGET_BOOK, COUNTERS, KEY_BOOK, METRICS, REQUEST_ID, STORE, TAGS
 from gateway.metrics import render
 from ledger import events as ev
+from ledger.alerts import forecast
 from ledger.apikeys import ApiKey, KeyNotFound
 from ledger.budgets import budget_of
 from ledger.money import from_nanos
@@ -46,6 +47,7 @@ class TagNew(msgspec.Struct, forbid_unknown_fields=True):
     budget_duration: str | None = None
     models: list[str] | None = None
     metadata: dict[str, Any] = {}
+    alert_thresholds: list[Decimal] | None = None
 
 
 class TagUpdate(msgspec.Struct, forbid_unknown_fields=True):
@@ -56,6 +58,7 @@ class TagUpdate(msgspec.Struct, forbid_unknown_fields=True):
     budget_duration: str | UnsetType | None = UNSET
     models: list[str] | UnsetType | None = UNSET
     metadata: dict[str, Any] | UnsetType = UNSET
+    alert_thresholds: list[Decimal] | UnsetType | None = UNSET
 
 
 class TagName(msgspec.Struct, forbid_unknown_fields=True):
@@ -83,6 +86,9 @@ class TagInfo(msgspec.Struct):
     request_count: int
     created_at: datetime | None
     updated_at: datetime | None
+    alert_thresholds: list[Decimal] = []
+    # at the window's burn rate so far, when the budget runs out (None: not this window)
+    forecast_exhausted_at: datetime | None = None
 
 
 class TagDeleted(msgspec.Struct):
@@ -180,6 +186,8 @@ async def tag_infos(request: web.Request, states: list[TagState]) -> list[TagInf
                 request_count=t.request_count if t else 0,
                 created_at=s.created_at,
                 updated_at=s.updated_at,
+                alert_thresholds=s.thresholds if s.has_budget else [],
+                forecast_exhausted_at=forecast(spend, s.max_budget, window_start, reset_at, now),
             )
         )
     return out
@@ -193,6 +201,7 @@ def _fields(body: TagNew | TagUpdate) -> ev.TagFields:
         budget_duration=body.budget_duration,
         models=body.models,
         metadata=body.metadata,
+        alert_thresholds=body.alert_thresholds,
     )
 
 

@@ -68,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     ops.append(rep)
 
     ops.append(sub.add_parser("verify", help="check views and counters against the event log"))
+    ops.append(sub.add_parser("notify", help="raise budget alerts and deliver them to the webhooks"))
+    rpt = sub.add_parser("report", help="spend per tag, user, model or metadata key, with sparklines")
+    rpt.add_argument("--by", default="tag", help="tag | user | model | metadata.<key>")
+    rpt.add_argument("--since", default="7d", help="how far back: Nd, Nh or Nw (default 7d)")
+    ops.append(rpt)
     cnt = sub.add_parser("counters", help="budget counters in Redis")
     cnt.add_argument("action", choices=("rebuild",))
     ops.append(cnt)
@@ -96,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _migrate_cmd(settings)
         if args.command == "mock-upstream":
             return _mock_upstream(args)
-        if args.command in ("projections", "replay", "verify", "counters"):
+        if args.command in ("projections", "replay", "verify", "counters", "notify", "report"):
             return _operate(settings, args)
     except SettingsError as e:
         print(f"ledger: configuration error: {e}", file=sys.stderr)
@@ -167,6 +172,12 @@ def _operate(settings: Settings, args: argparse.Namespace) -> int:
             return asyncio.run(commands.replay_command(s, names, until))
         if args.command == "verify":
             return asyncio.run(commands.verify(s))
+        if args.command == "notify":
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(commands.notify(s))
+            return 0
+        if args.command == "report":
+            return asyncio.run(commands.report(s, args.by, args.since))
         return asyncio.run(commands.counters_rebuild(s))
 
 
@@ -254,7 +265,14 @@ async def _serve(settings: Settings, *, dev: bool = False) -> int:
             from gateway.keys import STORE
             from projections.runtime import workers_context
 
-            contexts.append(workers_context(lambda a: a[STORE], settings.poll_interval_s))
+            contexts.append(
+                workers_context(
+                    lambda a: a[STORE],
+                    settings.poll_interval_s,
+                    webhooks=settings.webhooks,
+                    webhook_secret=settings.webhook_secret,
+                )
+            )
         app = create_app(settings, contexts)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()

@@ -31,6 +31,7 @@ class TagFields(msgspec.Struct, frozen=True, omit_defaults=True):
     budget_duration: str | UnsetType | None = UNSET
     models: list[str] | UnsetType | None = UNSET
     metadata: dict[str, Any] | UnsetType = UNSET
+    alert_thresholds: list[Decimal] | UnsetType | None = UNSET  # fractions of max_budget
 
 
 class TagCreated(msgspec.Struct, frozen=True, tag=True):
@@ -44,6 +45,7 @@ class TagCreated(msgspec.Struct, frozen=True, tag=True):
     metadata: dict[str, Any] = {}
     actor: str = "admin"
     request_id: str | None = None
+    alert_thresholds: list[Decimal] | None = None  # None: the default 0.5, 0.8, 1.0
 
 
 class TagUpdated(msgspec.Struct, frozen=True, tag=True):
@@ -150,7 +152,60 @@ RequestEvent = RequestAdmitted | SpendRecorded | RequestReleased | ReservationEx
 CHARGING_TYPES = ("SpendRecorded", "ReservationExpired")
 TERMINAL_TYPES = ("SpendRecorded", "ReservationExpired", "RequestReleased")
 
-Event = TagEvent | RequestEvent
+# ------------------------------------------------------------------- alerts
+
+
+class BudgetThresholdCrossed(msgspec.Struct, frozen=True, tag=True):
+    """A window's spend reached ``threshold`` x max_budget (or the soft budget).
+
+    Stream ``alert:<tag>:<window start>:<threshold|soft>``, version 1: exactly once
+    per tag, window and threshold, however many processes or replays try."""
+
+    tag: str
+    window_start: datetime
+    reset_at: datetime | None
+    threshold: Decimal | None  # None for the soft budget
+    kind: str  # "threshold" or "soft_budget"
+    spend: Decimal
+    max_budget: Decimal
+    soft_budget: Decimal | None = None
+    at: datetime | None = None
+
+
+class BudgetForecastExceeded(msgspec.Struct, frozen=True, tag=True):
+    """At the window's burn rate the budget runs out before it resets.
+
+    Stream ``forecast:<tag>:<window start>``, version 1: once per window."""
+
+    tag: str
+    window_start: datetime
+    reset_at: datetime
+    predicted_at: datetime
+    spend: Decimal
+    max_budget: Decimal
+    at: datetime | None = None
+
+
+class AlertDelivered(msgspec.Struct, frozen=True, tag=True):
+    alert_position: int
+    webhook: str
+    attempt: int
+    status: int
+
+
+class AlertDeliveryFailed(msgspec.Struct, frozen=True, tag=True):
+    alert_position: int
+    webhook: str
+    attempt: int
+    error: str
+    final: bool = False  # no more attempts
+
+
+AlertEvent = BudgetThresholdCrossed | BudgetForecastExceeded
+ALERT_TYPES = ("BudgetThresholdCrossed", "BudgetForecastExceeded")
+DeliveryEvent = AlertDelivered | AlertDeliveryFailed
+
+Event = TagEvent | RequestEvent | AlertEvent | DeliveryEvent
 
 _encoder = msgspec.json.Encoder()
 _decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)

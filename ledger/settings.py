@@ -51,6 +51,18 @@ class PriceOverride:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """Where budget alerts go: every alert, or those of some tags."""
+
+    name: str
+    url: str
+    tags: tuple[str, ...] = ()  # empty: every tag
+    format: str = "json"  # "json" or "slack"
+    max_attempts: int = 5
+    timeout_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     # Servers. None means "not configured": `ledger dev` then starts embedded ones.
     database_url: str | None = None
@@ -110,6 +122,11 @@ class Settings:
     default_max_tokens: int = 4096  # output bound for estimates when the request sets none
     image_token_bound: int = 2000  # input bound per image part
     price_overrides: tuple[PriceOverride, ...] = ()
+
+    # Alerts: webhooks, and the key their bodies are signed with (X-Ledger-Signature).
+    # Unset secret: one generated once and kept in the database.
+    webhooks: tuple[WebhookConfig, ...] = ()
+    webhook_secret: str | None = None
 
     config_file: Path | None = field(default=None, compare=False)
 
@@ -182,7 +199,7 @@ class Settings:
         return out
 
 
-_SECRET_FIELDS = frozenset({"admin_key", "user_hash_secret"})
+_SECRET_FIELDS = frozenset({"admin_key", "user_hash_secret", "webhook_secret"})
 
 
 def redact_url(url: str) -> str:
@@ -398,6 +415,34 @@ def _price_overrides(label: str, raw: Any) -> tuple[PriceOverride, ...]:
     return tuple(out)
 
 
+def _webhooks(label: str, raw: Any) -> tuple[WebhookConfig, ...]:
+    out = []
+    for i, item in enumerate(_json_list(label, raw)):
+        where = f"{label}[{i}]"
+        unknown = set(item) - {"name", "url", "tags", "format", "max_attempts", "timeout_s"}
+        if unknown:
+            raise SettingsError(f"{where} has unknown field(s) {sorted(unknown)}")
+        name = item.get("name")
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise SettingsError(f"{where}.name must be a lower-case name like 'ops'")
+        url = item.get("url")
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingsError(f"{where}.url must be an http(s) URL")
+        tags = item.get("tags", [])
+        if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
+            raise SettingsError(f"{where}.tags must be a list of tag names")
+        fmt = item.get("format", "json")
+        if fmt not in ("json", "slack"):
+            raise SettingsError(f"{where}.format must be json or slack")
+        attempts = _int(1, 50)(f"{where}.max_attempts", item.get("max_attempts", 5))
+        timeout = _float(0.1, 120)(f"{where}.timeout_s", item.get("timeout_s", 5.0))
+        out.append(WebhookConfig(name, url, tuple(tags), fmt, attempts, timeout))
+    if len({w.name for w in out}) != len(out):
+        raise SettingsError(f"{label} names a webhook twice")
+    return tuple(out)
+
+
 def _secret(minimum: int) -> Callable[[str, Any], str | None]:
     def parse(label: str, raw: Any) -> str | None:
         value = _optional_text(label, raw)
@@ -445,5 +490,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "default_max_tokens": _int(1, 10_000_000),
     "image_token_bound": _int(1, 1_000_000),
     "price_overrides": _price_overrides,
+    "webhooks": _webhooks,
+    "webhook_secret": _secret(16),
     "sweep_interval_s": _float(0.05, 3600),
 }

@@ -26,6 +26,7 @@ from ledger.store import EventStore, RecordedEvent
 from ledger.windows import LIFETIME, Duration, DurationError, Window, parse_duration, window_at
 
 MAX_NAME = 128
+DEFAULT_THRESHOLDS = (Decimal("0.5"), Decimal("0.8"), Decimal("1.0"))
 MAX_DESCRIPTION = 2000
 MAX_MODELS = 200
 MAX_METADATA_BYTES = 8 * 1024
@@ -117,6 +118,20 @@ def _validate_fields(fields: ev.TagFields, current: TagState | None) -> ev.TagFi
             changes["models"] = sorted(set(fields.models))
         else:
             changes["models"] = None
+    if fields.alert_thresholds is not UNSET:
+        if fields.alert_thresholds is not None:
+            values = []
+            for t in fields.alert_thresholds:
+                if not isinstance(t, Decimal) or not t.is_finite() or not Decimal(0) < t <= Decimal(10):
+                    raise InvalidTag(
+                        "alert_thresholds must be fractions of max_budget in (0, 10]", "alert_thresholds"
+                    )
+                values.append(t)
+            if len(values) > 10:
+                raise InvalidTag("alert_thresholds may list at most 10 thresholds", "alert_thresholds")
+            changes["alert_thresholds"] = sorted(set(values))
+        else:
+            changes["alert_thresholds"] = None
     if fields.metadata is not UNSET:
         if len(msgspec.json.encode(fields.metadata)) > MAX_METADATA_BYTES:
             raise InvalidTag(f"metadata must encode to at most {MAX_METADATA_BYTES} bytes", "metadata")
@@ -156,6 +171,7 @@ class TagState:
     budget_duration: str | None = None
     models: list[str] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    alert_thresholds: list[Decimal] | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
     # Windows of fixed durations are counted from here: creation or last duration change.
@@ -164,6 +180,10 @@ class TagState:
     @property
     def duration(self) -> Duration | None:
         return parse_duration(self.budget_duration) if self.budget_duration else None
+
+    @property
+    def thresholds(self) -> list[Decimal]:
+        return self.alert_thresholds if self.alert_thresholds is not None else list(DEFAULT_THRESHOLDS)
 
     @property
     def has_budget(self) -> bool:
@@ -190,6 +210,7 @@ class TagState:
                 budget_duration=event.budget_duration,
                 models=event.models,
                 metadata=dict(event.metadata),
+                alert_thresholds=event.alert_thresholds,
                 created_at=event.at,
                 updated_at=event.at,
                 anchor=event.at,
@@ -250,6 +271,7 @@ class TagService:
             budget_duration=_or_none(checked.budget_duration),
             models=_or_none(checked.models),
             metadata=checked.metadata if checked.metadata is not UNSET else {},
+            alert_thresholds=_or_none(checked.alert_thresholds),
             request_id=request_id,
         )
         try:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import datetime
+import re
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -149,4 +152,70 @@ async def counters_rebuild(settings: Settings) -> int:
             await client.aclose()
         await pool.close()
     console.print(f"rebuilt {n} live window counter(s) from the event log")
+    return 0
+
+
+async def notify(settings: Settings) -> None:
+    """Raise alerts and deliver them until cancelled (Ctrl-C)."""
+    from projections.runtime import alert_workers
+
+    store = await EventStore.open(settings)
+    workers = await alert_workers(store, settings.poll_interval_s, settings.webhooks, settings.webhook_secret)
+    names = ", ".join(w.projection.name for w in workers)
+    console.print(f"alert workers running: {names} (Ctrl-C to stop)")
+    try:
+        await asyncio.gather(*(w.run() for w in workers))
+    finally:
+        await store.close()
+
+
+_BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[Decimal]) -> str:
+    top = max(values, default=Decimal(0))
+    if top <= 0:
+        return _BARS[0] * len(values)
+    return "".join(_BARS[min(len(_BARS) - 1, int(v / top * (len(_BARS) - 1)))] for v in values)
+
+
+async def report(settings: Settings, by: str, since: str) -> int:
+    """Spend per group over the last days, a total and a daily sparkline per row."""
+    from ledger import queries
+
+    if not queries.valid_group(by):
+        console.print("[red]--by must be tag, user, model or metadata.<key>")
+        return 2
+    match = re.fullmatch(r"([1-9][0-9]{0,3})([hdw])", since)
+    if match is None:
+        console.print("[red]--since must look like 7d, 24h or 2w")
+        return 2
+    span = timedelta(**{{"h": "hours", "d": "days", "w": "weeks"}[match[2]]: int(match[1])})
+    end = datetime.now(UTC)
+    start = end - span
+    pool = await create_pool(settings)
+    try:
+        rows = await queries.spend_report(pool, group_by=by, interval="day", start=start, end=end)
+    finally:
+        await pool.close()
+    days = [(start + timedelta(days=i)).date() for i in range((end.date() - start.date()).days + 1)]
+    series: dict[str, dict[Any, Decimal]] = {}
+    counts: dict[str, int] = {}
+    for r in rows:
+        name = r["grp"] if r["grp"] is not None else "(none)"
+        series.setdefault(name, {})[r["period"]] = Decimal(r["spend"])
+        counts[name] = counts.get(name, 0) + int(r["requests"])
+    table = Table(title=f"spend by {by}, last {since}")
+    table.add_column(by)
+    table.add_column("spend (USD)", justify="right")
+    table.add_column("requests", justify="right")
+    table.add_column(f"daily, {days[0]:%m-%d} .. {days[-1]:%m-%d}")
+    ordered = sorted(series.items(), key=lambda kv: sum(kv[1].values()), reverse=True)
+    for name, per_day in ordered:
+        values = [per_day.get(d, Decimal(0)) for d in days]
+        table.add_row(str(name), f"{sum(values)}", str(counts[name]), sparkline(values))
+    total = sum((sum(v.values()) for v in series.values()), Decimal(0))
+    table.add_section()
+    table.add_row("total", f"{total}", str(sum(counts.values())), "")
+    console.print(table)
     return 0

@@ -24,6 +24,7 @@ import structlog
 from aiohttp import web
 
 from ledger.queries import projection_lag
+from ledger.settings import WebhookConfig
 from ledger.store import CHANNEL, EventStore, Notifications, RecordedEvent
 
 log = structlog.get_logger(__name__)
@@ -174,8 +175,32 @@ class Worker:
         return len(events)
 
 
+async def alert_workers(
+    store: EventStore,
+    poll_interval_s: float,
+    webhooks: tuple[WebhookConfig, ...],
+    webhook_secret: str | None,
+) -> list[Worker]:
+    """The alerting worker and one delivery worker per webhook."""
+    from ledger.privacy import stored_secret
+    from projections.alerts import Alerts
+    from projections.notify import Notifier
+
+    workers = [Worker(store, Alerts(store), poll_interval_s=poll_interval_s)]
+    if webhooks:
+        secret = webhook_secret.encode() if webhook_secret else await stored_secret(store.pool, "webhook")
+        workers += [
+            Worker(store, Notifier(store, w, secret), poll_interval_s=poll_interval_s) for w in webhooks
+        ]
+    return workers
+
+
 def workers_context(
-    store_of: Callable[[web.Application], EventStore], poll_interval_s: float = 1.0
+    store_of: Callable[[web.Application], EventStore],
+    poll_interval_s: float = 1.0,
+    *,
+    webhooks: tuple[WebhookConfig, ...] = (),
+    webhook_secret: str | None = None,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context that runs every projection's worker inside an aiohttp app.
 
@@ -187,6 +212,7 @@ def workers_context(
     async def context(app: web.Application) -> AsyncIterator[None]:
         store = store_of(app)
         workers = [Worker(store, make(), poll_interval_s=poll_interval_s) for make in PROJECTIONS.values()]
+        workers += await alert_workers(store, poll_interval_s, webhooks, webhook_secret)
         tasks = [asyncio.create_task(w.run(), name=f"projection-{w.projection.name}") for w in workers]
         yield
         for task in tasks:
