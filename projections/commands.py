@@ -46,7 +46,7 @@ async def status(settings: Settings) -> int:
     assert settings.database_url is not None
     pool = await create_pool(settings)
     try:
-        rows = await lag(pool, list(PROJECTIONS))
+        rows = await lag(pool)  # every worker with a checkpoint: views, alerts, notifiers
     finally:
         await pool.close()
     table = Table(title="projections")
