@@ -222,3 +222,13 @@ async def projection_lag(pool: asyncpg.Pool, names: list[str] | None = None) -> 
                 seconds = max(0.0, (datetime.now(UTC) - oldest).total_seconds())
         out.append(Lag(name, position, head, behind, seconds))
     return out
+
+
+async def recent_events(pool: asyncpg.Pool, types: list[str], limit: int) -> list[asyncpg.Record]:
+    """The newest events of some types (alerts for the dashboard)."""
+    return await pool.fetch(
+        "select position, stream, version, type, data::text as data, recorded_at from events "
+        "where type = any($1::text[]) order by position desc limit $2",
+        types,
+        limit,
+    )
