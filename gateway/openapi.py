@@ -173,6 +173,7 @@ def build() -> dict[str, Any]:
                 params=[*_DATES, ("tags", "comma-separated")],
             )
         },
+        "/alerts": {"get": _op("The newest budget alerts", "200", _ANY_ROWS, params=[("limit", "1-500")])},
         "/user/info": {
             "get": _op(
                 "One end user's spend",

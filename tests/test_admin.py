@@ -298,3 +298,17 @@ async def test_admin_key_in_query_string_is_refused(client: TestClient) -> None:
     r = await client.get(f"/tag/list?api_key={ADMIN_KEY}", headers=AUTH)
     assert r.status == 400
     assert (await r.json())["error"]["code"] == "credentials_in_url"
+
+
+async def test_every_admin_route_is_in_the_openapi_document(client: TestClient, app: web.Application) -> None:
+    r = await client.get("/openapi.json")
+    assert r.status == 200
+    spec = await r.json()
+    documented = {(path, method.upper()) for path, ops in spec["paths"].items() for method in ops}
+    for route in app.router.routes():
+        if access_of(route.handler) != ADMIN or route.method == "HEAD":
+            continue
+        path = route.resource.canonical if route.resource else ""
+        if path == "/metrics":
+            continue  # Prometheus text, not JSON
+        assert (path, route.method) in documented, f"{route.method} {path} is missing from /openapi.json"

@@ -43,7 +43,7 @@ def test_admin_api_conforms_to_its_spec(tmp_path: Path, report: list[Row]) -> No
             run()
     finally:
         cluster.stop()
-    assert operations >= 17  # every admin operation in the spec
+    assert operations >= 18  # every admin operation in the spec
     assert len(statuses) >= 1000, len(statuses)
     assert max(statuses) < 500
     report.append(
