@@ -8,8 +8,6 @@ keys in memory and refreshes them on NOTIFY, like the budget definitions.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import secrets
 from collections.abc import Callable
@@ -21,7 +19,8 @@ import msgspec
 import structlog
 
 from ledger.errors import ConcurrencyError, LedgerError
-from ledger.store import CHANNEL, EventStore, NewEvent, Notifications, RecordedEvent, payload_types
+from ledger.follow import FollowedCache
+from ledger.store import EventStore, NewEvent, RecordedEvent
 
 log = structlog.get_logger(__name__)
 
@@ -92,8 +91,10 @@ class ApiKey:
         return self.allowed_models is None or model in self.allowed_models
 
 
-class KeyBook:
+class KeyBook(FollowedCache):
     """Live API keys by hash, loaded from the log and kept fresh."""
+
+    types = KEY_EVENT_TYPES
 
     def __init__(
         self,
@@ -102,31 +103,12 @@ class KeyBook:
         poll_interval_s: float = 1.0,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
-        self.store = store
-        self.poll_interval_s = poll_interval_s
+        super().__init__(store, poll_interval_s=poll_interval_s)
         self.keys: dict[str, ApiKey] = {}
-        self.position = 0
         self.now = clock or (lambda: datetime.now(UTC))
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        await self.refresh()
-        self._task = asyncio.create_task(self._follow(), name="key-book")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def refresh(self) -> None:
-        while batch := await self.store.read_types(KEY_EVENT_TYPES, self.position, 1000):
-            for recorded in batch:
-                self._apply(_decode(recorded))
-                self.position = recorded.position
-
-    def _apply(self, event: KeyEvent) -> None:
+    def apply(self, recorded: RecordedEvent) -> None:
+        event = _decode(recorded)
         if isinstance(event, KeyGenerated):
             self.keys[event.key_hash] = ApiKey(
                 key_hash=event.key_hash,
@@ -139,16 +121,6 @@ class KeyBook:
             )
         else:
             self.keys.pop(event.key_hash, None)
-
-    async def _follow(self) -> None:
-        wanted = lambda payload: bool(payload_types(payload) & set(KEY_EVENT_TYPES))  # noqa: E731
-        async with Notifications(self.store.pool, CHANNEL, wanted) as wake:
-            while True:
-                await wake.wait(self.poll_interval_s)
-                try:
-                    await self.refresh()
-                except Exception as e:  # keep the last known keys
-                    log.warning("key_refresh_failed", error=str(e))
 
     def authenticate(self, secret: str) -> ApiKey | None:
         return self.keys.get(hash_key(secret))

