@@ -35,15 +35,19 @@ def forecast(
     if spend >= max_budget:
         return now
     seconds_left = float((max_budget - spend) / spend) * elapsed
-    predicted = now + timedelta(seconds=seconds_left)
-    return predicted if predicted < reset_at else None
+    if seconds_left >= (reset_at - now).total_seconds():
+        return None  # lasts past the reset (and a slow burn would overflow a datetime)
+    return now + timedelta(seconds=seconds_left)
 
 
 def _stamp(window: Window) -> int:
     return 0 if window == LIFETIME else int(window.start.timestamp())
 
 
-async def _once(store: EventStore, stream: str, event: ev.Event) -> bool:
+async def _once(store: EventStore, stream: str, event: ev.Event, raised: set[str]) -> bool:
+    if stream in raised:
+        return False  # known to exist: no need to ask the database again
+    raised.add(stream)
     try:
         await store.append(stream, 0, [ev.to_new(event)])
     except ConcurrencyError:
@@ -52,12 +56,19 @@ async def _once(store: EventStore, stream: str, event: ev.Event) -> bool:
 
 
 async def check_window(
-    store: EventStore, state: TagState, window: Window, before: Decimal, after: Decimal, now: datetime
+    store: EventStore,
+    state: TagState,
+    window: Window,
+    before: Decimal,
+    after: Decimal,
+    now: datetime,
+    raised: set[str] | None = None,
 ) -> int:
     """Append the alerts a window's spend moving from ``before`` to ``after`` raises."""
     assert state.max_budget is not None
+    raised = set() if raised is None else raised  # alert streams known to exist
     reset_at = None if window == LIFETIME else window.end
-    raised = 0
+    count = 0
     for threshold in state.thresholds:
         level = threshold * state.max_budget
         if before < level <= after:
@@ -72,7 +83,7 @@ async def check_window(
                 soft_budget=state.soft_budget,
                 at=now,
             )
-            raised += await _once(store, f"alert:{state.name}:{_stamp(window)}:{threshold}", event)
+            count += await _once(store, f"alert:{state.name}:{_stamp(window)}:{threshold}", event, raised)
     soft = state.soft_budget
     if soft is not None and before < soft <= after:
         event = ev.BudgetThresholdCrossed(
@@ -86,7 +97,7 @@ async def check_window(
             soft_budget=soft,
             at=now,
         )
-        raised += await _once(store, f"alert:{state.name}:{_stamp(window)}:soft", event)
+        count += await _once(store, f"alert:{state.name}:{_stamp(window)}:soft", event, raised)
     if reset_at is not None and after < state.max_budget:
         predicted = forecast(after, state.max_budget, window.start, reset_at, now)
         if predicted is not None:
@@ -99,5 +110,5 @@ async def check_window(
                 max_budget=state.max_budget,
                 at=now,
             )
-            raised += await _once(store, f"forecast:{state.name}:{_stamp(window)}", event2)
-    return raised
+            count += await _once(store, f"forecast:{state.name}:{_stamp(window)}", event2, raised)
+    return count

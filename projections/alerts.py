@@ -30,9 +30,16 @@ class Alerts(Projection):
         self.store = store
         self.definitions: dict[str, TagState] = {}
         self.spend: dict[tuple[str, datetime], Decimal] = {}
+        self.raised: set[str] = set()  # alert streams that exist: never appended again
 
     async def load(self, conn: asyncpg.Connection, position: int) -> None:
         self.definitions, self.spend = {}, {}
+        self.raised = {
+            r[0]
+            for r in await conn.fetch(
+                "select stream from events where type = any($1::text[])", list(ev.ALERT_TYPES)
+            )
+        }
         rows = await conn.fetch(
             "select position, stream, version, type, data::text, recorded_at from events "
             "where type = any($1::text[]) and position <= $2 order by position",
@@ -82,4 +89,4 @@ class Alerts(Projection):
                 self._define(r)
                 continue
             for state, window, before, after, at in self._charge(r):
-                await check_window(self.store, state, window, before, after, at)
+                await check_window(self.store, state, window, before, after, at, self.raised)

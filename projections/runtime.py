@@ -99,8 +99,8 @@ class Worker:
                 await self._run_active()
             except asyncio.CancelledError:
                 raise
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as e:
-                log.warning("projection_worker_error", projection=self.projection.name, error=str(e))
+            except Exception as e:  # a worker must never die quietly: log, stand down, retry
+                log.exception("projection_worker_error", projection=self.projection.name, error=str(e))
                 self.stats.active = False
                 await asyncio.sleep(self.standby_retry_s)
 

@@ -122,6 +122,8 @@ def test_forecast_of_a_synthetic_burn_is_within_5_percent() -> None:
     assert (
         forecast(Decimal("0.01"), Decimal(1), start, reset, start + timedelta(hours=12)) is None
     )  # slow burn
+    # a very slow burn on a big budget lasts past the reset (and must not overflow a datetime)
+    assert forecast(Decimal("0.00001"), Decimal(1000), start, reset, start + timedelta(hours=12)) is None
 
 
 async def test_forecast_alert_once_per_window(store: EventStore) -> None:

@@ -8,13 +8,14 @@ import platform
 import time
 
 from ledger import logs
-from tests.bench import bench_counters, bench_gateway, bench_replay, bench_store
+from tests.bench import bench_counters, bench_gateway, bench_lag, bench_replay, bench_store
 
 BENCHES = {
     "store": bench_store.main,
     "counters": bench_counters.main,
     "gateway": bench_gateway.main,
     "replay": bench_replay.main,
+    "lag": bench_lag.main,
 }
 
 
