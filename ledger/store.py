@@ -161,7 +161,13 @@ class EventStore:
         while not self._queue.empty():
             item = self._queue.get_nowait()
             _fail(item, StoreUnavailable("event store is closed"))
-        await self.pool.close()
+        # pool.close() waits for every connection to come back; a shutdown must
+        # not hang on one that never does.
+        try:
+            await asyncio.wait_for(self.pool.close(), 10)
+        except TimeoutError:
+            log.warning("pool_close_timed_out")
+            self.pool.terminate()
 
     @property
     def queue_depth(self) -> int:
@@ -547,11 +553,15 @@ class Notifications:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        # Bounded: a connection that stopped answering must not hang a shutdown.
         with contextlib.suppress(Exception):
             if not conn.is_closed():
-                await conn.remove_listener(self._channel, self._on_notify)
-        with contextlib.suppress(Exception):
-            await self._pool.release(conn)
+                await asyncio.wait_for(conn.remove_listener(self._channel, self._on_notify), 5)
+        try:
+            await asyncio.wait_for(self._pool.release(conn), 5)
+        except Exception:
+            with contextlib.suppress(Exception):
+                conn.terminate()
 
 
 async def create_pool(settings: Settings) -> asyncpg.Pool:

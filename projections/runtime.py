@@ -135,8 +135,10 @@ class Worker:
                         await asyncio.sleep(self.coalesce_s)
         finally:
             self.stats.active = False
-            with contextlib.suppress(Exception):
-                await conn.close()
+            try:  # a connection cancelled mid-statement may never answer a polite close
+                await asyncio.wait_for(conn.close(), 5)
+            except Exception:
+                conn.terminate()
 
     @property
     def store_dsn(self) -> str:
@@ -225,10 +227,14 @@ def workers_context(
         yield
         for task in tasks:
             task.cancel()
-        for task in tasks:
+        # bounded: shutdown must not hang on a worker stuck in the driver
+        done, pending = await asyncio.wait(tasks, timeout=10)
+        for task in done:
             # a worker cancelled mid-statement may surface the driver's error instead
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                task.result()
+        if pending:
+            log.warning("projection_workers_not_stopped", workers=len(pending))
 
     return context
 
