@@ -35,6 +35,7 @@ from ledger.apikeys import KeyBook
 from ledger.budgets import BudgetBook, rebuild_window_counters
 from ledger.counters import Counters, connect_redis
 from ledger.errors import StoreError
+from ledger.follow import cancelling
 from ledger.pricing import PriceBook
 from ledger.privacy import stored_secret
 from ledger.queries import projection_lag
@@ -133,6 +134,8 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
                 if report.expired or report.settled or report.dropped:
                     log.info("reservations_swept", **vars(report))
             except Exception as e:  # a sweep that fails is retried next interval
+                if cancelling():
+                    raise asyncio.CancelledError from e
                 log.warning("sweep_failed", error=str(e))
 
     task = asyncio.create_task(sweep_forever(), name="reservation-sweeper")
@@ -156,10 +159,13 @@ async def _lag_ctx(app: web.Application) -> AsyncIterator[None]:
     async def watch() -> None:
         metrics, pool = app[METRICS], app[STORE].pool
         while True:
-            with contextlib.suppress(Exception):  # metrics must never take the gateway down
+            try:
                 for row in await projection_lag(pool):
                     metrics.projection_lag_events.labels(row.name).set(row.events_behind)
                     metrics.projection_lag_seconds.labels(row.name).set(row.seconds_behind)
+            except Exception as e:  # metrics must never take the gateway down
+                if cancelling():
+                    raise asyncio.CancelledError from e
             await asyncio.sleep(2)
 
     task = asyncio.create_task(watch(), name="projection-lag")
@@ -181,6 +187,8 @@ async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
                 await app[REDIS].ping()
                 n = await rebuild_window_counters(app[BUDGET_BOOK], app[COUNTERS], datetime.now(UTC))
             except Exception as e:  # still down: try again shortly
+                if cancelling():
+                    raise asyncio.CancelledError from e
                 log.info("reconcile_waiting", error=str(e))
                 await asyncio.sleep(1)
                 continue

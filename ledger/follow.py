@@ -8,13 +8,19 @@ and API keys are such caches.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import structlog
 
 from ledger.store import CHANNEL, EventStore, Notifications, RecordedEvent, payload_types
 
 log = structlog.get_logger(__name__)
+
+
+def cancelling() -> bool:
+    """Whether the current task is being cancelled (asyncpg may surface a cancel
+    as a connection error; loops that swallow errors must not swallow that)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class FollowedCache:
@@ -36,8 +42,7 @@ class FollowedCache:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=5)  # bounded, whatever the driver does
             self._task = None
 
     async def refresh(self) -> int:
@@ -58,4 +63,6 @@ class FollowedCache:
                 try:
                     await self.refresh()
                 except Exception as e:  # keep serving the last known state
+                    if cancelling():
+                        raise asyncio.CancelledError from e  # the driver turned our cancel into an error
                     log.warning("cache_refresh_failed", cache=type(self).__name__, error=str(e))

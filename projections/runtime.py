@@ -23,6 +23,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from ledger.follow import cancelling
 from ledger.queries import projection_lag
 from ledger.settings import WebhookConfig
 from ledger.store import CHANNEL, EventStore, Notifications, RecordedEvent
@@ -102,6 +103,8 @@ class Worker:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a worker must never die quietly: log, stand down, retry
+                if cancelling():
+                    raise asyncio.CancelledError from e
                 log.exception("projection_worker_error", projection=self.projection.name, error=str(e))
                 self.stats.active = False
                 await asyncio.sleep(self.standby_retry_s)
