@@ -436,6 +436,25 @@ def _upstream_failure(e: BaseException, call: _Call) -> tuple[str, int, str]:
     return "upstream_unreachable", 502, f"upstream {name} could not be reached ({type(e).__name__})"
 
 
+async def _upstream_refused(
+    request: web.Request, call: _Call, status: int, data: bytes, content_type: str
+) -> web.Response:
+    """Release and record an upstream error status; pass it on, except the
+    upstream refusing the gateway's own credentials, which is a 502."""
+    await _release(request, call, f"upstream_status_{status}", status)
+    if status in (401, 403):
+        return error_response(
+            502,
+            f"upstream {call.upstream.name} refused the gateway's credentials ({status})",
+            type="upstream_error",
+            code="upstream_auth",
+            headers=_ledger_headers(call, None),
+        )
+    return web.Response(
+        status=status, body=data, headers={"Content-Type": content_type, **_ledger_headers(call, None)}
+    )
+
+
 async def _unary(request: web.Request, call: _Call) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     url = call.upstream.url(_PATHS[call.kind])
@@ -456,20 +475,7 @@ async def _unary(request: web.Request, call: _Call) -> web.StreamResponse:
             code, message, type="upstream_error", code=reason, headers=_ledger_headers(call, None)
         )
     if status >= 400:
-        await _release(request, call, f"upstream_status_{status}", status)
-        if status in (401, 403):  # the gateway's provider credentials, not the client's
-            return error_response(
-                502,
-                f"upstream {call.upstream.name} refused the gateway's credentials ({status})",
-                type="upstream_error",
-                code="upstream_auth",
-                headers=_ledger_headers(call, None),
-            )
-        return web.Response(
-            status=status,
-            body=data,
-            headers={"Content-Type": content_type, **_ledger_headers(call, None)},
-        )
+        return await _upstream_refused(request, call, status, data, content_type)
     try:
         answer = _answer_decoder.decode(data)  # validates it all, keeps only usage
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
@@ -523,23 +529,8 @@ async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
                 data = await _read_limited(resp, request.app[SETTINGS].max_response_bytes)
             except (aiohttp.ClientError, TimeoutError, _TooLarge):
                 data = b""
-            await _release(request, call, f"upstream_status_{resp.status}", resp.status)
-            if resp.status in (401, 403):
-                return error_response(
-                    502,
-                    f"upstream {call.upstream.name} refused the gateway's credentials ({resp.status})",
-                    type="upstream_error",
-                    code="upstream_auth",
-                    headers=_ledger_headers(call, None),
-                )
-            return web.Response(
-                status=resp.status,
-                body=data,
-                headers={
-                    "Content-Type": resp.headers.get("Content-Type", "application/json"),
-                    **_ledger_headers(call, None),
-                },
-            )
+            content_type = resp.headers.get("Content-Type", "application/json")
+            return await _upstream_refused(request, call, resp.status, data, content_type)
         return await _pipe(request, call, resp, client_wants_usage)
     finally:
         resp.release()

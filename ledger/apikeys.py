@@ -19,8 +19,9 @@ import msgspec
 import structlog
 
 from ledger.errors import ConcurrencyError, LedgerError
+from ledger.events import tagged, to_new
 from ledger.follow import FollowedCache
-from ledger.store import EventStore, NewEvent, RecordedEvent
+from ledger.store import EventStore, RecordedEvent
 
 log = structlog.get_logger(__name__)
 
@@ -46,7 +47,6 @@ class KeyDeleted(msgspec.Struct, frozen=True, tag=True):
 
 KeyEvent = KeyGenerated | KeyDeleted
 KEY_EVENT_TYPES = ("KeyGenerated", "KeyDeleted")
-_encoder = msgspec.json.Encoder()
 _decoder: msgspec.json.Decoder[KeyEvent] = msgspec.json.Decoder(KeyEvent)
 
 
@@ -66,15 +66,8 @@ def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def _to_new(event: KeyEvent) -> NewEvent:
-    raw = msgspec.to_builtins(event)
-    return NewEvent(raw.pop("type"), _encoder.encode(raw))
-
-
 def _decode(recorded: RecordedEvent) -> KeyEvent:
-    body = recorded.data[1:].lstrip()
-    sep = "" if body.startswith("}") else ","
-    return _decoder.decode(f'{{"type":"{recorded.type}"{sep}{body}')
+    return _decoder.decode(tagged(recorded))
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +143,7 @@ class KeyBook(FollowedCache):
             metadata=metadata or {},
             request_id=request_id,
         )
-        await self.store.append(f"key:{event.key_hash}", 0, [_to_new(event)])
+        await self.store.append(f"key:{event.key_hash}", 0, [to_new(event)])
         await self.refresh()
         return secret, self.keys[event.key_hash]
 
@@ -163,7 +156,7 @@ class KeyBook(FollowedCache):
             raise KeyNotFound("no such key", "key")
         stream = f"key:{key.key_hash}"
         try:
-            await self.store.append(stream, 1, [_to_new(KeyDeleted(key.key_hash, self.now(), request_id))])
+            await self.store.append(stream, 1, [to_new(KeyDeleted(key.key_hash, self.now(), request_id))])
         except ConcurrencyError:
             raise KeyNotFound("no such key (already deleted)", "key") from None
         await self.refresh()

@@ -212,7 +212,7 @@ _decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
 _tag_decoder: msgspec.json.Decoder[TagEvent] = msgspec.json.Decoder(TagEvent)
 
 
-def to_new(event: Event) -> NewEvent:
+def to_new(event: msgspec.Struct) -> NewEvent:
     """Encode an event for the store. The type lives in its own column, so the
     JSON payload carries the fields only."""
     raw = msgspec.to_builtins(event)
@@ -221,14 +221,14 @@ def to_new(event: Event) -> NewEvent:
 
 
 def decode(recorded: RecordedEvent) -> Event:
-    return _decoder.decode(_tagged(recorded))
+    return _decoder.decode(tagged(recorded))
 
 
 def decode_tag(recorded: RecordedEvent) -> TagEvent:
-    return _tag_decoder.decode(_tagged(recorded))
+    return _tag_decoder.decode(tagged(recorded))
 
 
-def _tagged(recorded: RecordedEvent) -> str:
+def tagged(recorded: RecordedEvent) -> str:
     """The payload with its type tag re-inserted, so msgspec can pick the Struct."""
     body = recorded.data[1:].lstrip()
     sep = "" if body.startswith("}") else ","

@@ -20,13 +20,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from ledger.budgets import BudgetBook, rebuild_window_counters
 from ledger.counters import Counters, connect_redis
 from ledger.settings import Settings
 from ledger.store import EventStore, create_pool
 from projections.replay import replay
 from projections.runtime import Worker, lag
 from projections.spend import PROJECTIONS, create
-from projections.verify import Report, rebuild_counters, verify_counters, verify_projection
+from projections.verify import Report, verify_counters, verify_projection
 
 console = Console(stderr=False)
 
@@ -139,18 +140,19 @@ async def verify(settings: Settings) -> int:
 
 
 async def counters_rebuild(settings: Settings) -> int:
-    assert settings.database_url is not None
     assert settings.redis_url is not None
-    pool = await create_pool(settings)
+    store = await EventStore.open(settings)
     client = connect_redis(settings.redis_url)
-    counters = Counters(client, pool)
+    counters = Counters(client, store.pool)
     try:
-        n = await rebuild_counters(counters)
+        book = BudgetBook(store)
+        await book.refresh()
+        n = await rebuild_window_counters(book, counters, datetime.now(UTC))
     finally:
         await counters.close()
         with contextlib.suppress(Exception):
             await client.aclose()
-        await pool.close()
+        await store.close()
     console.print(f"rebuilt {n} live window counter(s) from the event log")
     return 0
 

@@ -134,15 +134,3 @@ async def verify_counters(counters: Counters, report: Report) -> None:
                     f"the log says spent={want[0]} reserved={want[1]}",
                 )
             )
-
-
-async def rebuild_counters(counters: Counters) -> int:
-    """Recompute every live budget window counter from the log."""
-    now = datetime.now(UTC)
-    rebuilt = 0
-    for state in await live_budgets(counters.pool, now):
-        budget = budget_of(state, now)
-        await counters.redis.delete(budget.key)
-        await counters.rebuild(budget)
-        rebuilt += 1
-    return rebuilt

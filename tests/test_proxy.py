@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from gateway.keys import ADMISSION, BUDGET_BOOK, COUNTERS, KEY_BOOK, STORE, TAGS, USER_SECRET
+from gateway.keys import BUDGET_BOOK, COUNTERS, KEY_BOOK, STORE, TAGS, USER_SECRET
 from gateway.mock_upstream import REQUESTS, create_mock_app
 from ledger import events as ev
 from ledger.settings import ProviderConfig, Settings
@@ -546,4 +546,3 @@ async def test_metrics_and_admission_state(gateway: Gateway) -> None:
     assert "ledger_admit_latency_seconds_count 1.0" in text
     assert "ledger_event_writer_queue_depth" in text
     assert "ledger_projection_lag_events" in text
-    assert gateway.app[ADMISSION] is not None
