@@ -52,7 +52,7 @@ from gateway.keys import (
 from gateway.upstreams import Upstream
 from ledger.admission import Admitted, BudgetExceeded, DuplicateRequest
 from ledger.counters import CountersUnavailable
-from ledger.estimate import output_bound, prompt_bound, prompt_guess
+from ledger.estimate import BoundError, prompt_guess, request_bound
 from ledger.pricing import Price, Tokens
 
 log = structlog.get_logger("gateway.proxy")
@@ -262,19 +262,29 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
                 code="model_not_allowed_for_tag",
             )
     price = app[PRICES].lookup(upstream.price_provider, upstream_model)
-    if price is None:
-        budgeted = bool(book.budgets_for(attribution.tags, datetime.now(UTC)))
-        if settings.unpriced_policy == "deny" or (settings.unpriced_policy == "auto" and budgeted):
-            raise ApiError(
-                400,
-                f"model {model!r} has no known price, so budgets cannot be enforced on it; "
-                "add a price override (LEDGER_PRICE_OVERRIDES)",
-                param="model",
-                code="unpriced_model",
-            )
-    out_tokens = 0 if kind == _Kind.EMBEDDINGS else output_bound(body, settings.default_max_tokens)
-    bound = Tokens(prompt_bound(body, settings.image_token_bound), out_tokens)
-    estimate = price.cost(bound) if price is not None else Decimal(0)
+    budgeted = bool(book.budgets_for(attribution.tags, datetime.now(UTC)))
+    if price is None and (
+        settings.unpriced_policy == "deny" or (settings.unpriced_policy == "auto" and budgeted)
+    ):
+        raise ApiError(
+            400,
+            f"model {model!r} has no known price, so budgets cannot be enforced on it; "
+            "add a price override (LEDGER_PRICE_OVERRIDES)",
+            param="model",
+            code="unpriced_model",
+        )
+    try:
+        bound = request_bound(
+            kind, body, default_cap=settings.default_max_tokens, image_tokens=settings.image_token_bound
+        )
+    except BoundError as e:
+        raise ApiError(400, str(e), param=e.field, code="invalid_value") from None
+    if budgeted and bound.inject is not None:
+        # The client set no output cap: forward the one the estimate assumed, so
+        # the upstream cannot produce more than was reserved.
+        field, cap = bound.inject
+        body[field] = cap
+    estimate = price.cost(Tokens(bound.prompt, bound.completion)) if price is not None else Decimal(0)
 
     request_id = request[REQUEST_ID]
     structlog.contextvars.bind_contextvars(model=model, tags=attribution.tags)

@@ -2,15 +2,24 @@
 
 The prompt bound counts UTF-8 bytes of every text the model reads (a token is
 at least one byte) plus a per-message allowance; images count a configured
-bound each; tool definitions count as prompt. The output bound is the
-request's ``max_completion_tokens`` / ``max_tokens`` (or a configured cap),
-times ``n``. Reserving the bound and settling at the actual cost means a budget
-is never overshot by a request whose output respected its limit.
+bound each; tool definitions and response formats count as prompt.
+
+The output bound is the request's output cap times the number of completions
+the upstream generates (``n``; for legacy completions ``max(n, best_of)`` per
+prompt of a prompt list). When the client set no cap and a budget applies, the
+gateway forwards one (``max_completion_tokens``, or ``max_tokens`` for legacy
+completions), so the upstream can never produce more than was reserved.
+
+Caps and counts are validated here: a value the bound cannot trust (a float, a
+negative number, an absurd size) is a :class:`BoundError` naming the field
+rather than a guess. Numeric strings are accepted and forwarded as integers, so
+the upstream reads the same number the bound used.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -18,13 +27,43 @@ import msgspec
 _encoder = msgspec.json.Encoder()
 _PER_MESSAGE = 8
 _BASE = 16
+# Largest output cap the bound accepts: far above any model's context, far
+# below what could overflow a counter (see ledger/money.py).
+MAX_OUTPUT_CAP = 10_000_000
+MAX_CHOICES = 128  # OpenAI's limit for n and best_of
+MAX_PROMPTS = 2048  # legacy completions: prompts in one list
+
+CHAT = "chat"
+COMPLETIONS = "completions"
+EMBEDDINGS = "embeddings"
+
+
+class BoundError(ValueError):
+    """A request field the cost bound cannot trust; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field} {message}")
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """The most a request can consume: prompt and completion tokens.
+
+    ``inject`` is the output cap to forward when the client set none
+    (``(field, value)``), or None when the client's own cap is the bound.
+    """
+
+    prompt: int
+    completion: int
+    inject: tuple[str, int] | None = None
 
 
 def _text_bytes(value: Any, image_tokens: int) -> int:
     if isinstance(value, str):
         return len(value.encode())
     if isinstance(value, list):
-        if value and all(isinstance(v, int) for v in value):
+        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return len(value)  # pre-tokenized input: one token each
         return sum(_text_bytes(v, image_tokens) for v in value)
     if isinstance(value, dict):
@@ -55,12 +94,59 @@ def prompt_guess(body: dict[str, Any]) -> int:
     return max(1, math.ceil(prompt_bound(body, 85) / 4))
 
 
-def output_bound(body: dict[str, Any], default_cap: int) -> int:
-    cap = body.get("max_completion_tokens")
-    if not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0:
-        cap = body.get("max_tokens")
-    if not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0:
-        cap = default_cap
-    n = body.get("n")
-    choices = n if isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 128 else 1
-    return cap * choices
+def _whole(body: dict[str, Any], field: str, low: int, high: int) -> int | None:
+    """A positive whole number field (int or numeric string), normalised to int in
+    ``body``; None when absent or null."""
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+        body[field] = value  # forward exactly what the bound used
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BoundError(field, f"must be a whole number from {low} to {high}")
+    if not low <= value <= high:
+        raise BoundError(field, f"must be from {low} to {high}, got {value}")
+    return value
+
+
+def _prompt_count(body: dict[str, Any]) -> int:
+    """Prompts in a legacy completions request: a list of strings or of token
+    lists is one prompt each; anything else is one."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, list) or not prompt:
+        return 1
+    if all(isinstance(p, list) for p in prompt) or all(isinstance(p, str) for p in prompt):
+        if len(prompt) > MAX_PROMPTS:
+            raise BoundError("prompt", f"may list at most {MAX_PROMPTS} prompts")
+        return len(prompt)
+    return 1
+
+
+def request_bound(kind: str, body: dict[str, Any], *, default_cap: int, image_tokens: int) -> Bound:
+    """The upper bound of one request. May normalise numeric strings in ``body``."""
+    prompt = prompt_bound(body, image_tokens)
+    if kind == EMBEDDINGS:
+        return Bound(prompt, 0)
+    if kind == CHAT:
+        caps = [_whole(body, f, 1, MAX_OUTPUT_CAP) for f in ("max_completion_tokens", "max_tokens")]
+        given = [c for c in caps if c is not None]
+        n = _whole(body, "n", 1, MAX_CHOICES) or 1
+        choices = n
+        inject_field = "max_completion_tokens"
+        # Predicted outputs: rejected prediction tokens are billed as output.
+        extra = 0
+        prediction = body.get("prediction")
+        if isinstance(prediction, dict):
+            extra = _text_bytes(prediction.get("content"), 0) * n
+    else:
+        given = [c for c in [_whole(body, "max_tokens", 1, MAX_OUTPUT_CAP)] if c is not None]
+        n = _whole(body, "n", 1, MAX_CHOICES) or 1
+        best_of = _whole(body, "best_of", 1, MAX_CHOICES) or 1
+        choices = max(n, best_of) * _prompt_count(body)
+        inject_field = "max_tokens"
+        extra = 0
+    # Both caps given: the upstream honours one of them; bound by the larger.
+    cap = max(given) if given else default_cap
+    inject = None if given else (inject_field, default_cap)
+    return Bound(prompt, cap * choices + extra, inject)

@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from gateway.keys import BUDGET_BOOK, COUNTERS, KEY_BOOK, STORE, TAGS, USER_SECRET
+from gateway.keys import BUDGET_BOOK, COUNTERS, KEY_BOOK, SETTINGS, STORE, TAGS, USER_SECRET
 from gateway.mock_upstream import REQUESTS, create_mock_app
 from ledger import events as ev
 from ledger.settings import ProviderConfig, Settings
@@ -249,6 +249,34 @@ async def test_budget_of_one_cent_under_200_concurrent_requests(gateway: Gateway
     assert len(denials) == len(denied)
     # the header reports what the tightest budget has left
     assert all("x-ledger-budget-remaining" in h for h in admitted)
+
+
+async def test_a_request_without_an_output_cap_cannot_cost_more_than_it_reserved(gateway: Gateway) -> None:
+    """Reproduction of issue 10 item 3: with no max_tokens the upstream once produced far more
+    than the estimate assumed ($0.06 on a $0.01 budget). The gateway now forwards its cap."""
+    await gateway.budget("capped", "0.01")
+    raw = await gateway.sdk().chat.completions.with_raw_response.create(
+        **CHAT,
+        extra_headers={"x-ledger-tags": "capped"},
+        extra_body={"mock": {"completion_tokens": 1_000_000}},
+    )
+    forwarded = gateway.upstream_requests()[-1]["body"]
+    assert forwarded["max_completion_tokens"] == gateway.app[SETTINGS].default_max_tokens
+    [admitted, spent] = await gateway.request_events(raw.headers["x-ledger-request-id"])
+    assert isinstance(admitted, ev.RequestAdmitted)
+    assert isinstance(spent, ev.SpendRecorded)
+    assert spent.completion_tokens == gateway.app[SETTINGS].default_max_tokens
+    assert spent.cost <= admitted.estimate <= Decimal("0.01")
+    # without a budget nothing is injected: the client's request goes as it was sent
+    await gateway.sdk().chat.completions.create(**CHAT)
+    assert "max_completion_tokens" not in gateway.upstream_requests()[-1]["body"]
+
+
+async def test_output_fields_the_bound_cannot_trust_are_400s(gateway: Gateway) -> None:
+    for field, value in [("max_tokens", 2.5), ("n", 500), ("max_completion_tokens", -3)]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await gateway.sdk().chat.completions.create(**CHAT, extra_body={field: value})
+        assert caught.value.body["param"] == field  # type: ignore[index]
 
 
 async def test_models_restrictions(gateway: Gateway) -> None:
