@@ -31,6 +31,11 @@ class StoreUnavailable(StoreError):
     """PostgreSQL could not be reached (or did not answer) within the time bound."""
 
 
+class AppendOutcomeUnknown(StoreUnavailable):
+    """The append may or may not have committed (PostgreSQL went away, or the time
+    bound passed, during the commit). Read the stream to know."""
+
+
 class StoreOverloaded(StoreUnavailable):
     """The append queue stayed full for longer than the time bound."""
 

@@ -26,7 +26,14 @@ import msgspec
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
-from ledger.errors import ConcurrencyError, InvalidEvent, StoreError, StoreOverloaded, StoreUnavailable
+from ledger.errors import (
+    AppendOutcomeUnknown,
+    ConcurrencyError,
+    InvalidEvent,
+    StoreError,
+    StoreOverloaded,
+    StoreUnavailable,
+)
 from ledger.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -71,7 +78,43 @@ class _Append:
     stream: str
     expected_version: int | None
     events: Sequence[NewEvent]
+    # Resolved by the writer only, with the real outcome; callers never cancel it.
     future: asyncio.Future[list[int]]
+    # Set by a caller that gave up before the writer took the append: never written.
+    abandoned: bool = False
+    taken: bool = False
+
+
+class Pending:
+    """An append handed to the writer. ``wait()`` is what callers await; if they
+    give up (cancelled, timed out), ``outcome()`` still tells what happened: the
+    writer never commits an append after its caller gave up on it unless it had
+    already taken it, and then the outcome is recorded here."""
+
+    __slots__ = ("_item",)
+
+    def __init__(self, item: _Append) -> None:
+        self._item = item
+
+    async def wait(self) -> list[int]:
+        try:
+            return await asyncio.shield(self._item.future)
+        except asyncio.CancelledError:
+            if not self._item.taken:
+                self._item.abandoned = True  # the writer will skip it
+            raise
+
+    async def outcome(self) -> list[int]:
+        """The append's real outcome: positions, or the error. Raises
+        NotWritten if it was abandoned before being written."""
+        if self._item.abandoned and not self._item.taken:
+            raise NotWritten("append abandoned before it was written")
+        return await self._item.future
+
+
+class NotWritten(StoreUnavailable):
+    """The append was never written (abandoned by its caller, or failed before its
+    transaction began)."""
 
 
 @dataclass(slots=True)
@@ -199,6 +242,11 @@ class EventStore:
         append could not be made durable within the append timeout (the outcome
         is then unknown; retrying with the same expected version is safe).
         """
+        pending = await self.submit(stream, expected_version, events)
+        return await pending.wait()
+
+    async def submit(self, stream: str, expected_version: int | None, events: Sequence[NewEvent]) -> Pending:
+        """Queue an append for the writer and return its handle (see Pending)."""
         if not events:
             raise ValueError("append needs at least one event")
         _check_storable(stream, events)
@@ -218,9 +266,8 @@ class EventStore:
                 ) from None
         # Bounded without a timer per caller: the writer bounds every batch by
         # the append timeout and, when PostgreSQL is unavailable, fails the
-        # whole queue at once. A caller that gives up cancels only its own
-        # future; the writer skips futures that are already done.
-        return await future
+        # whole queue at once.
+        return Pending(item)
 
     async def append_now(
         self, stream: str, expected_version: int | None, events: Sequence[NewEvent]
@@ -257,13 +304,24 @@ class EventStore:
                 await asyncio.sleep(0)
                 if not self._take_queued(batch):
                     break
+            # Callers that gave up before now are never written; the rest are
+            # taken: from here on their outcome is decided by this commit.
+            skipped = [item for item in batch if item.abandoned]
+            batch = [item for item in batch if not item.abandoned]
+            for item in skipped:
+                _fail(item, NotWritten("append abandoned by its caller"))
+                self._queue.task_done()
+            for item in batch:
+                item.taken = True
+            if not batch:
+                continue
             try:
                 async with asyncio.timeout(self._append_timeout):
                     await self._commit(batch)
             except TimeoutError:
                 self._fail_batch(
                     batch,
-                    StoreUnavailable(
+                    AppendOutcomeUnknown(
                         f"append not confirmed within {self._append_timeout:g}s "
                         "(outcome unknown; retrying with the same expected version is safe)"
                     ),
@@ -280,7 +338,7 @@ class EventStore:
                 queued: list[_Append] = []
                 while not self._queue.empty():
                     queued.append(self._queue.get_nowait())
-                self._fail_batch(queued, StoreUnavailable("PostgreSQL unavailable; append not made"))
+                self._fail_batch(queued, NotWritten("PostgreSQL unavailable; append not made"))
                 for _ in queued:
                     self._queue.task_done()
 
@@ -318,12 +376,19 @@ class EventStore:
                 return
             for item in batch:
                 await self._commit([item])
+        except _NotStarted as e:
+            self.stats.failures += 1
+            self.stats.last_error = _describe(e.cause)
+            not_written = NotWritten(f"PostgreSQL unavailable: {_describe(e.cause)}")
+            for item in batch:
+                _fail(item, not_written)
         except _UNAVAILABLE as e:
+            # Lost during the transaction: the commit may have happened.
             self.stats.failures += 1
             self.stats.last_error = _describe(e)
-            err = StoreUnavailable(f"PostgreSQL unavailable: {_describe(e)}")
+            unknown = AppendOutcomeUnknown(f"PostgreSQL unavailable during the commit: {_describe(e)}")
             for item in batch:
-                _fail(item, err)
+                _fail(item, unknown)
         except asyncpg.PostgresError as e:
             self.stats.failures += 1
             self.stats.last_error = _describe(e)
@@ -332,7 +397,17 @@ class EventStore:
                 _fail(item, failure)
 
     async def _write(self, batch: list[_Append]) -> None:
-        async with self.pool.acquire(timeout=self._acquire_timeout) as conn, conn.transaction():
+        try:
+            conn = await self.pool.acquire(timeout=self._acquire_timeout)
+        except _UNAVAILABLE as e:
+            raise _NotStarted(e) from e
+        try:
+            await self._write_on(conn, batch)
+        finally:
+            await self.pool.release(conn)
+
+    async def _write_on(self, conn: PoolConnectionProxy[asyncpg.Record], batch: list[_Append]) -> None:
+        async with conn.transaction():
             # Invariant: every append holds this lock until commit, so the
             # versions read below cannot change before our insert, and
             # positions become visible in order (see sql/0001_events.sql).
@@ -455,6 +530,14 @@ def _check_storable(stream: str, events: Sequence[NewEvent]) -> None:
     for event in events:
         if "\x00" in event.type or NUL_ESCAPE.search(event.data):
             raise InvalidEvent(f"{event.type} event contains a NUL character, which cannot be stored")
+
+
+class _NotStarted(Exception):
+    """No connection: the transaction never began."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def _unavailable(item: _Append) -> bool:
