@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import structlog
 from aiohttp import web
@@ -19,7 +19,6 @@ from gateway.keys import (
     KEY_BOOK,
     METRICS,
     PRICES,
-    RECONCILE,
     REDIS,
     SETTINGS,
     STORE,
@@ -32,7 +31,7 @@ from gateway.middlewares import errors, request_context
 from gateway.upstreams import Upstreams
 from ledger.admission import Admission
 from ledger.apikeys import KeyBook
-from ledger.budgets import BudgetBook, rebuild_window_counters
+from ledger.budgets import BudgetBook
 from ledger.counters import Counters, connect_redis
 from ledger.errors import StoreError
 from ledger.follow import cancelling
@@ -105,7 +104,11 @@ async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
     app[COUNTERS] = counters
     app[TAGS] = TagService(store)
     app[ADMISSION] = Admission(
-        store, counters, book, reservation_ttl=timedelta(seconds=settings.reservation_ttl_s)
+        store,
+        counters,
+        book,
+        reservation_ttl=timedelta(seconds=settings.reservation_ttl_s),
+        on_redis_down="allow" if settings.on_redis_down == "allow" else "deny",
     )
     keys = KeyBook(store, poll_interval_s=settings.poll_interval_s)
     await keys.start()
@@ -176,24 +179,24 @@ async def _lag_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
-    """After requests were admitted without Redis, rebuild every live window
-    counter from the log as soon as Redis answers again."""
-    flag = app[RECONCILE] = asyncio.Event()
+    """Requests admitted while Redis was down (policy allow) get their reservation
+    or their charge into the counters as soon as Redis answers again."""
+    admission = app[ADMISSION]
 
     async def reconcile() -> None:
         while True:
-            await flag.wait()
+            await asyncio.sleep(1)
+            if not admission.unreconciled:
+                continue
             try:
                 await app[REDIS].ping()
-                n = await rebuild_window_counters(app[BUDGET_BOOK], app[COUNTERS], datetime.now(UTC))
+                waiting = await admission.reconcile()
             except Exception as e:  # still down: try again shortly
                 if cancelling():
                     raise asyncio.CancelledError from e
                 log.info("reconcile_waiting", error=str(e))
-                await asyncio.sleep(1)
                 continue
-            flag.clear()
-            log.warning("counters_reconciled", rebuilt=n)
+            log.warning("counters_reconciled", waiting=waiting)
 
     task = asyncio.create_task(reconcile(), name="counter-reconcile")
     yield

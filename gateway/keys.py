@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import redis.asyncio as redis
 from aiohttp import web
 
@@ -31,7 +29,6 @@ PRICES = web.AppKey("prices", PriceBook)
 METRICS = web.AppKey("metrics", Metrics)
 USER_SECRET = web.AppKey("user_secret", bytes)
 # set when requests were admitted without Redis: counters must be rebuilt from the log
-RECONCILE = web.AppKey("reconcile", asyncio.Event)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 API_KEY: web.RequestKey[ApiKey | None] = web.RequestKey("api_key")

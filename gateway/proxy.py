@@ -43,7 +43,6 @@ from gateway.keys import (
     BUDGET_BOOK,
     METRICS,
     PRICES,
-    RECONCILE,
     REQUEST_ID,
     SETTINGS,
     UPSTREAMS,
@@ -51,11 +50,12 @@ from gateway.keys import (
 )
 from gateway.upstreams import Upstream
 from ledger.admission import Admitted, BudgetExceeded, DuplicateRequest
-from ledger.counters import CountersUnavailable
-from ledger.estimate import BoundError, prompt_guess, request_bound
+from ledger.estimate import Bound, BoundError, prompt_guess, request_bound
 from ledger.pricing import Price, Tokens
 
 log = structlog.get_logger("gateway.proxy")
+# Token counts beyond this are not usage but an upstream fault: clamped (and flagged).
+MAX_RECORDED_TOKENS = 10**12
 routes = web.RouteTableDef()
 
 _encoder = msgspec.json.Encoder()
@@ -105,6 +105,7 @@ class _Call:
     body: dict[str, Any]
     admitted: Admitted
     started: float
+    bound: Bound
 
 
 # ------------------------------------------------------------------ routes
@@ -194,15 +195,26 @@ def _parse(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _denied(denied: BudgetExceeded) -> web.Response:
+def _denied(denied: BudgetExceeded, capped_by_default: bool) -> web.Response:
     reset = denied.reset_at
     retry_after = (
         max(1, math.ceil((reset - datetime.now(UTC)).total_seconds())) if reset is not None else None
     )
     when = f"; resets at {reset.isoformat()}" if reset is not None else "; it never resets"
+    room = max(Decimal(0), denied.limit - denied.spent - denied.reserved)
+    if denied.estimate > room and denied.spent + denied.reserved < denied.limit:
+        # Not spent out: this request's upper bound does not fit what is left.
+        hint = f"; this request could cost up to ${denied.estimate} and ${room} is left" + (
+            " (no max_tokens was set, so the bound assumes the default output cap: "
+            "set max_tokens or max_completion_tokens, or raise the budget)"
+            if capped_by_default
+            else " (lower max_tokens, or raise the budget)"
+        )
+    else:
+        hint = ""
     message = (
         f"budget exceeded for tag {denied.tag!r}: spent ${denied.spent} "
-        f"(+${denied.reserved} in flight) of ${denied.limit}{when}"
+        f"(+${denied.reserved} in flight) of ${denied.limit}{when}{hint}"
     )
     headers = {"x-should-retry": "false"}
     if retry_after is not None:
@@ -217,6 +229,7 @@ def _denied(denied: BudgetExceeded) -> web.Response:
             "max_budget": str(denied.limit),
             "spend": str(denied.spent),
             "reserved": str(denied.reserved),
+            "estimate": str(denied.estimate),
             "reset_at": reset.isoformat() if reset is not None else None,
         }
     }
@@ -291,18 +304,16 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
     started = time.perf_counter()
     admission = app[ADMISSION]
     try:
-        try:
-            outcome: Admitted | BudgetExceeded = await admission.admit(
-                request_id, attribution.tags, estimate, model=model
-            )
-        except CountersUnavailable:
-            if settings.on_redis_down != "allow":
-                # every decision is recorded, this one too; then 503 (middleware)
-                await admission.record_refusal(request_id, attribution.tags, model, "redis_unavailable")
-                raise
-            outcome = await admission.admit_unreserved(request_id, attribution.tags, estimate, model=model)
-            app[RECONCILE].set()  # rebuild the counters from the log once Redis is back
-            structlog.contextvars.bind_contextvars(unreserved=True)
+        # Redis down: the policy (LEDGER_ON_REDIS_DOWN) is applied inside; under
+        # "deny" it raises CountersUnavailable (a 503, recorded).
+        outcome: Admitted | BudgetExceeded = await admission.admit(
+            request_id,
+            attribution.tags,
+            estimate,
+            model=model,
+            user_hash=attribution.user_hash,
+            metadata=attribution.metadata,
+        )
     except DuplicateRequest as e:
         raise ApiError(
             409,
@@ -316,7 +327,9 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
     if isinstance(outcome, BudgetExceeded):
         metrics.denials.inc()
         structlog.contextvars.bind_contextvars(denied_by=outcome.tag)
-        return _denied(outcome)
+        return _denied(outcome, bound.inject is not None)
+    if not outcome.reserved and outcome.budgets:
+        structlog.contextvars.bind_contextvars(unreserved=True)
 
     body["model"] = upstream_model
     call = _Call(
@@ -330,6 +343,7 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
         body,
         outcome,
         started,
+        bound,
     )
     if kind != _Kind.EMBEDDINGS and body.get("stream") is True:
         return await _stream(request, call)
@@ -357,11 +371,12 @@ def _tokens(usage: Any) -> Tokens | None:
         return None
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
-    return Tokens(max(0, prompt), max(0, completion), cached if isinstance(cached, int) else 0)
+    cached = cached if isinstance(cached, int) and not isinstance(cached, bool) else 0
+    return Tokens(max(0, prompt), max(0, completion), max(0, cached))
 
 
 async def _release(request: web.Request, call: _Call, reason: str, status: int | None) -> None:
-    await request.app[ADMISSION].release(call.admitted, reason, status)
+    await request.app[ADMISSION].release(call.admitted, reason, status, wait_settle=False)
     request.app[METRICS].requests.labels(call.kind, str(status or 502)).inc()
     structlog.contextvars.bind_contextvars(released=reason)
 
@@ -376,13 +391,20 @@ async def _record(
     source: str,
 ) -> Decimal:
     """SpendRecorded (durable before this returns), then the counters settle."""
+    clamped = False
+    reported: tuple[int, int] | None = None
     if tokens is None:
         cost, source = call.admitted.estimate, "estimate"
         tokens = Tokens()
     else:
+        raw = tokens
+        tokens, clamped = _within_bound(call, raw)
+        if clamped:
+            reported = (raw.prompt, raw.completion)
+            log.warning("usage_clamped", reported=reported, charged=(tokens.prompt, tokens.completion))
         cost = call.price.cost(tokens) if call.price is not None else Decimal(0)
-    latency_ms = round((time.perf_counter() - call.started) * 1000, 3)
-    await request.app[ADMISSION].record_spend(
+    latency_ms = round((time.perf_counter() - call.started) * 1000, 1)
+    recorded = await request.app[ADMISSION].record_spend(
         call.admitted,
         cost,
         wait_settle=False,
@@ -398,13 +420,29 @@ async def _record(
         streamed=streamed,
         unpriced=call.price is None,
         usage_source=source,
+        usage_clamped=clamped,
+        reported_prompt_tokens=reported[0] if reported else None,
+        reported_completion_tokens=reported[1] if reported else None,
     )
     metrics = request.app[METRICS]
     metrics.requests.labels(call.kind, str(status)).inc()
-    metrics.cost.inc(float(cost))
+    metrics.cost.inc(float(recorded.cost))
     metrics.upstream_latency.labels(call.upstream.name).observe(latency_ms / 1000)
-    structlog.contextvars.bind_contextvars(cost=str(cost), latency_ms=latency_ms)
-    return cost
+    structlog.contextvars.bind_contextvars(cost=str(recorded.cost), latency_ms=latency_ms)
+    return recorded.cost
+
+
+def _within_bound(call: _Call, reported: Tokens) -> tuple[Tokens, bool]:
+    """The usage to charge: what the upstream reported, but never more than the
+    request could use once a budget applies (that bound was reserved, and the
+    gateway forwarded its output cap), and never beyond what can be stored."""
+    prompt_cap = completion_cap = MAX_RECORDED_TOKENS
+    if call.admitted.budgets:
+        prompt_cap, completion_cap = call.bound.prompt, call.bound.completion
+    prompt = min(reported.prompt, prompt_cap, MAX_RECORDED_TOKENS)
+    completion = min(reported.completion, completion_cap, MAX_RECORDED_TOKENS)
+    tokens = Tokens(prompt, completion, min(reported.cached, prompt))
+    return tokens, (tokens.prompt, tokens.completion) != (reported.prompt, reported.completion)
 
 
 def _ledger_headers(call: _Call, cost: Decimal | None) -> dict[str, str]:

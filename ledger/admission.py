@@ -1,16 +1,25 @@
 """Admission: reserve, then settle — the budget side of every request.
 
-1. ``admit`` checks every budgeted tag in one Redis call and reserves the
-   estimate on all of them or none; an admitted request is appended to the log
-   as ``RequestAdmitted`` (version 1 of ``request:<id>``) before it may go on.
+1. ``admit`` checks every budget of the request in one Redis call and reserves
+   the estimate on all of them or none; the admission is appended to the log as
+   ``RequestAdmitted`` (version 1 of ``request:<id>``); then it confirms that
+   every counter still holds the reservation (a counter lost and rebuilt in
+   between would not) — only then may the request go on.
 2. ``record_spend`` appends ``SpendRecorded`` (version 2) and only then settles
    the counters at the actual cost. ``release`` does the same with
    ``RequestReleased`` for a request that never cost anything.
-3. ``sweep`` finds reservations past their deadline. Their request stream
-   decides: if a terminal event exists, the counters are settled from it;
-   otherwise ``ReservationExpired`` charges the estimate. The stream's version
-   check makes the terminal event unique even when a late gateway and the
-   sweeper race.
+3. ``sweep`` finds reservations past their deadline, from the log (every
+   admission without a terminal event, whatever happened to Redis) and from
+   Redis's index (reservations whose admission never reached the log). Their
+   request stream decides: a terminal event is settled from; an admission alone
+   is charged at its estimate (``ReservationExpired``); nothing at all means the
+   reservation is given back. The stream's version check makes the terminal
+   event unique even when a late gateway and several sweepers race.
+
+An admission whose commit outcome is unknown (PostgreSQL went away, the caller
+was cancelled) is never silently dropped: a task waits for the outcome and
+releases it (the request never went upstream), or gives the reservation back if
+it never reached the log.
 """
 
 from __future__ import annotations
@@ -18,28 +27,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
 from ledger import events as ev
-from ledger.budgets import BudgetBook, budget_of
-from ledger.counters import Budget, Counters, Denied
-from ledger.errors import ConcurrencyError, LedgerError
+from ledger.budgets import BudgetBook, window_ref
+from ledger.counters import Budget, Counters, CountersUnavailable, Denied
+from ledger.counters.log import expired_reservations
+from ledger.errors import AppendOutcomeUnknown, ConcurrencyError, LedgerError, StoreError, StoreUnavailable
 from ledger.money import from_nanos, to_nanos
-from ledger.store import EventStore
+from ledger.store import EventStore, NotWritten, Pending
 
 log = structlog.get_logger(__name__)
+
+RedisDownPolicy = Literal["deny", "allow"]
 
 
 class DuplicateRequest(LedgerError):
     """This request id was admitted before; it is never charged twice."""
 
-    def __init__(self, request_id: str) -> None:
-        super().__init__(f"request id {request_id!r} was already used")
+    def __init__(self, request_id: str, detail: str = "") -> None:
+        super().__init__(f"request id {request_id!r} was already used{detail}")
         self.request_id = request_id
 
 
@@ -53,6 +65,7 @@ class Admitted:
     position: int  # of RequestAdmitted
     model: str | None = None
     remaining_nanos: int | None = None  # tightest budget's room after the reservation
+    reserved: bool = True  # False: admitted while Redis was down (policy "allow")
 
     def remaining_after(self, cost: Decimal) -> Decimal | None:
         """The tightest budget's room once this request is charged ``cost``."""
@@ -63,7 +76,12 @@ class Admitted:
 
     @property
     def budget_tags(self) -> list[str]:
-        return [b.tag for b in self.budgets]
+        return [b.name for b in self.budgets if b.subject.startswith("tag:")]
+
+    @property
+    def held(self) -> tuple[Budget, ...]:
+        """The counters this request reserved on."""
+        return self.budgets if self.reserved else ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,18 +100,38 @@ class BudgetExceeded:
 
     @property
     def tag(self) -> str:
-        return self.budget.tag
+        return self.budget.name
 
     @property
     def reset_at(self) -> datetime | None:
         return self.budget.reset_at
 
 
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """The terminal event of a request: where, and what it charged."""
+
+    position: int
+    cost: Decimal
+    superseded: bool = False  # a sweeper recorded the request first (charged its estimate)
+
+
 @dataclass(slots=True)
 class SweepReport:
     expired: int = 0  # charged at their estimate
     settled: int = 0  # a terminal event existed; counters caught up
-    dropped: int = 0  # never reached the log
+    dropped: int = 0  # never reached the log: reservation given back
+    failed: int = 0  # raised; retried next pass
+
+
+class AdmissionHooks:
+    """Test seams, awaited at the named points of ``admit`` (defaults do nothing)."""
+
+    async def after_reserve(self, request_id: str) -> None:
+        """Reserved in Redis; RequestAdmitted not appended yet."""
+
+    async def after_append(self, request_id: str) -> None:
+        """RequestAdmitted committed; not confirmed yet."""
 
 
 class Admission:
@@ -103,15 +141,24 @@ class Admission:
         counters: Counters,
         book: BudgetBook,
         *,
-        reservation_ttl: timedelta = timedelta(minutes=10),
+        reservation_ttl: timedelta = timedelta(minutes=15),
         clock: Callable[[], datetime] | None = None,
+        on_redis_down: RedisDownPolicy = "deny",
+        hooks: AdmissionHooks | None = None,
     ) -> None:
         self.store = store
         self.counters = counters
         self.book = book
         self.reservation_ttl = reservation_ttl
         self.now = clock or (lambda: datetime.now(UTC))
-        self._background: set[asyncio.Task[bool]] = set()
+        self.on_redis_down = on_redis_down
+        self.hooks = hooks or AdmissionHooks()
+        self._background: set[asyncio.Task[Any]] = set()
+        # Admitted without a reservation (Redis down, policy allow): to confirm or
+        # settle once Redis answers again (see reconcile).
+        self.unreconciled: dict[str, Admitted] = {}
+
+    # ------------------------------------------------------------- admit
 
     async def admit(
         self,
@@ -120,88 +167,121 @@ class Admission:
         estimate: Decimal,
         *,
         model: str | None = None,
+        user_hash: str | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> Admitted | BudgetExceeded:
+        """Reserve, record, confirm. Raises DuplicateRequest, CountersUnavailable
+        (Redis down under the deny policy), StoreUnavailable."""
         now = self.now()
+        tags = list(dict.fromkeys(tags))
         budgets = self.book.budgets_for(tags, now)
         estimate_nanos = to_nanos(estimate)
         deadline = now + self.reservation_ttl
-        outcome = await self.counters.reserve(
-            request_id,
-            budgets,
-            estimate_nanos,
-            deadline,
-            reservation_ttl_s=int(self.reservation_ttl.total_seconds() * 3),
-        )
-        if isinstance(outcome, Denied):
-            denied = BudgetExceeded(
-                request_id,
-                outcome.budget,
-                from_nanos(outcome.spent_nanos),
-                from_nanos(outcome.reserved_nanos),
-                estimate,
-            )
-            await self._record_denial(denied, tags, model, now)
-            return denied
-        if outcome.duplicate:
-            raise DuplicateRequest(request_id)
+        remaining: int | None = None
+        reserved = bool(budgets)
+        keys = [b.key for b in budgets]
+        if budgets:
+            try:
+                outcome = await self.counters.reserve(request_id, budgets, estimate_nanos, deadline)
+            except CountersUnavailable:
+                if self.on_redis_down != "allow":
+                    await self.record_refusal(request_id, tags, model, "redis_unavailable")
+                    raise
+                outcome = None
+                reserved = False
+            except asyncio.CancelledError:
+                # The script may have run: give back whatever it took (a no-op otherwise).
+                self._spawn(self._give_back(request_id, keys))
+                raise
+            if isinstance(outcome, Denied):
+                denied = self._exceeded(request_id, outcome, estimate)
+                await self._record_denial(denied, tags, model, now, user_hash, metadata)
+                return denied
+            if outcome is not None:
+                if outcome.duplicate:
+                    raise DuplicateRequest(request_id, " and is still in flight")
+                remaining = outcome.remaining_nanos
         event = ev.RequestAdmitted(
             request_id=request_id,
             at=now,
             estimate=estimate,
             deadline=deadline,
-            tags=list(dict.fromkeys(tags)),
-            budget_tags=[b.tag for b in budgets],
+            tags=tags,
+            budget_tags=[b.name for b in budgets],
             model=model,
+            unreserved=bool(budgets) and not reserved,
+            windows=[window_ref(b) for b in budgets] if reserved else [],
         )
+        admitted = Admitted(
+            request_id, now, estimate, tuple(tags), tuple(budgets), 0, model, remaining, reserved
+        )
+        stream = ev.stream_of_request(request_id)
         try:
-            [position] = await self.store.append(ev.stream_of_request(request_id), 0, [ev.to_new(event)])
-        except ConcurrencyError:
-            # Redis forgot a settled request (its marker expired or was flushed)
-            # but the log did not: the id was used. Give the reservation back.
-            await self.counters.drop_unlogged(request_id, budgets, estimate_nanos)
-            raise DuplicateRequest(request_id) from None
+            if admitted.held:
+                await self.hooks.after_reserve(request_id)
+            pending = await self.store.submit(stream, 0, [ev.to_new(event)])
         except BaseException:
-            # Not recorded (store down, cancelled): nothing may go upstream, so
-            # the reservation goes back at once instead of waiting for the sweeper.
-            with contextlib.suppress(Exception):
-                await self.counters.drop_unlogged(request_id, budgets, estimate_nanos)
+            # Never queued (store closed, queue full, cancelled): nothing can commit it.
+            if admitted.held:
+                self._spawn(self._give_back(request_id, keys))
             raise
-        return Admitted(
-            request_id,
-            now,
-            estimate,
-            tuple(event.tags),
-            tuple(budgets),
-            position,
-            model,
-            outcome.remaining_nanos,
-        )
-
-    async def admit_unreserved(
-        self, request_id: str, tags: Sequence[str], estimate: Decimal, *, model: str | None = None
-    ) -> Admitted:
-        """Admit without a reservation (Redis is down and the policy says allow).
-
-        The admission is in the log, so counters rebuilt from it count it; the
-        caller asks for that rebuild once Redis answers again.
-        """
-        now = self.now()
-        budgets = self.book.budgets_for(tags, now)
-        event = ev.RequestAdmitted(
-            request_id=request_id,
-            at=now,
-            estimate=estimate,
-            deadline=now + self.reservation_ttl,
-            tags=list(dict.fromkeys(tags)),
-            budget_tags=[b.tag for b in budgets],
-            model=model,
-            unreserved=True,
-        )
         try:
-            [position] = await self.store.append(ev.stream_of_request(request_id), 0, [ev.to_new(event)])
+            [position] = await pending.wait()
         except ConcurrencyError:
-            raise DuplicateRequest(request_id) from None
-        return Admitted(request_id, now, estimate, tuple(event.tags), tuple(budgets), position, model)
+            # The log has this id already (Redis had forgotten it): give the reservation back.
+            if admitted.held:
+                await self.counters.release_orphan(request_id, keys, 0)
+            raise DuplicateRequest(request_id, await self._fate(stream)) from None
+        except BaseException:
+            # Outcome unknown (or cancelled): never silently dropped.
+            self._spawn(self._resolve(admitted, pending))
+            raise
+        admitted = _with_position(admitted, position)
+        try:
+            await self.hooks.after_append(request_id)
+            if not admitted.held:
+                if budgets:
+                    self.unreconciled[request_id] = admitted
+                return admitted
+            lost = await self.counters.confirm(request_id, budgets, estimate_nanos, position, now)
+        except CountersUnavailable:
+            if self.on_redis_down == "allow":
+                self.unreconciled[request_id] = admitted
+                return admitted
+            self._spawn(self._release_quietly(admitted, "admission_unconfirmed"))
+            raise
+        except BaseException:
+            # Recorded, but it will not go upstream: release it rather than let the
+            # sweeper charge its estimate.
+            self._spawn(self._release_quietly(admitted, "admission_unconfirmed"))
+            raise
+        if lost is not None:
+            # A counter was lost and rebuilt without this reservation, and others took
+            # the room meanwhile: refuse now, before anything goes upstream.
+            denied = self._exceeded(request_id, lost, estimate)
+            await self.release(admitted, "budget_recheck")
+            await self._record_denial(denied, tags, model, now, user_hash, metadata, reason="budget_recheck")
+            return denied
+        return admitted
+
+    def _exceeded(self, request_id: str, denied: Denied, estimate: Decimal) -> BudgetExceeded:
+        return BudgetExceeded(
+            request_id,
+            denied.budget,
+            from_nanos(denied.spent_nanos),
+            from_nanos(denied.reserved_nanos),
+            estimate,
+        )
+
+    async def _fate(self, stream: str) -> str:
+        """How an earlier use of a request id ended, for the 409's message."""
+        with contextlib.suppress(Exception):
+            recorded = await self.store.read_stream(stream)
+            if len(recorded) > 1 and recorded[1].type == "RequestReleased":
+                return " (that attempt was released without a charge)"
+            if len(recorded) > 1:
+                return " (that attempt was charged)"
+        return ""
 
     async def record_refusal(
         self, request_id: str, tags: Sequence[str], model: str | None, reason: str
@@ -223,7 +303,14 @@ class Admission:
         await self.store.append(f"denied:{request_id}", None, [ev.to_new(event)])
 
     async def _record_denial(
-        self, denied: BudgetExceeded, tags: Sequence[str], model: str | None, now: datetime
+        self,
+        denied: BudgetExceeded,
+        tags: Sequence[str],
+        model: str | None,
+        now: datetime,
+        user_hash: str | None,
+        metadata: dict[str, Any] | None,
+        reason: str = "budget",
     ) -> None:
         event = ev.RequestDenied(
             request_id=denied.request_id,
@@ -236,18 +323,29 @@ class Admission:
             reset_at=denied.reset_at,
             tags=list(dict.fromkeys(tags)),
             model=model,
+            reason=reason,
+            user_hash=user_hash,
+            metadata=metadata or {},
         )
         # Denials of one request id may repeat (a client retrying): no version check.
         await self.store.append(f"denied:{denied.request_id}", None, [ev.to_new(event)])
 
+    # ------------------------------------------------------------- settle
+
+    def charged_budgets(self, admitted_at: datetime, budget_tags: Sequence[str]) -> list[Budget]:
+        """The counters a charge counts in now: the windows, under today's
+        definitions, that contain the admission time (windows are about time)."""
+        return self.book.budgets_for(budget_tags, admitted_at)
+
     async def record_spend(
         self, admitted: Admitted, cost: Decimal, *, wait_settle: bool = True, **details: Any
-    ) -> int:
+    ) -> Recorded:
         """Append SpendRecorded (durable before this returns), then settle.
 
         ``wait_settle=False`` settles in the background (the gateway answers its
         client first; until then the counter still holds the estimate, which
-        only errs on the safe side). A settle that fails is left to the sweeper.
+        only errs on the safe side). A settle that fails is retried, then left
+        to the sweeper.
         """
         event = ev.SpendRecorded(
             request_id=admitted.request_id,
@@ -258,34 +356,11 @@ class Admission:
             model=details.pop("model", admitted.model),
             **details,
         )
-        [position] = await self.store.append(ev.stream_of_request(admitted.request_id), 1, [ev.to_new(event)])
-        settle = self.counters.settle(
-            admitted.request_id,
-            admitted.budgets,
-            actual_nanos=to_nanos(cost),
-            estimate_nanos=to_nanos(admitted.estimate),
-            position=position,
-            admitted_position=admitted.position,
-        )
-        if wait_settle:
-            await settle
-        else:
-            task = asyncio.create_task(settle)
-            self._background.add(task)
-            task.add_done_callback(self._settled)
-        return position
+        return await self._terminate(admitted, event, cost, wait_settle=wait_settle)
 
-    def _settled(self, task: asyncio.Task[bool]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("settle_failed", error=str(task.exception()))
-
-    async def drain(self, timeout: float = 10.0) -> None:
-        """Wait for background settles (graceful shutdown)."""
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=timeout)
-
-    async def release(self, admitted: Admitted, reason: str, status: int | None = None) -> int:
+    async def release(
+        self, admitted: Admitted, reason: str, status: int | None = None, *, wait_settle: bool = True
+    ) -> Recorded:
         event = ev.RequestReleased(
             request_id=admitted.request_id,
             admitted_at=admitted.at,
@@ -294,39 +369,196 @@ class Admission:
             tags=list(admitted.tags),
             budget_tags=admitted.budget_tags,
         )
-        [position] = await self.store.append(ev.stream_of_request(admitted.request_id), 1, [ev.to_new(event)])
-        await self.counters.release(
+        return await self._terminate(admitted, event, Decimal(0), wait_settle=wait_settle)
+
+    async def _terminate(
+        self,
+        admitted: Admitted,
+        event: ev.SpendRecorded | ev.RequestReleased,
+        cost: Decimal,
+        *,
+        wait_settle: bool,
+    ) -> Recorded:
+        stream = ev.stream_of_request(admitted.request_id)
+        try:
+            [position] = await self.store.append(stream, 1, [ev.to_new(event)])
+        except ConcurrencyError:
+            # The sweeper recorded it first (the reservation's deadline passed):
+            # its terminal event stands and was settled by the sweeper.
+            recorded = await self.store.read_stream(stream)
+            terminal = ev.decode(recorded[1])
+            charged = getattr(terminal, "cost", Decimal(0))
+            log.warning("terminal_superseded", request_id=admitted.request_id, by=recorded[1].type)
+            return Recorded(recorded[1].position, charged, superseded=True)
+        if wait_settle:
+            await self._settle(admitted, to_nanos(cost), position)
+            self.unreconciled.pop(admitted.request_id, None)
+        else:
+            self._spawn(self._settle_retrying(admitted, to_nanos(cost), position))
+        return Recorded(position, cost)
+
+    async def _settle(self, admitted: Admitted, actual_nanos: int, position: int) -> int:
+        return await self.counters.settle(
             admitted.request_id,
-            admitted.budgets,
-            estimate_nanos=to_nanos(admitted.estimate),
+            self.charged_budgets(admitted.at, admitted.budget_tags),
+            actual_nanos=actual_nanos,
             position=position,
             admitted_position=admitted.position,
+            admitted_at=admitted.at,
+            held=admitted.held,
         )
-        return position
+
+    async def _settle_retrying(self, admitted: Admitted, actual_nanos: int, position: int) -> None:
+        delay = 0.1
+        for _ in range(6):
+            try:
+                await self._settle(admitted, actual_nanos, position)
+                self.unreconciled.pop(admitted.request_id, None)
+                return
+            except (CountersUnavailable, StoreUnavailable) as e:
+                log.warning("settle_failed", request_id=admitted.request_id, error=str(e))
+                await asyncio.sleep(delay)
+                delay *= 4
+        # Still down: the sweeper settles it from the log once its deadline passes.
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background_settle_failed", error=str(task.exception()))
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait for background settles and resolutions (graceful shutdown)."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=timeout)
+
+    # ------------------------------------------------------------- unknown outcomes
+
+    async def _resolve(self, admitted: Admitted, pending: Pending) -> None:
+        """An admission whose caller never learnt whether it committed: the request
+        did not go upstream, so release it (or give back a reservation that never
+        reached the log). Retried until the deadline; then the sweeper's."""
+        stream = ev.stream_of_request(admitted.request_id)
+        keys = [b.key for b in admitted.held]
+        try:
+            [position] = await pending.outcome()
+        except AppendOutcomeUnknown:
+            position = 0  # ask the log below
+        except (NotWritten, ConcurrencyError, StoreError):
+            # Never committed (refused, rolled back, or never written).
+            if keys:
+                await self._give_back(admitted.request_id, keys)
+            return
+        if position:
+            await self._release_quietly(_with_position(admitted, position), "admission_unconfirmed")
+            return
+        delay = 0.5
+        while self.now() < admitted.at + self.reservation_ttl:
+            await asyncio.sleep(delay)  # let a commit that was in flight finish either way
+            delay = min(delay * 2, 10.0)
+            try:
+                recorded = await self.store.read_stream(stream)
+            except StoreUnavailable:
+                continue
+            if not recorded:
+                if keys:
+                    await self._give_back(admitted.request_id, keys)
+                return
+            await self._release_quietly(
+                _with_position(admitted, recorded[0].position), "admission_unconfirmed"
+            )
+            return
+
+    async def _give_back(self, request_id: str, keys: list[str]) -> None:
+        """Release a reservation that never reached the log (best effort: the
+        sweeper does it after the deadline otherwise)."""
+        if not keys:
+            return
+        try:
+            await self.counters.release_orphan(request_id, keys, 0)
+        except Exception as e:
+            log.info("give_back_failed", request_id=request_id, error=f"{type(e).__name__}: {e}")
+
+    async def _release_quietly(self, admitted: Admitted, reason: str) -> None:
+        delay = 0.5
+        while self.now() < admitted.at + self.reservation_ttl:
+            try:
+                await self.release(admitted, reason)
+                return
+            except (StoreUnavailable, CountersUnavailable) as e:
+                log.info("release_waiting", request_id=admitted.request_id, error=str(e))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    # ------------------------------------------------------------- Redis came back
+
+    async def reconcile(self) -> int:
+        """Bring the counters up to date with requests admitted while Redis was
+        down: an open one gets its reservation (confirm), a finished one its
+        charge (settle). Returns how many are still waiting."""
+        for request_id, admitted in list(self.unreconciled.items()):
+            stream = ev.stream_of_request(request_id)
+            recorded = await self.store.read_stream(stream)
+            if len(recorded) > 1:
+                terminal = ev.decode(recorded[1])
+                cost = getattr(terminal, "cost", Decimal(0))
+                await self.counters.settle(
+                    request_id,
+                    self.charged_budgets(admitted.at, admitted.budget_tags),
+                    actual_nanos=to_nanos(cost),
+                    position=recorded[1].position,
+                    admitted_position=admitted.position,
+                    admitted_at=admitted.at,
+                    held=(),
+                )
+            else:
+                budgets = self.charged_budgets(admitted.at, admitted.budget_tags)
+                # Admitted already: the room is taken even if it overflows (the
+                # request is on its way), so no limit applies here.
+                unlimited = [_unlimited(b) for b in budgets]
+                await self.counters.confirm(
+                    request_id, unlimited, to_nanos(admitted.estimate), admitted.position, admitted.at
+                )
+            self.unreconciled.pop(request_id, None)
+        return len(self.unreconciled)
 
     # ------------------------------------------------------------- sweeping
 
-    async def sweep(self, limit: int = 100) -> SweepReport:
+    async def sweep(self, limit: int = 200) -> SweepReport:
         """Settle every reservation whose deadline passed, from what the log says."""
         report = SweepReport()
-        for request_id in await self.counters.expired(self.now(), limit):
-            await self._sweep_one(request_id, report)
+        now = self.now()
+        due = await expired_reservations(self.store.pool, now, limit)
+        with contextlib.suppress(CountersUnavailable):
+            due += await self.counters.expired(now, limit)
+        for request_id in dict.fromkeys(due):
+            try:
+                await self._sweep_one(request_id, report)
+            except Exception as e:  # one bad item must not stop the pass
+                report.failed += 1
+                log.warning("sweep_item_failed", request_id=request_id, error=f"{type(e).__name__}: {e}")
         return report
 
     async def _sweep_one(self, request_id: str, report: SweepReport) -> None:
         stream = ev.stream_of_request(request_id)
         recorded = await self.store.read_stream(stream)
-        held = await self.counters.reservation(request_id)
         if not recorded:
-            if held is not None:
-                estimate_nanos, keys = held
-                await self.counters.drop_unlogged(request_id, self._budgets_of_keys(keys), estimate_nanos)
-            await self.counters.forget(request_id)
+            # Reserved in Redis, never in the log, deadline passed: it never will be.
+            keys = await self.counters.reserved_keys(request_id)
+            if keys:
+                await self.counters.release_orphan(request_id, keys, 0)
+            else:
+                await self.counters.forget(request_id)
             report.dropped += 1
             return
         admitted = ev.decode(recorded[0])
         assert isinstance(admitted, ev.RequestAdmitted)
-        budgets = self._budgets_at(admitted)
+        held = self.book.budgets_of_windows(admitted.windows)
+        charged = self.charged_budgets(admitted.at, admitted.budget_tags)
         if len(recorded) == 1:
             expired = ev.ReservationExpired(
                 request_id=request_id,
@@ -334,19 +566,21 @@ class Admission:
                 cost=admitted.estimate,
                 tags=admitted.tags,
                 budget_tags=admitted.budget_tags,
+                budget_subjects=admitted.budget_subjects,
             )
             try:
                 [position] = await self.store.append(stream, 1, [ev.to_new(expired)])
             except ConcurrencyError:
-                recorded = await self.store.read_stream(stream)  # the gateway settled just now
+                recorded = await self.store.read_stream(stream)  # the gateway recorded it just now
             else:
                 await self.counters.settle(
                     request_id,
-                    budgets,
+                    charged,
                     actual_nanos=to_nanos(admitted.estimate),
-                    estimate_nanos=to_nanos(admitted.estimate),
                     position=position,
                     admitted_position=recorded[0].position,
+                    admitted_at=admitted.at,
+                    held=held,
                 )
                 log.warning("reservation_expired", request_id=request_id, charged=str(admitted.estimate))
                 report.expired += 1
@@ -355,37 +589,19 @@ class Admission:
         cost = getattr(terminal, "cost", Decimal(0))
         await self.counters.settle(
             request_id,
-            budgets,
+            charged,
             actual_nanos=to_nanos(cost),
-            estimate_nanos=to_nanos(admitted.estimate),
             position=recorded[1].position,
             admitted_position=recorded[0].position,
+            admitted_at=admitted.at,
+            held=held,
         )
         report.settled += 1
 
-    def _budgets_at(self, admitted: ev.RequestAdmitted) -> list[Budget]:
-        """The budgets of the request's windows, by today's definitions. If a
-        definition changed since, the charge lands in the new window's counter
-        (rebuilt from the log, so counted once) and the old one simply expires."""
-        out = []
-        for tag in admitted.budget_tags:
-            state = self.book.get(tag)
-            if state is not None and state.has_budget:
-                out.append(budget_of(state, admitted.at))
-        return out
 
-    def _budgets_of_keys(self, keys: list[str]) -> list[Budget]:
-        """Budgets whose counter keys are ``keys`` (those whose definition still matches)."""
-        out = []
-        for key in keys:
-            parts = key.split(":", 4)  # ledger:w:<duration>:<start>:<tag>
-            if len(parts) != 5:
-                continue
-            state = self.book.get(parts[4])
-            if state is None or not state.has_budget:
-                continue
-            start = datetime.fromtimestamp(int(parts[3]), UTC)
-            budget = budget_of(state, start)
-            if budget.key == key:
-                out.append(budget)
-        return out
+def _with_position(admitted: Admitted, position: int) -> Admitted:
+    return replace(admitted, position=position)
+
+
+def _unlimited(budget: Budget) -> Budget:
+    return Budget(budget.subject, budget.epoch, budget.window, 2**62)

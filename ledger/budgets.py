@@ -14,15 +14,14 @@ from datetime import datetime
 import structlog
 
 from ledger import events as ev
-from ledger.counters import Budget, Counters
+from ledger.counters import Budget, Counters, tag_subject
 from ledger.follow import FollowedCache
 from ledger.money import limit_to_nanos
 from ledger.store import EventStore, RecordedEvent
 from ledger.tags import TagState
+from ledger.windows import LIFETIME, Window
 
 log = structlog.get_logger(__name__)
-
-_TAG_TYPES = set(ev.TAG_EVENT_TYPES)
 
 
 class BudgetBook(FollowedCache):
@@ -60,25 +59,45 @@ class BudgetBook(FollowedCache):
             out.append(budget)
         return out
 
+    def budgets_of_windows(self, windows: Iterable[ev.BudgetWindow]) -> list[Budget]:
+        """The counters a request reserved on, as recorded in its admission, with
+        today's limits (a limit only matters to reserve, and those are done)."""
+        out = []
+        for w in windows:
+            window = _window(w)
+            out.append(Budget(w.subject, w.epoch, window, 0))
+        return out
+
+
+def _window(w: ev.BudgetWindow) -> Window:
+    if w.start == LIFETIME.start and w.end == LIFETIME.end:
+        return LIFETIME
+    return Window(w.start, w.end)
+
 
 def budget_of(state: TagState, now: datetime) -> Budget:
     assert state.max_budget is not None
     return Budget(
-        tag=state.name,
-        duration=state.budget_duration or "life",
+        subject=tag_subject(state.name),
+        epoch=state.budget_epoch,
         window=state.window(now),
         limit_nanos=limit_to_nanos(state.max_budget),
     )
 
 
-async def rebuild_window_counters(book: BudgetBook, counters: Counters, now: datetime) -> int:
-    """Recompute the current window counter of every budget from the log."""
+def window_ref(budget: Budget) -> ev.BudgetWindow:
+    return ev.BudgetWindow(budget.subject, budget.epoch, budget.window.start, budget.window.end)
+
+
+async def rebuild_missing(book: BudgetBook, counters: Counters, now: datetime) -> int:
+    """Build every current window counter that Redis lacks, from the log. A live
+    counter is never touched: it may hold reservations not yet in the log."""
     rebuilt = 0
     for state in list(book.tags.values()):
         if not state.has_budget:
             continue
         budget = budget_of(state, now)
-        await counters.redis.delete(budget.key)
+        before = counters.rebuilds
         await counters.rebuild(budget)
-        rebuilt += 1
+        rebuilt += counters.rebuilds - before
     return rebuilt

@@ -71,6 +71,16 @@ TAG_EVENT_TYPES = ("TagCreated", "TagUpdated", "TagDeleted")
 # ----------------------------------------------------------------- requests
 
 
+class BudgetWindow(msgspec.Struct, frozen=True):
+    """A budget window a request reserved on: its subject (``tag:<name>``), the
+    definition's budget epoch, and the window's bounds."""
+
+    subject: str
+    epoch: int
+    start: datetime
+    end: datetime
+
+
 class RequestAdmitted(msgspec.Struct, frozen=True, tag=True):
     """A request passed its budgets: ``estimate`` is reserved on ``budget_tags``."""
 
@@ -83,6 +93,10 @@ class RequestAdmitted(msgspec.Struct, frozen=True, tag=True):
     model: str | None = None
     # admitted while Redis was down (LEDGER_ON_REDIS_DOWN=allow): nothing reserved
     unreserved: bool = False
+    # the windows the estimate was reserved on (empty for older events and unreserved ones)
+    windows: list[BudgetWindow] = []
+    # budgeted subjects other than tags (API keys, end users), e.g. "key:<hash>"
+    budget_subjects: list[str] = []
 
 
 class SpendRecorded(msgspec.Struct, frozen=True, tag=True):
@@ -107,6 +121,13 @@ class SpendRecorded(msgspec.Struct, frozen=True, tag=True):
     # "upstream" (its usage), "partial" (client left mid-stream: what was
     # produced), or "estimate" (no usage reported: the reserved upper bound)
     usage_source: str = "upstream"
+    budget_subjects: list[str] = []
+    # the upstream reported usage beyond what the request could use (over the
+    # bound that was reserved, or the storable range): the tokens above were
+    # clamped to the bound, and the upstream's own figures are kept here
+    usage_clamped: bool = False
+    reported_prompt_tokens: int | None = None
+    reported_completion_tokens: int | None = None
 
 
 class RequestReleased(msgspec.Struct, frozen=True, tag=True):
@@ -118,6 +139,7 @@ class RequestReleased(msgspec.Struct, frozen=True, tag=True):
     tags: list[str] = []
     budget_tags: list[str] = []
     status: int | None = None  # the upstream's status, when it answered
+    budget_subjects: list[str] = []
 
 
 class ReservationExpired(msgspec.Struct, frozen=True, tag=True):
@@ -128,6 +150,7 @@ class ReservationExpired(msgspec.Struct, frozen=True, tag=True):
     cost: Decimal  # the estimate, charged because the outcome is unknown
     tags: list[str] = []
     budget_tags: list[str] = []
+    budget_subjects: list[str] = []
 
 
 class RequestDenied(msgspec.Struct, frozen=True, tag=True):
@@ -144,7 +167,11 @@ class RequestDenied(msgspec.Struct, frozen=True, tag=True):
     reset_at: datetime | None = None
     tags: list[str] = []
     model: str | None = None
-    reason: str = "budget"  # or "redis_unavailable": refused because budgets could not be checked
+    # "budget"; "redis_unavailable": refused because budgets could not be checked;
+    # "budget_recheck": admitted, then refused when a lost counter could not take it back
+    reason: str = "budget"
+    user_hash: str | None = None
+    metadata: dict[str, Any] = {}
 
 
 RequestEvent = RequestAdmitted | SpendRecorded | RequestReleased | ReservationExpired | RequestDenied
@@ -241,3 +268,8 @@ def stream_of_tag(name: str) -> str:
 
 def stream_of_request(request_id: str) -> str:
     return f"request:{request_id}"
+
+
+def subjects_of(event: RequestAdmitted | SpendRecorded | ReservationExpired | RequestReleased) -> list[str]:
+    """Every budgeted subject of a request event: its budgeted tags, then the rest."""
+    return [f"tag:{t}" for t in event.budget_tags] + list(event.budget_subjects)

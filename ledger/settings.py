@@ -98,7 +98,9 @@ class Settings:
 
     # Budgets: an admitted request not settled within the reservation TTL is
     # swept (charged at its estimate); the sweeper looks every sweep interval.
-    reservation_ttl_s: float = 600.0
+    # It must outlast the longest request (the upstream total timeout) and the
+    # two commits around it, or a request still running could be swept.
+    reservation_ttl_s: float = 900.0
     sweep_interval_s: float = 5.0
 
     # Gateway: upstream providers and request handling
@@ -177,6 +179,13 @@ class Settings:
             raise SettingsError(
                 f"{ENV_PREFIX}DEFAULT_PROVIDER {self.default_provider!r} is not one of the "
                 f"configured providers ({', '.join(names) or 'none'})"
+            )
+        margin = 2 * self.append_timeout_s
+        if self.reservation_ttl_s < self.upstream_total_timeout_s + margin:
+            raise SettingsError(
+                f"{ENV_PREFIX}RESERVATION_TTL_S ({self.reservation_ttl_s:g}) must exceed "
+                f"{ENV_PREFIX}UPSTREAM_TOTAL_TIMEOUT_S ({self.upstream_total_timeout_s:g}) by at least "
+                f"{margin:g} s (two append timeouts), or a request still running could be swept"
             )
         if self.pool_min_size > self.pool_max_size:
             raise SettingsError(

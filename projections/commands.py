@@ -20,7 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ledger.budgets import BudgetBook, rebuild_window_counters
+from ledger.budgets import BudgetBook, rebuild_missing
 from ledger.counters import Counters, connect_redis
 from ledger.settings import Settings
 from ledger.store import EventStore, create_pool
@@ -147,13 +147,16 @@ async def counters_rebuild(settings: Settings) -> int:
     try:
         book = BudgetBook(store)
         await book.refresh()
-        n = await rebuild_window_counters(book, counters, datetime.now(UTC))
+        n = await rebuild_missing(book, counters, datetime.now(UTC))
     finally:
         await counters.close()
         with contextlib.suppress(Exception):
             await client.aclose()
         await store.close()
-    console.print(f"rebuilt {n} live window counter(s) from the event log")
+    console.print(
+        f"built {n} missing window counter(s) from the event log "
+        "(live counters are never replaced: they may hold reservations not yet in the log)"
+    )
     return 0
 
 

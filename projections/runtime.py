@@ -150,7 +150,18 @@ class Worker:
         return dsn
 
     async def step(self, conn: asyncpg.Connection) -> int:
-        """Apply one batch in one transaction; return how many events were read."""
+        """Apply one batch in one transaction; return how many events were read.
+
+        All or nothing, in memory too: a batch that fails rolls the tables back,
+        and the projection's in-memory state is reloaded from them before the
+        next batch (it may have changed before the failure)."""
+        try:
+            return await self._step(conn)
+        except BaseException:
+            self.position = -1  # forces load() at the checkpoint on the next step
+            raise
+
+    async def _step(self, conn: asyncpg.Connection) -> int:
         p = self.projection
         async with conn.transaction():
             # Views and checkpoint commit together, so losing this commit in a

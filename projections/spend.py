@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import NamedTuple
 
 import asyncpg
 import msgspec
@@ -15,29 +15,38 @@ import msgspec
 from ledger import events as ev
 from ledger.store import RecordedEvent
 from ledger.tags import TagState
-from ledger.windows import LIFETIME
+from projections.budgets import BudgetWindows
 from projections.runtime import Projection
 
 _json = msgspec.json.Encoder()
 
-_LOG_COLUMNS = (
-    "position",
-    "request_id",
-    "recorded_at",
-    "admitted_at",
-    "kind",
-    "model",
-    "provider",
-    "tags",
-    "user_hash",
-    "metadata",
-    "prompt_tokens",
-    "completion_tokens",
-    "cost",
-    "status",
-    "latency_ms",
-    "streamed",
-)
+
+class _LogRow(NamedTuple):
+    """One spend_logs row; field order is the COPY column order."""
+
+    position: int
+    request_id: str
+    recorded_at: datetime
+    admitted_at: datetime | None
+    kind: str  # spend | expired | released | denied
+    model: str | None = None
+    provider: str | None = None
+    tags: list[str] = []  # noqa: RUF012 (never mutated: a NamedTuple default)
+    user_hash: str | None = None
+    metadata: str = "{}"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: Decimal = Decimal(0)
+    status: int | None = None
+    latency_ms: float | None = None
+    streamed: bool = False
+    denied_tag: str | None = None
+    estimate: Decimal | None = None
+    reason: str | None = None
+    usage_clamped: bool = False
+
+
+_LOG_COLUMNS = _LogRow._fields
 
 
 def _split(name: str) -> tuple[str | None, str]:
@@ -60,82 +69,57 @@ class SpendLogs(Projection):
         await conn.copy_records_to_table(table, records=rows, columns=_LOG_COLUMNS, schema_name=schema)
 
 
-def _log_row(r: RecordedEvent, e: ev.Event) -> tuple[Any, ...]:
+def _log_row(r: RecordedEvent, e: ev.Event) -> _LogRow:
     if isinstance(e, ev.SpendRecorded):
-        return (
+        return _LogRow(
             r.position,
             e.request_id,
             r.recorded_at,
             e.admitted_at,
             "spend",
-            e.model,
-            e.provider,
-            e.tags,
-            e.user_hash,
-            _json.encode(e.metadata).decode(),
-            e.prompt_tokens,
-            e.completion_tokens,
-            e.cost,
-            e.status,
-            e.latency_ms,
-            e.streamed,
+            model=e.model,
+            provider=e.provider,
+            tags=e.tags,
+            user_hash=e.user_hash,
+            metadata=_json.encode(e.metadata).decode(),
+            prompt_tokens=e.prompt_tokens,
+            completion_tokens=e.completion_tokens,
+            cost=e.cost,
+            status=e.status,
+            latency_ms=e.latency_ms,
+            streamed=e.streamed,
+            usage_clamped=e.usage_clamped,
         )
     if isinstance(e, ev.ReservationExpired):
-        return (
-            r.position,
-            e.request_id,
-            r.recorded_at,
-            e.admitted_at,
-            "expired",
-            None,
-            None,
-            e.tags,
-            None,
-            "{}",
-            0,
-            0,
-            e.cost,
-            None,
-            None,
-            False,
+        return _LogRow(
+            r.position, e.request_id, r.recorded_at, e.admitted_at, "expired", tags=e.tags, cost=e.cost
         )
     if isinstance(e, ev.RequestReleased):
-        return (
+        return _LogRow(
             r.position,
             e.request_id,
             r.recorded_at,
             e.admitted_at,
             "released",
-            None,
-            None,
-            e.tags,
-            None,
-            "{}",
-            0,
-            0,
-            Decimal(0),
-            e.status,
-            None,
-            False,
+            tags=e.tags,
+            status=e.status,
+            reason=e.reason,
         )
     assert isinstance(e, ev.RequestDenied)
-    return (
+    return _LogRow(
         r.position,
         e.request_id,
         r.recorded_at,
         None,
         "denied",
-        e.model,
-        None,
-        e.tags,
-        None,
-        "{}",
-        0,
-        0,
-        Decimal(0),
-        429,
-        None,
-        False,
+        model=e.model,
+        tags=e.tags,
+        user_hash=e.user_hash,
+        metadata=_json.encode(e.metadata).decode(),
+        status=429 if e.reason != "redis_unavailable" else 503,
+        denied_tag=e.tag or None,
+        estimate=e.estimate,
+        reason=e.reason,
     )
 
 
@@ -168,14 +152,13 @@ class _Batch:
     daily: dict[tuple[str, date, str], _Sum] = field(default_factory=lambda: defaultdict(_Sum))
     users: dict[str, _Sum] = field(default_factory=lambda: defaultdict(_Sum))
     user_daily: dict[tuple[str, date], _Sum] = field(default_factory=lambda: defaultdict(_Sum))
-    windows: dict[tuple[str, str, datetime], _Sum] = field(default_factory=lambda: defaultdict(_Sum))
 
 
 class SpendRollups(Projection):
-    """tag_info, tag_daily_spend, user_spend, user_daily_spend, tag_window_spend."""
+    """tag_info, tag_daily_spend, user_spend, user_daily_spend."""
 
     name = "spend_rollups"
-    tables = ("tag_info", "tag_daily_spend", "user_spend", "user_daily_spend", "tag_window_spend")
+    tables = ("tag_info", "tag_daily_spend", "user_spend", "user_daily_spend")
     types = frozenset({*ev.TAG_EVENT_TYPES, "SpendRecorded", "ReservationExpired", "RequestDenied"})
 
     def __init__(self) -> None:
@@ -234,16 +217,6 @@ class SpendRollups(Projection):
                 u = b.user_daily[(user, day)]
                 u.spend += cost
                 u.requests += 1
-            for tag in e.budget_tags:
-                definition = self.definitions.get(tag)
-                if definition is None or not definition.has_budget:
-                    continue
-                window = definition.window(e.admitted_at)
-                duration = definition.budget_duration or "life"
-                start = window.start if window != LIFETIME else LIFETIME.start
-                w = b.windows[(tag, duration, start)]
-                w.spend += cost
-                w.requests += 1
         await _write(conn, b, tables)
 
 
@@ -345,25 +318,13 @@ async def _write(conn: asyncpg.Connection, b: _Batch, t: Mapping[str, str]) -> N
             [v.spend for _, v in items4],
             [v.requests for _, v in items4],
         )
-    if b.windows:
-        items5 = list(b.windows.items())
-        tbl = t["tag_window_spend"]
-        await conn.execute(
-            f"""
-            insert into {tbl} (tag, duration, window_start, spend, requests)
-            select * from unnest($1::text[], $2::text[], $3::timestamptz[], $4::numeric[], $5::bigint[])
-            on conflict (tag, duration, window_start) do update set spend = {tbl}.spend + excluded.spend,
-                requests = {tbl}.requests + excluded.requests
-            """,
-            [k[0] for k, _ in items5],
-            [k[1] for k, _ in items5],
-            [k[2] for k, _ in items5],
-            [v.spend for _, v in items5],
-            [v.requests for _, v in items5],
-        )
 
 
-PROJECTIONS: dict[str, type[Projection]] = {"spend_logs": SpendLogs, "spend_rollups": SpendRollups}
+PROJECTIONS: dict[str, type[Projection]] = {
+    "spend_logs": SpendLogs,
+    "spend_rollups": SpendRollups,
+    "budget_windows": BudgetWindows,
+}
 
 
 def create(name: str) -> Projection:

@@ -14,7 +14,8 @@ from datetime import UTC, datetime
 import asyncpg
 
 from ledger.budgets import budget_of
-from ledger.counters import REBUILD_SQL, Counters
+from ledger.counters import Counters
+from ledger.counters.log import window_state
 from ledger.tags import TagState
 from projections.replay import _build, _create_shadow
 from projections.runtime import Projection
@@ -114,23 +115,32 @@ async def live_budgets(pool: asyncpg.Pool, now: datetime) -> list[TagState]:
     return [s for s in states.values() if s.has_budget]
 
 
-async def verify_counters(counters: Counters, report: Report) -> None:
-    now = datetime.now(UTC)
+async def verify_counters(counters: Counters, report: Report, now: datetime | None = None) -> None:
+    """Compare each live window counter with what the log says it should hold:
+    spent, reserved, and which reservations. Requests in flight make a counter
+    move; it is read before and after the log, and compared once it held still."""
+    now = now or datetime.now(UTC)
     for state in await live_budgets(counters.pool, now):
         budget = budget_of(state, now)
-        values = await counters.redis.hmget(budget.key, ["spent", "reserved", "pos"])
-        if values[2] is None:
-            continue  # not built yet: the next decision builds it from the log
+        for _ in range(20):
+            before = await counters.peek(budget.key)
+            if before is None:
+                break  # not built yet: the next decision builds it from the log
+            want = await window_state(counters.pool, budget)
+            after = await counters.peek(budget.key)
+            if before == after:
+                break
+        if before is None:
+            continue
         report.counters_checked += 1
-        row = await counters.pool.fetchrow(REBUILD_SQL, budget.tag, budget.window.start, budget.window.end)
-        assert row is not None
-        have = (int(values[0] or 0), int(values[1] or 0))
-        want = (int(row[1]), int(row[2]))
-        if have != want:
+        have = (before.spent_nanos, before.reserved_nanos, sorted(before.held))
+        should = (want.spent_nanos, want.reserved_nanos, sorted(want.open))
+        if have != should:
             report.drifts.append(
                 Drift(
                     f"counter {budget.key}",
-                    f"Redis has spent={have[0]} reserved={have[1]} nano-USD; "
-                    f"the log says spent={want[0]} reserved={want[1]}",
+                    f"Redis has spent={have[0]} reserved={have[1]} nano-USD holding {len(have[2])} "
+                    f"reservation(s); the log says spent={should[0]} reserved={should[1]} "
+                    f"holding {len(should[2])}",
                 )
             )

@@ -54,7 +54,8 @@ async def test_thresholds_cross_exactly_once_under_concurrency_and_replay(store:
 
     async def one_process() -> None:
         projection = Alerts(store)
-        await projection.apply(None, relevant, {})  # type: ignore[arg-type]
+        async with store.pool.acquire() as conn:
+            await projection.apply(conn, relevant, {})
 
     await asyncio.gather(*(one_process() for _ in range(4)))  # four "processes" racing
     crossed = await alerts_of(store)
@@ -134,7 +135,8 @@ async def test_forecast_alert_once_per_window(store: EventStore) -> None:
     for i in range(10):
         await spend(store, i, "burn", str(Decimal(1) / 72), DAY + timedelta(minutes=10 * (i + 1)))
     relevant = [e for e in await all_events(store) if e.type in Alerts.types]
-    await Alerts(store).apply(None, relevant, {})  # type: ignore[arg-type]
+    async with store.pool.acquire() as conn:
+        await Alerts(store).apply(conn, relevant, {})
     [alert] = await alerts_of(store, "BudgetForecastExceeded")
     expected = DAY + timedelta(hours=12)
     assert abs((alert.predicted_at - expected).total_seconds()) <= 0.05 * 12 * 3600
@@ -168,7 +170,8 @@ async def alert_in_log(store: EventStore) -> None:
     for i in range(6):
         await spend(store, i, "hooked", "0.1", DAY + timedelta(minutes=i))
     relevant = [e for e in await all_events(store) if e.type in Alerts.types]
-    await Alerts(store).apply(None, relevant, {})  # type: ignore[arg-type]
+    async with store.pool.acquire() as conn:
+        await Alerts(store).apply(conn, relevant, {})
 
 
 async def run_notifier(store: EventStore, webhook: WebhookConfig, secret: bytes, seconds: float) -> Worker:

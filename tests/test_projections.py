@@ -37,7 +37,9 @@ VIEW_TABLES = (
     "tag_daily_spend",
     "user_spend",
     "user_daily_spend",
-    "tag_window_spend",
+    "budget_window_spend",
+    "budget_charges",
+    "open_reservations",
 )
 
 
@@ -157,6 +159,7 @@ async def test_exactly_once_while_workers_are_killed(
     try:
         while not load.done() or kills < 6:
             worker = start_worker(database_url)
+            await active(conn, worker.pid)  # a loaded machine can take seconds to start Python
             await asyncio.sleep(random.uniform(0.8, 1.6))
             worker.send_signal(signal.SIGKILL)  # mid-batch, more often than not
             await asyncio.to_thread(worker.wait, 10)
@@ -182,6 +185,19 @@ async def test_exactly_once_while_workers_are_killed(
     assert report.ok, [f"{d.where}: {d.detail}" for d in report.drifts[:5]]
     assert report.rows_checked > 5000
     assert kills >= 6
+
+
+async def active(conn: asyncpg.Connection, pid: int, timeout: float = 60) -> None:
+    """Wait until the worker process ``pid`` holds at least one projection's lock."""
+    deadline = time.monotonic() + timeout
+    while not await conn.fetchval(
+        """select count(*) from pg_locks l join pg_stat_activity a on a.pid = l.pid
+           where l.locktype = 'advisory' and l.classid = 4243 and l.granted
+             and a.application_name = $1""",
+        f"ledger-projection-{pid}",
+    ):
+        assert time.monotonic() < deadline, "the projection worker never became active"
+        await asyncio.sleep(0.05)
 
 
 async def holder_pid(conn: asyncpg.Connection, name: str) -> int | None:

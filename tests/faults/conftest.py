@@ -32,7 +32,9 @@ def report() -> list[Row]:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path).start(reservation_ttl_s="4", sweep_interval_s="0.5")
+    c = Cluster(tmp_path).start(
+        reservation_ttl_s="4", sweep_interval_s="0.5", upstream_total_timeout_s="2", append_timeout_s="1"
+    )
     try:
         yield c
     finally:

@@ -1,0 +1,444 @@
+"""Budget counters in Redis: one round trip to admit, exact and idempotent settles,
+rebuilds from the log that are fenced, single-flight and O(recent).
+
+How a counter stays equal to the log (the rules each script enforces, see lua/):
+
+* A counter (``keys.counter``) holds ``spent``, ``reserved`` and ``pos``, the log
+  position it was built from, plus one ``r:<id>`` field per reservation it holds.
+  Only reserve (live) and rebuilds (open reservations found in the log) add them;
+  confirm adds one back that a lost counter took with it.
+* A settle removes the request's ``r:`` field and charges the counter iff it
+  removed it (or, on a counter that never held it, once: ``x:<id>``). A counter
+  built at or after the terminal event's position already holds the charge.
+* A missing counter is rebuilt before any decision, never read as zero. A live
+  counter is never deleted or replaced. A rebuild writes only under the
+  subject's generation token it saw before reading the log; a settle that finds
+  the counter missing deletes that token, so a rebuild that read the log before
+  the settle's charge cannot land (it retries on a fresh read).
+* After its admission commits, a request confirms its reservation: a counter
+  flushed and rebuilt between its reserve and its commit lacks it; confirm adds
+  it within the limit, or the request is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from ledger.counters import keys, scripts
+from ledger.counters.budget import Budget, tag_subject
+from ledger.counters.log import WindowState, window_state
+from ledger.errors import LedgerError
+
+__all__ = [
+    "Budget",
+    "Counters",
+    "CountersUnavailable",
+    "Denied",
+    "Reserved",
+    "WindowSpend",
+    "connect_redis",
+    "tag_subject",
+]
+
+# A terminal position that sorts after every real one (orphans never reached the log).
+NEVER = 2**62
+_RETRY_FOR_S = 30.0  # missing counters keep being rebuilt for this long, then give up
+
+
+def _give_up() -> float:
+    return asyncio.get_running_loop().time() + _RETRY_FOR_S
+
+
+class CountersUnavailable(LedgerError):
+    """Redis could not be reached or did not answer in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    request_id: str
+    estimate_nanos: int
+    budgets: tuple[Budget, ...]
+    duplicate: bool = False
+    # what the tightest budget has left once this reservation is made
+    remaining_nanos: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Denied:
+    budget: Budget
+    spent_nanos: int
+    reserved_nanos: int
+    estimate_nanos: int
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSpend:
+    spent_nanos: int
+    reserved_nanos: int
+    pos: int
+    held: frozenset[str] = frozenset()  # request ids of the reservations it holds
+
+
+class CounterHooks:
+    """Test seams: awaited at the named points (defaults do nothing)."""
+
+    async def rebuild_read(self, budget: Budget, state: WindowState) -> None:
+        """A rebuild has read the log and is about to write."""
+
+
+class Counters:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        pool: asyncpg.Pool,
+        *,
+        hooks: CounterHooks | None = None,
+        rebuild_concurrency: int = 4,
+    ) -> None:
+        self.redis = client
+        self.pool = pool
+        self.hooks = hooks or CounterHooks()
+        self._scripts = {name: client.register_script(scripts.source(name)) for name in scripts.NAMES}
+        self._batcher = _ScriptBatcher(client)
+        # One rebuild per key at a time in this process; the others wait for it.
+        self._rebuilding: dict[str, asyncio.Future[None]] = {}
+        # Rebuilds share the store's pool with the event writer: never take all of it.
+        self._rebuild_slots = asyncio.Semaphore(rebuild_concurrency)
+        self.rebuilds = 0
+
+    async def close(self) -> None:
+        await self._batcher.close()
+
+    # ------------------------------------------------------------- admit
+
+    async def reserve(
+        self, request_id: str, budgets: Sequence[Budget], estimate_nanos: int, deadline: datetime
+    ) -> Reserved | Denied:
+        """All or nothing: reserve ``estimate`` on every budget, or on none."""
+        counter_keys = [b.key for b in budgets]
+        args: list[Any] = [
+            request_id,
+            estimate_nanos,
+            int(deadline.timestamp() * 1000),
+            keys.join(counter_keys),
+            *(b.limit_nanos for b in budgets),
+        ]
+        script_keys = [keys.OPEN, keys.OPEN_KEYS, *counter_keys]
+        give_up = _give_up()
+        while True:
+            reply = scripts.reserve_reply(await self._call("reserve", script_keys, args))
+            if not isinstance(reply, scripts.Missing):
+                break
+            await self._rebuild_missing(budgets, reply, give_up)
+        if isinstance(reply, scripts.Ok):
+            return Reserved(request_id, estimate_nanos, tuple(budgets), remaining_nanos=reply.room_nanos)
+        if isinstance(reply, scripts.Dup):
+            return Reserved(request_id, estimate_nanos, tuple(budgets), duplicate=True)
+        return Denied(budgets[reply.index], reply.spent_nanos, reply.reserved_nanos, estimate_nanos)
+
+    async def confirm(
+        self,
+        request_id: str,
+        budgets: Sequence[Budget],
+        estimate_nanos: int,
+        admitted_position: int,
+        admitted_at: datetime,
+    ) -> Denied | None:
+        """Make sure every counter that must hold this (committed) admission's
+        reservation does — its own, and any of a newer definition that the
+        registries know — or a Denied if one that lacks it cannot take it."""
+        budgets = list(budgets)
+        subjects = _subjects(budgets)
+        give_up = _give_up()
+        while True:
+            args: list[Any] = [
+                request_id,
+                estimate_nanos,
+                admitted_position,
+                _ms(admitted_at),
+                len(subjects),
+                *(b.limit_nanos for b in budgets),
+            ]
+            script_keys = [keys.registry(s) for s in subjects] + [b.key for b in budgets]
+            reply = scripts.confirm_reply(await self._call("confirm", script_keys, args))
+            if isinstance(reply, scripts.Missing):
+                await self._rebuild_missing(budgets, reply, give_up)
+            elif isinstance(reply, scripts.More):
+                budgets += [Budget.from_registry(k, e) for k, e in reply.counters]
+            elif isinstance(reply, scripts.Deny):
+                return Denied(budgets[reply.index], reply.spent_nanos, reply.reserved_nanos, estimate_nanos)
+            else:
+                return None
+            if asyncio.get_running_loop().time() > give_up:
+                raise CountersUnavailable("budget counters kept changing while confirming")
+
+    async def _rebuild_missing(
+        self, budgets: Sequence[Budget], missing: scripts.Missing, give_up: float
+    ) -> None:
+        """Rebuild the counters a script found missing, all at once. No retry count:
+        a counter lost again while being rebuilt is rebuilt again, for as long as
+        _RETRY_FOR_S."""
+        if asyncio.get_running_loop().time() > give_up:
+            raise CountersUnavailable("budget counters kept disappearing while being rebuilt")
+        await asyncio.gather(*(self.rebuild(budgets[i]) for i in missing.indices))
+
+    # ------------------------------------------------------------- settle
+
+    async def settle(
+        self,
+        request_id: str,
+        budgets: Sequence[Budget],
+        *,
+        actual_nanos: int,
+        position: int,
+        admitted_position: int,
+        admitted_at: datetime,
+        held: Sequence[Budget] = (),
+    ) -> int:
+        """Charge ``actual`` and give back what the request holds.
+
+        ``budgets`` are the counters the caller knows the charge counts in (those
+        in force now for the admission's window); ``held`` those it reserved on.
+        Counters of a newer definition that the caller has not heard of are found
+        in the registries. ``position`` is the terminal event's log position
+        (committed before this call). Idempotent. Returns how many counters were
+        charged now.
+        """
+        held_keys = {b.key for b in held}
+        ordered = list({b.key: b for b in [*budgets, *held]}.values())
+        subjects = _subjects(ordered)
+        if not subjects:
+            return 0
+        while True:
+            flags = "".join("1" if b.key in held_keys else "0" for b in ordered)
+            script_keys = [
+                keys.OPEN,
+                keys.OPEN_KEYS,
+                *(keys.registry(s) for s in subjects),
+                *(b.key for b in ordered),
+                *(b.gen_key for b in ordered),
+            ]
+            args = [
+                request_id,
+                actual_nanos,
+                position,
+                admitted_position,
+                _ms(admitted_at),
+                len(subjects),
+                flags,
+            ]
+            reply = scripts.settle_reply(await self._call("settle", script_keys, args))
+            if isinstance(reply, scripts.Settled):
+                return reply.charged
+            known = {b.key for b in ordered}
+            ordered += [Budget.from_registry(k, e) for k, e in reply.counters if k not in known]
+
+    async def release_orphan(self, request_id: str, counter_keys: Sequence[str], estimate_nanos: int) -> None:
+        """Give back a reservation whose admission never reached the log (and now never
+        will: its deadline passed). Nothing is charged, so nothing fans out."""
+        counter_keys = [k for k in counter_keys if keys.parse_counter(k) is not None]
+        await self._call(
+            "settle",
+            [keys.OPEN, keys.OPEN_KEYS, *counter_keys, *(keys.generation_of(k) for k in counter_keys)],
+            [request_id, 0, NEVER, 0, 0, 0, "1" * len(counter_keys)],
+        )
+
+    # ------------------------------------------------------------- read
+
+    async def read(self, budget: Budget) -> WindowSpend:
+        """The counter of ``budget``'s window, rebuilt from the log if missing."""
+        give_up = asyncio.get_running_loop().time() + _RETRY_FOR_S
+        while True:
+            found = await self.peek(budget.key)
+            if found is not None:
+                return found
+            if asyncio.get_running_loop().time() > give_up:
+                raise CountersUnavailable("budget counter kept disappearing while reading")
+            await self.rebuild(budget)
+
+    async def peek(self, key: str) -> WindowSpend | None:
+        """A counter as it is (None if missing): never rebuilds."""
+        values: dict[bytes, bytes] = await self._redis(self.redis.hgetall(key))
+        if not values or b"pos" not in values:
+            return None
+        held = frozenset(k[2:].decode() for k in values if k.startswith(b"r:"))
+        return WindowSpend(
+            int(values.get(b"spent", b"0")), int(values.get(b"reserved", b"0")), int(values[b"pos"]), held
+        )
+
+    async def expired(self, now: datetime, limit: int = 200) -> list[str]:
+        """Request ids in Redis's index whose reservation deadline has passed."""
+        members = await self._redis(
+            self.redis.zrangebyscore(keys.OPEN, "-inf", int(now.timestamp() * 1000), start=0, num=limit)
+        )
+        return [_text(m) for m in members]
+
+    async def reserved_keys(self, request_id: str) -> list[str] | None:
+        """The counter keys an open reservation holds, if Redis's index has it."""
+        value = await self._redis(self.redis.hget(keys.OPEN_KEYS, request_id))
+        return None if value is None else keys.split(_text(value))
+
+    async def forget(self, request_id: str) -> None:
+        await self._redis(self.redis.zrem(keys.OPEN, request_id))
+        await self._redis(self.redis.hdel(keys.OPEN_KEYS, request_id))
+
+    # ------------------------------------------------------------- rebuild
+
+    async def rebuild(self, budget: Budget) -> None:
+        """Build a missing counter from the log (a no-op if it exists). Single-flight
+        per key in this process; across processes, fenced by the generation token."""
+        running = self._rebuilding.get(budget.key)
+        if running is None or running.done():
+            running = asyncio.ensure_future(self._rebuild(budget))
+            self._rebuilding[budget.key] = running
+            running.add_done_callback(lambda done: self._forget_rebuild(budget.key, done))
+        await asyncio.shield(running)
+
+    def _forget_rebuild(self, key: str, done: asyncio.Future[None]) -> None:
+        if self._rebuilding.get(key) is done:
+            del self._rebuilding[key]
+
+    async def _rebuild(self, budget: Budget) -> None:
+        give_up = asyncio.get_running_loop().time() + _RETRY_FOR_S
+        async with self._rebuild_slots:
+            while True:
+                reply = await self._call(
+                    "begin",
+                    [budget.key, budget.gen_key, budget.reg_key],
+                    [secrets.token_hex(8), budget.registry_entry, _ms(datetime.now(UTC))],
+                )
+                token = scripts.begin_reply(reply)
+                if token is None:
+                    return  # built meanwhile
+                state = await window_state(self.pool, budget)
+                await self.hooks.rebuild_read(budget, state)
+                args: list[Any] = [
+                    token,
+                    state.spent_nanos,
+                    state.reserved_nanos,
+                    state.position,
+                    budget.expire_at(),
+                ]
+                for request_id, nanos in state.open.items():
+                    args += [request_id, nanos]
+                verdict = scripts.init_reply(await self._call("init", [budget.key, budget.gen_key], args))
+                if verdict != "stale":
+                    if verdict == "ok":
+                        self.rebuilds += 1
+                    return
+                if asyncio.get_running_loop().time() > give_up:
+                    raise CountersUnavailable("budget counter rebuild kept being overtaken")
+
+    # ------------------------------------------------------------- plumbing
+
+    async def _call(self, name: str, script_keys: list[str], args: list[Any]) -> Any:
+        return await self._batcher.call(self._scripts[name], script_keys, args)
+
+    async def _redis(self, command: Awaitable[Any]) -> Any:
+        try:
+            return await command
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:
+            raise CountersUnavailable(f"Redis unavailable: {e}") from e
+
+
+class _ScriptBatcher:
+    """Sends every script call queued while the previous round trip was in
+    flight as one pipeline: under load, one round trip serves many requests;
+    a lone call goes out at once."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._pending: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="redis-script-batcher")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((script, keys, args, future))
+        self._wake.set()
+        return await future
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            if not batch:
+                continue
+            try:
+                await self._send(batch)
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as e:
+                error = CountersUnavailable(f"Redis unavailable: {e}")
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+            except Exception as e:  # the batcher must outlive any one batch
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(CountersUnavailable(f"Redis script failed: {e}"))
+
+    async def _send(self, batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        if len(batch) == 1:
+            script, keys_, args, future = batch[0]
+            result = await script(keys=keys_, args=args)  # loads the script if Redis lost it
+            if not future.done():
+                future.set_result(result)
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for script, keys_, args, _ in batch:
+            pipe.evalsha(script.sha, len(keys_), *keys_, *args)
+        results = await pipe.execute(raise_on_error=False)
+        for (script, keys_, args, future), result in zip(batch, results, strict=True):
+            if isinstance(result, redis_errors.NoScriptError):
+                result = await script(keys=keys_, args=args)  # SCRIPT FLUSH or restart
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(CountersUnavailable(f"Redis script failed: {result}"))
+            else:
+                future.set_result(result)
+
+
+def connect_redis(url: str, *, max_connections: int = 64, timeout_s: float = 3.0) -> aioredis.Redis:
+    """A client whose pool blocks (up to ``timeout_s``) when all connections are
+    busy, instead of failing: bursts queue rather than error."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=30,
+    )
+    return aioredis.Redis.from_pool(pool)  # the client owns (and closes) its pool
+
+
+def _subjects(budgets: Sequence[Budget]) -> list[str]:
+    return list(dict.fromkeys(b.subject for b in budgets))
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

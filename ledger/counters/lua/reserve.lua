@@ -1,0 +1,31 @@
+-- Reserve `est` on every window counter, or on none (all or nothing).
+-- KEYS: open index (zset), open keys (hash), counters...
+-- ARGV: request id, est, deadline ms, counter keys joined by \n, limits... (one per counter)
+-- Reply: {'ok', tightest index, its room left} | {'deny', i, spent, reserved}
+--        | {'missing', i...} (counters to rebuild first) | {'dup'}
+local id, est = ARGV[1], ARGV[2]
+if redis.call('HEXISTS', KEYS[2], id) == 1 then return {'dup'} end
+local n = #KEYS - 2
+local values, missing = {}, {}
+for i = 1, n do
+  local v = redis.call('HMGET', KEYS[i + 2], 'spent', 'reserved', 'pos')
+  if not v[3] then missing[#missing + 1] = i end  -- every built counter has a pos
+  values[i] = v
+end
+if #missing > 0 then return {'missing', unpack(missing)} end
+local field = 'r:' .. id
+local tight, rh, rl = 0, 0, 0
+for i = 1, n do
+  if redis.call('HEXISTS', KEYS[i + 2], field) == 1 then return {'dup'} end
+  local v = values[i]
+  local ok, h, l = room(v[1], v[2], est, ARGV[4 + i])
+  if not ok then return {'deny', i, v[1] or '0', v[2] or '0'} end
+  if tight == 0 or greater(rh, rl, h, l) then tight, rh, rl = i, h, l end
+end
+for i = 1, n do
+  redis.call('HINCRBY', KEYS[i + 2], 'reserved', est)
+  redis.call('HSET', KEYS[i + 2], field, est)
+end
+redis.call('ZADD', KEYS[1], ARGV[3], id)
+redis.call('HSET', KEYS[2], id, ARGV[4])
+return {'ok', tight, fmt(rh, rl)}
