@@ -12,6 +12,7 @@ gateway passes through like any unknown field::
               "chunk_delay_ms": 20,     # wait between stream chunks
               "status": 500,            # answer with this error status
               "cut_after": 3,           # drop the connection after N chunks/bytes
+              "no_usage": true,         # ignore stream_options.include_usage
               "malformed": true,        # 200 with a body that is not JSON
               "huge_bytes": 5000000,    # pad the answer to this size
               "completion_tokens": 40}} # exactly this many output tokens
@@ -209,7 +210,9 @@ async def _complete(
         return await _plain(request, mock, payload)
 
     options = body.get("stream_options")
-    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    # "no_usage": an upstream that ignores stream_options.include_usage
+    asked = isinstance(options, dict) and options.get("include_usage") is True
+    include_usage = asked and not mock.get("no_usage")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     chunk_delay = mock.get("chunk_delay_ms", request.app[CONFIG].chunk_delay_ms)
@@ -281,6 +284,9 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 
 async def models(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    if config.api_key and request.headers.get("Authorization") != f"Bearer {config.api_key}":
+        return _error(401, "mock upstream: bad API key")
     data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "mock"} for m in MODELS]
     return web.Response(
         body=_encoder.encode({"object": "list", "data": data}), content_type="application/json"

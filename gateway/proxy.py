@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -50,12 +50,15 @@ from gateway.keys import (
 )
 from gateway.upstreams import Upstream
 from ledger.admission import Admitted, BudgetExceeded, DuplicateRequest
-from ledger.estimate import Bound, BoundError, prompt_guess, request_bound
+from ledger.estimate import Bound, BoundError, request_bound
 from ledger.pricing import Price, Tokens
+from ledger.tokens import count as count_tokens
+from ledger.tokens import delta_texts
 
 log = structlog.get_logger("gateway.proxy")
 # Token counts beyond this are not usage but an upstream fault: clamped (and flagged).
 MAX_RECORDED_TOKENS = 10**12
+MAX_MODEL_LENGTH = 256
 routes = web.RouteTableDef()
 
 _encoder = msgspec.json.Encoder()
@@ -145,15 +148,23 @@ async def models(request: web.Request) -> web.Response:
         async with upstream.session.get(
             upstream.url("/models"), headers=_upstream_headers(upstream, None)
         ) as resp:
-            data = await resp.read()
+            data = await _read_limited(resp, request.app[SETTINGS].max_response_bytes)
             status = resp.status
-    except (aiohttp.ClientError, TimeoutError) as e:
+    except (aiohttp.ClientError, TimeoutError, _TooLarge) as e:
         raise ApiError(
             502,
             f"upstream {upstream.name} did not answer: {type(e).__name__}",
             type="upstream_error",
             code="upstream_unreachable",
         ) from None
+    if status in (401, 403):
+        # The upstream refused the gateway's own credentials: never pass its body on.
+        raise ApiError(
+            502,
+            f"upstream {upstream.name} refused the gateway's credentials ({status})",
+            type="upstream_error",
+            code="upstream_auth",
+        )
     return web.Response(status=status, body=data, content_type="application/json")
 
 
@@ -246,6 +257,9 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise ApiError(400, "model is required and must be a string", param="model")
+    if len(model) > MAX_MODEL_LENGTH:
+        # it reaches events, log lines and view keys: bounded like every such field
+        raise ApiError(400, f"model must be at most {MAX_MODEL_LENGTH} characters", param="model")
     key = request[API_KEY]
     limits = Limits(settings.max_tags, settings.max_tag_length, settings.max_metadata_bytes)
     attribution = attribute(body, request.headers, key.tags if key else (), limits, app[USER_SECRET])
@@ -584,6 +598,57 @@ async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
         resp.release()
 
 
+class _Chunk(msgspec.Struct):
+    """What the gateway reads of a streamed chunk (the rest passes through as bytes)."""
+
+    choices: Any = None
+    usage: Any = None
+
+
+_chunk_decoder = msgspec.json.Decoder(_Chunk)
+
+
+@dataclass(slots=True)
+class _Streamed:
+    """What a stream has carried so far: enough to charge it if no usage comes."""
+
+    usage: Tokens | None = None
+    usage_frame: bytes | None = None  # held back (for its cost) when the client asked for usage
+    produced: list[str] = field(default_factory=list)
+    chunks: int = 0  # data frames that carried text
+    frames: int = 0  # data frames passed on
+
+    def read(self, frame: bytes) -> bool:
+        """Note what ``frame`` carries; False if it is the usage chunk (not passed on yet)."""
+        payload = frame[5:].strip() if frame.startswith(b"data:") else b""
+        if not payload:
+            return True
+        try:
+            chunk = _chunk_decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+            return True
+        texts = list(delta_texts(chunk.choices))
+        if texts:
+            self.produced += texts
+            self.chunks += 1
+        found = _tokens(chunk.usage)
+        if found is None:
+            return True
+        self.usage = found
+        self.usage_frame = frame
+        return False
+
+
+def _with_cost(frame: bytes, cost: Decimal) -> bytes:
+    """The usage chunk with the exact cost (USD, a string) in its usage object."""
+    try:
+        obj = _decoder.decode(frame[5:].strip())
+        obj["usage"]["cost"] = str(cost)
+    except (msgspec.DecodeError, UnicodeDecodeError, TypeError, KeyError):
+        return frame
+    return b"data: " + _encoder.encode(obj) + b"\n\n"
+
+
 async def _pipe(
     request: web.Request, call: _Call, resp: aiohttp.ClientResponse, client_wants_usage: bool
 ) -> web.StreamResponse:
@@ -596,9 +661,8 @@ async def _pipe(
         },
     )
     await out.prepare(request)
-    usage: Tokens | None = None
+    seen = _Streamed()
     done_frame: bytes | None = None
-    frames = 0
     buffer = b""
     failure: BaseException | None = None
     try:
@@ -612,48 +676,47 @@ async def _pipe(
                 if frame.startswith(b"data: [DONE]"):
                     done_frame = frame  # held back until the spend is recorded
                     continue
-                if b'"usage"' in frame and b'"usage":null' not in frame and b'"usage": null' not in frame:
-                    found = _usage_of(frame)
-                    if found is not None:
-                        usage = found
-                        if not client_wants_usage:
-                            continue
-                frames += 1
+                if not seen.read(frame):
+                    continue  # the usage chunk: written (with its cost) once recorded, if asked for
+                seen.frames += 1
                 await out.write(frame)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         # The client left: stop the upstream and charge what was produced.
         resp.close()
-        await _record_partial(request, call, usage, frames)
+        await _record_stream(request, call, seen, status=499, source="partial")
         return out
     except asyncio.CancelledError:
         # Same, when the server cancels handlers of vanished clients: record in
         # a task of its own so the cancellation cannot cut the append short.
         resp.close()
-        task = asyncio.ensure_future(_record_partial(request, call, usage, frames))
+        task = asyncio.ensure_future(_record_stream(request, call, seen, status=499, source="partial"))
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(task)
         raise
     except (aiohttp.ClientError, TimeoutError) as e:
         failure = e
-    if usage is None:
+    if seen.usage is None and seen.frames == 0:
+        # Nothing came through: nothing was produced to charge.
         reason, _code, message = _upstream_failure(failure or aiohttp.ClientPayloadError(), call)
-        if failure is None:
-            reason, message = (
-                "upstream_cut",
-                f"upstream {call.upstream.name} ended the stream without usage",
-            )
         await _release(request, call, reason, 200)
-        try:
+        with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
             await out.write(_sse_error(message, reason))
             await out.write_eof()
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            pass
         return out
-    await _record(request, call, usage, status=200, streamed=True, source="upstream")
+    # No usage (a cut stream, an upstream that ignores include_usage): what was
+    # produced is counted and charged, never nothing.
+    cost = await _record_stream(request, call, seen, status=200, source="upstream")
     try:
-        if buffer:
-            await out.write(buffer)
-        if done_frame is not None:
+        if failure is not None or (seen.usage is None and done_frame is None):
+            reason, _code, message = _upstream_failure(failure or aiohttp.ClientPayloadError(), call)
+            await out.write(_sse_error(message, reason))
+        else:
+            if buffer:
+                await out.write(buffer)
+            if seen.usage_frame is not None and client_wants_usage:
+                await out.write(_with_cost(seen.usage_frame, cost))
+        await out.write(f": ledger cost={cost} request_id={call.request_id}\n\n".encode())
+        if done_frame is not None and failure is None:
             await out.write(done_frame)
         await out.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -661,19 +724,20 @@ async def _pipe(
     return out
 
 
-async def _record_partial(request: web.Request, call: _Call, usage: Tokens | None, frames: int) -> None:
-    tokens = usage or Tokens(prompt_guess(call.body), frames)
-    source = "upstream" if usage else "partial"
-    await _record(request, call, tokens, status=499, streamed=True, source=source)
-
-
-def _usage_of(frame: bytes) -> Tokens | None:
-    """The usage of a final SSE chunk (``choices: []`` and a usage object)."""
-    payload = frame[len(b"data:") :].strip() if frame.startswith(b"data:") else b""
-    try:
-        obj = _decoder.decode(payload)
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        return None
-    if not isinstance(obj, dict):
-        return None
-    return _tokens(obj.get("usage"))
+async def _record_stream(
+    request: web.Request, call: _Call, seen: _Streamed, *, status: int, source: str
+) -> Decimal:
+    """Charge a stream: its usage, or what it produced, counted."""
+    if seen.usage is not None:
+        return await _record(request, call, seen.usage, status=status, streamed=True, source="upstream")
+    counted = count_tokens(
+        call.upstream_model,
+        call.body,
+        seen.produced,
+        seen.chunks,
+        request.app[SETTINGS].image_token_bound,
+    )
+    structlog.contextvars.bind_contextvars(usage_counted=counted.source)
+    tokens = Tokens(counted.prompt, counted.completion)
+    label = source if source == "partial" else f"counted_{counted.source}"
+    return await _record(request, call, tokens, status=status, streamed=True, source=label)

@@ -118,8 +118,11 @@ class SpendRecorded(msgspec.Struct, frozen=True, tag=True):
     status: int = 200
     streamed: bool = False
     unpriced: bool = False  # no known price: cost recorded as 0
-    # "upstream" (its usage), "partial" (client left mid-stream: what was
-    # produced), or "estimate" (no usage reported: the reserved upper bound)
+    # "upstream" (its usage); "partial" (the client left mid-stream: what was
+    # produced, counted); "counted_tokenizer" / "counted_bytes" (a stream that
+    # ended without usage: what it produced, counted with the model's tokenizer,
+    # or one token per byte, an upper bound); "estimate" (nothing reported: the
+    # reserved upper bound)
     usage_source: str = "upstream"
     budget_subjects: list[str] = []
     # the upstream reported usage beyond what the request could use (over the

@@ -7,11 +7,13 @@ All amounts are exact decimals.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 from genai_prices import Usage, calc_price
+from genai_prices.data_snapshot import DataSnapshot, get_snapshot, set_custom_snapshot
 
 from ledger.settings import PriceOverride
 
@@ -58,20 +60,36 @@ class Price:
 
 
 class PriceBook:
-    """Prices by (provider, model), with overrides first and a cache for both
-    hits and misses (a miss is as expensive to look up as a hit)."""
+    """Prices by (provider, model), with overrides first, behind a bounded LRU
+    cache of hits and misses (a miss costs as much to look up as a hit, and
+    clients choose model names: the cache must not grow with them)."""
 
-    def __init__(self, overrides: tuple[PriceOverride, ...] = ()) -> None:
+    def __init__(self, overrides: tuple[PriceOverride, ...] = (), *, cache_size: int = 4096) -> None:
         self._overrides = overrides
-        self._cache: dict[tuple[str, str], Price | None] = {}
+        self._cache: OrderedDict[tuple[str, str], Price | None] = OrderedDict()
+        self._cache_size = cache_size
+        self._database_lookups = 0
 
     def lookup(self, provider: str, model: str) -> Price | None:
         key = (provider, model)
-        if key in self._cache:
+        try:
+            self._cache.move_to_end(key)
             return self._cache[key]
-        price = self._override(provider, model) or _from_database(provider, model)
+        except KeyError:
+            pass
+        price = self._override(provider, model) or self._from_database(provider, model)
         self._cache[key] = price
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
         return price
+
+    def _from_database(self, provider: str, model: str) -> Price | None:
+        self._database_lookups += 1
+        if self._database_lookups % self._cache_size == 0:
+            # genai-prices remembers every name it resolved: start it afresh now
+            # and then, so that it stays bounded too.
+            set_custom_snapshot(DataSnapshot(providers=get_snapshot().providers, from_auto_update=False))
+        return _from_database(provider, model)
 
     def _override(self, provider: str, model: str) -> Price | None:
         for o in self._overrides:

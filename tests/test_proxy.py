@@ -23,8 +23,9 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
 from gateway.keys import BUDGET_BOOK, COUNTERS, KEY_BOOK, SETTINGS, STORE, TAGS, USER_SECRET
-from gateway.mock_upstream import REQUESTS, create_mock_app
+from gateway.mock_upstream import REQUESTS, MockConfig, create_mock_app
 from ledger import events as ev
+from ledger.money import to_nanos
 from ledger.settings import ProviderConfig, Settings
 from ledger.store import EventStore
 from tests.conftest import gateway_app
@@ -359,9 +360,12 @@ async def test_stream_hides_the_usage_chunk_and_is_byte_identical(gateway: Gatew
     sent = gateway.upstream_requests()[-1]["sent"]
     usage_frames = [f for f in sent if '"choices":[]' in f]
     assert len(usage_frames) == 1
-    assert received == "".join(f for f in sent if f not in usage_frames)
     spend = (await gateway.request_events(request_id))[1]
     assert isinstance(spend, ev.SpendRecorded)
+    # every frame as sent, but the usage chunk; the cost as an SSE comment before [DONE]
+    passed = [f for f in sent if f not in usage_frames]
+    comment = f": ledger cost={spend.cost} request_id={request_id}\n\n"
+    assert received == "".join(passed[:-1]) + comment + passed[-1]
     assert spend.streamed
     usage = msgspec.json.decode(usage_frames[0].removeprefix("data: "))["usage"]
     assert (spend.prompt_tokens, spend.completion_tokens) == (
@@ -377,6 +381,9 @@ async def test_stream_with_usage_requested_through_the_sdk(gateway: Gateway) -> 
     chunks = [c async for c in stream]
     assert chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens > 0
+    # the exact cost of the request, as OpenRouter puts it: in the usage object
+    [spend] = await gateway.spends()  # the only request of this test
+    assert Decimal(chunks[-1].usage.cost) == spend.cost  # type: ignore[attr-defined]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text
     sent = gateway.upstream_requests()[-1]["sent"]
@@ -412,6 +419,42 @@ async def test_client_disconnect_mid_stream_is_charged_partially(gateway: Gatewa
     assert len(gateway.upstream_requests()[-1]["sent"]) < 60  # the upstream call was cut off too
 
 
+@pytest.mark.parametrize(
+    ("mock", "source"),
+    [({"cut_after": 12}, "counted_tokenizer"), ({"no_usage": True}, "counted_tokenizer")],
+)
+async def test_a_stream_without_usage_is_charged_for_what_it_produced(
+    gateway: Gateway, mock: dict[str, Any], source: str
+) -> None:
+    """Issue 11 item 4: a stream cut before its usage chunk (or from an upstream that
+    ignores include_usage) was recorded as released, cost 0."""
+    await gateway.budget("streams", "5")
+    body = {**CHAT, "stream": True, "mock": {"completion_tokens": 40, **mock}}
+    async with aiohttp.ClientSession() as http:
+        r = await http.post(
+            f"{gateway.url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {gateway.key}", "x-ledger-tags": "streams"},
+        )
+        received = (await r.read()).decode()
+        request_id = r.headers["x-ledger-request-id"]
+    [admitted, spend] = await gateway.request_events(request_id)
+    assert isinstance(admitted, ev.RequestAdmitted)
+    assert isinstance(spend, ev.SpendRecorded)
+    assert spend.usage_source == source
+    words = [f for f in gateway.upstream_requests()[-1]["sent"] if '"content":' in f and '"role"' not in f]
+    assert spend.completion_tokens >= len(words) > 0  # at least one token per word streamed
+    assert 0 < spend.cost <= admitted.estimate
+    assert f": ledger cost={spend.cost}" in received
+    [b] = gateway.app[BUDGET_BOOK].budgets_for(["streams"], datetime.now(UTC))
+    for _ in range(50):  # the settle runs after the response
+        counter = await gateway.app[COUNTERS].read(b)
+        if counter.reserved_nanos == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (counter.spent_nanos, counter.reserved_nanos) == (to_nanos(spend.cost), 0)
+
+
 # ------------------------------------------------------------------ upstream faults
 
 
@@ -422,7 +465,7 @@ async def test_client_disconnect_mid_stream_is_charged_partially(gateway: Gatewa
         ({"delay_ms": 3000}, False, openai.APIStatusError, "upstream_timeout"),
         ({"malformed": True}, False, openai.APIStatusError, "upstream_invalid_json"),
         ({"cut_after": 10}, False, openai.APIStatusError, "upstream_cut"),
-        ({"cut_after": 3}, True, openai.APIError, "upstream_cut"),
+        ({"cut_after": 0}, True, openai.APIError, "upstream_cut"),
         ({"status": 503}, True, openai.APIStatusError, "upstream_status_503"),
     ],
 )
@@ -453,6 +496,33 @@ async def test_upstream_failures_release_and_record(
 
 
 # ------------------------------------------------------------------ bad input and auth
+
+
+async def test_model_names_are_bounded(gateway: Gateway) -> None:
+    """Issue 11 items 1 and 3: a 3,000-character model name stalled a projection; 2 MB
+    names grew memory without bound."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await gateway.sdk().chat.completions.create(**{**CHAT, "model": "m" * 257})
+    assert caught.value.body["param"] == "model"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError):
+        await gateway.sdk().chat.completions.create(**{**CHAT, "model": "m" * 2_000_000})
+
+
+async def test_an_upstream_refusing_the_gateways_key_on_models_is_a_502(
+    settings: Settings, aiohttp_server: AiohttpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11 item 11: /v1/models passed an upstream 401 body through as is."""
+    mock = await aiohttp_server(create_mock_app(MockConfig(api_key="the-right-key")))
+    monkeypatch.setenv("MOCK_KEY", "a-wrong-key")
+    provider = ProviderConfig("mock", str(mock.make_url("/v1")).rstrip("/"), api_key_env="MOCK_KEY")
+    app = gateway_app(dataclasses.replace(settings, admin_key=ADMIN_KEY, providers=(provider,)))
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession() as http:
+        r = await http.get(server.make_url("/v1/models"), headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        body = await r.json()
+    assert r.status == 502
+    assert body["error"]["code"] == "upstream_auth"
+    assert "mock upstream" not in str(body)
 
 
 async def test_authentication(gateway: Gateway) -> None:
