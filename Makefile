@@ -29,8 +29,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# The fault suite, with many more randomized counter schedules than `make test` runs.
 test-faults: $(STAMP)
-	$(BIN)/pytest -m faults $(PYTEST_ARGS)
+	LEDGER_SCHEDULES=$${LEDGER_SCHEDULES:-1000} $(BIN)/pytest -m faults $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check ledger gateway projections tests

@@ -44,7 +44,7 @@ from ledger.tags import TagService
 from projections.budgets import BudgetWindows
 from projections.runtime import Worker
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 SCHEDULES = int(os.environ.get("LEDGER_SCHEDULES", "60"))
 ONLY_SEED = os.environ.get("LEDGER_SCHEDULE_SEED")
