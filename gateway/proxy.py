@@ -51,7 +51,7 @@ from gateway.keys import (
 from gateway.upstreams import Upstream
 from ledger.admission import Admitted, BudgetExceeded, DuplicateRequest
 from ledger.estimate import Bound, BoundError, request_bound
-from ledger.pricing import Price, Tokens
+from ledger.pricing import Price, PriceBook, Tokens
 from ledger.tokens import count as count_tokens
 from ledger.tokens import delta_texts
 
@@ -165,7 +165,33 @@ async def models(request: web.Request) -> web.Response:
             type="upstream_error",
             code="upstream_auth",
         )
+    if status == 200:
+        data = _with_prices(data, upstream, request.app[PRICES])
     return web.Response(status=status, body=data, content_type="application/json")
+
+
+def _with_prices(data: bytes, upstream: Upstream, prices: PriceBook) -> bytes:
+    """Say which listed models have a price, and what it is (per token, as decimal
+    strings, the way OpenRouter's model list does), so a client knows before it
+    asks which models a budget can be enforced on."""
+    try:
+        listing = _decoder.decode(data)
+        models = listing["data"]
+    except (msgspec.DecodeError, UnicodeDecodeError, TypeError, KeyError):
+        return data
+    if not isinstance(models, list):
+        return data
+    for item in models:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            continue
+        price = prices.lookup(upstream.price_provider, item["id"][:MAX_MODEL_LENGTH])
+        item["priced"] = price is not None
+        if price is not None and price.input_per_mtok is not None and price.output_per_mtok is not None:
+            item["pricing"] = {
+                "prompt": str(price.input_per_mtok / 1_000_000),
+                "completion": str(price.output_per_mtok / 1_000_000),
+            }
+    return _encoder.encode(listing)
 
 
 # ------------------------------------------------------------------ admission
@@ -293,10 +319,12 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
     if price is None and (
         settings.unpriced_policy == "deny" or (settings.unpriced_policy == "auto" and budgeted)
     ):
+        similar = app[PRICES].similar(upstream.price_provider, upstream_model)
+        hint = f"; priced names like it: {', '.join(similar)}" if similar else ""
         raise ApiError(
             400,
-            f"model {model!r} has no known price, so budgets cannot be enforced on it; "
-            "add a price override (LEDGER_PRICE_OVERRIDES)",
+            f"model {model!r} has no known price, so budgets cannot be enforced on it{hint}; "
+            "or add a price override (LEDGER_PRICE_OVERRIDES)",
             param="model",
             code="unpriced_model",
         )

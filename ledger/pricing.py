@@ -7,6 +7,7 @@ All amounts are exact decimals.
 
 from __future__ import annotations
 
+import difflib
 from collections import OrderedDict
 from dataclasses import dataclass
 from decimal import Decimal
@@ -89,7 +90,21 @@ class PriceBook:
             # genai-prices remembers every name it resolved: start it afresh now
             # and then, so that it stays bounded too.
             set_custom_snapshot(DataSnapshot(providers=get_snapshot().providers, from_auto_update=False))
-        return _from_database(provider, model)
+        for ref_provider, ref_model in _candidates(provider, model):
+            price = _from_database(ref_provider, ref_model)
+            if price is not None:
+                return price
+        return None
+
+    def similar(self, provider: str, model: str, limit: int = 5) -> list[str]:
+        """Priced model names close to ``model`` (for an error that says which would do)."""
+        names = [o.model for o in self._overrides]
+        by_id = {p.id: p for p in get_snapshot().providers}
+        for pid in dict.fromkeys([provider, "openai", "anthropic", "google"]):
+            if pid in by_id:
+                prefix = "" if pid == provider else f"{pid}/"
+                names += [prefix + m.id for m in by_id[pid].models]
+        return difflib.get_close_matches(model, names, n=limit, cutoff=0.5)
 
     def _override(self, provider: str, model: str) -> Price | None:
         for o in self._overrides:
@@ -98,15 +113,43 @@ class PriceBook:
         return None
 
 
+# Prefixes aggregators use where genai-prices names the provider differently.
+_PREFIX_ALIASES = {
+    "mistralai": "mistral",
+    "meta-llama": "meta",
+    "xai": "x-ai",
+    "moonshot": "moonshotai",
+    "gemini": "google",
+    "vertex_ai": "google",
+    "bedrock": "aws",
+}
+
+
+def _candidates(provider: str, model: str) -> list[tuple[str | None, str]]:
+    """Where to look a model up, best first: the upstream's own provider; for a
+    ``provider/model`` id, that provider (as genai-prices names it), then any
+    provider; an aggregator's catalogue of such ids; finally any provider."""
+    out: list[tuple[str | None, str]] = [(provider, model)]
+    prefix, slash, rest = model.partition("/")
+    if slash and rest:
+        out.append((_PREFIX_ALIASES.get(prefix.lower(), prefix.lower()), rest))
+        out.append(("openrouter", model))
+        out.append((None, rest))
+    else:
+        out.append((None, model))
+    return list(dict.fromkeys(out))
+
+
 def _flat(value: Any) -> Decimal | None:
     return value if isinstance(value, Decimal) else None
 
 
-def _from_database(provider: str, model: str) -> Price | None:
+def _from_database(provider: str | None, model: str) -> Price | None:
     try:
         found = calc_price(Usage(input_tokens=0, output_tokens=0), model_ref=model, provider_id=provider)
     except LookupError:
         return None
+    provider = found.provider.id
     mp = found.model_price
     inp, out, cached = _flat(mp.input_mtok), _flat(mp.output_mtok), _flat(mp.cache_read_mtok)
     tiered = (mp.input_mtok is not None and inp is None) or (mp.output_mtok is not None and out is None)

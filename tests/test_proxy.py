@@ -313,6 +313,44 @@ async def test_unpriced_models(gateway: Gateway) -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("model", "provider"),
+    [
+        ("openai/gpt-4o", "openai"),
+        ("anthropic/claude-sonnet-4-5", "anthropic"),
+        ("google/gemini-2.5-pro", "google"),
+    ],
+)
+async def test_provider_prefixed_ids_are_priced_behind_any_upstream(
+    gateway: Gateway, model: str, provider: str
+) -> None:
+    """Issue 13 item 3: `openai/gpt-4o` had no price unless a provider named `openai`
+    was configured, so any budgeted request with it was a 400."""
+    await gateway.budget("prefixed", "1")
+    raw = await gateway.sdk().chat.completions.with_raw_response.create(
+        model=model, messages=CHAT["messages"], extra_headers={"x-ledger-tags": "prefixed"}
+    )
+    [_, spend] = await gateway.request_events(raw.headers["x-ledger-request-id"])
+    assert isinstance(spend, ev.SpendRecorded)
+    assert spend.cost > 0
+    assert not spend.unpriced
+    assert gateway.upstream_requests()[-1]["body"]["model"] == model  # forwarded as named
+
+
+async def test_unpriced_model_errors_say_which_names_are_priced_and_models_lists_prices(
+    gateway: Gateway,
+) -> None:
+    await gateway.budget("priced-only", "1")
+    with pytest.raises(openai.BadRequestError, match="priced names like it: gpt-4o-mini") as caught:
+        await gateway.sdk().chat.completions.create(
+            model="gpt-4o-minii", messages=CHAT["messages"], extra_headers={"x-ledger-tags": "priced-only"}
+        )
+    assert caught.value.body["code"] == "unpriced_model"  # type: ignore[index]
+    listed = {m.id: m for m in (await gateway.sdk().models.list()).data}
+    assert listed["gpt-4o-mini"].priced is True  # type: ignore[attr-defined]
+    assert Decimal(listed["gpt-4o-mini"].pricing["prompt"]) == Decimal("0.15") / 1_000_000  # type: ignore[attr-defined]
+
+
 # ------------------------------------------------------------------ routes
 
 
