@@ -52,7 +52,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     started = time.perf_counter()
     response = await handler(request)
     if not response.prepared:
-        response.headers[REQUEST_ID_HEADER] = request_id
+        # the handler may have scoped the id to its key (see gateway/proxy.py)
+        response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
     if not request.path.startswith("/health"):
         log.info(
             "request",

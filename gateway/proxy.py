@@ -232,6 +232,19 @@ def _parse(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def _scoped_request_id(request: web.Request, key: Any) -> str:
+    """Request ids a client chooses (x-request-id) are its key's own: the same id
+    under two keys is two requests, and a duplicate is only detected, and only
+    reported, within one key. Ids the gateway makes are unique anyway."""
+    request_id: str = request[REQUEST_ID]
+    if request.headers.get("x-request-id") != request_id:
+        return request_id
+    scoped = f"{key.key_hash[:12] if key is not None else 'admin'}:{request_id}"
+    request[REQUEST_ID] = scoped
+    structlog.contextvars.bind_contextvars(request_id=scoped)
+    return scoped
+
+
 def _denied(denied: BudgetExceeded, capped_by_default: bool) -> web.Response:
     reset = denied.reset_at
     retry_after = (
@@ -341,7 +354,7 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
         body[field] = cap
     estimate = price.cost(Tokens(bound.prompt, bound.completion)) if price is not None else Decimal(0)
 
-    request_id = request[REQUEST_ID]
+    request_id = _scoped_request_id(request, key)
     structlog.contextvars.bind_contextvars(model=model, tags=attribution.tags)
     started = time.perf_counter()
     admission = app[ADMISSION]
@@ -359,7 +372,7 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
     except DuplicateRequest as e:
         raise ApiError(
             409,
-            f"{e}; it is never charged twice",
+            f"{e} by this key; it is never charged twice",
             type="conflict_error",
             param="x-request-id",
             code="duplicate_request_id",

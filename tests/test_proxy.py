@@ -664,12 +664,31 @@ async def test_same_request_id_is_never_charged_twice(gateway: Gateway) -> None:
     sdk = gateway.sdk()
     headers = {"x-request-id": "client-retry-123"}
     first = await sdk.chat.completions.with_raw_response.create(**CHAT, extra_headers=headers)
-    assert first.headers["x-ledger-request-id"] == "client-retry-123"
+    scoped = first.headers["x-ledger-request-id"]
+    assert scoped.endswith(":client-retry-123")
     with pytest.raises(openai.ConflictError) as info:
         await sdk.chat.completions.create(**CHAT, extra_headers=headers)
     assert info.value.response.headers["x-should-retry"] == "false"
-    spends = [s for s in await gateway.spends() if s.request_id == "client-retry-123"]
+    spends = [s for s in await gateway.spends() if s.request_id == scoped]
     assert len(spends) == 1
+
+
+async def test_request_ids_are_scoped_per_key(gateway: Gateway) -> None:
+    """Issue 11 item 7: key B's request with an id key A used first got a 409 forever,
+    and the 409 told B that someone had used it."""
+    other, _ = await gateway.app[KEY_BOOK].generate(key_alias="other")
+    headers = {"x-request-id": "order-2026-0001"}
+    a = await gateway.sdk().chat.completions.with_raw_response.create(**CHAT, extra_headers=headers)
+    b = await gateway.sdk(api_key=other).chat.completions.with_raw_response.create(
+        **CHAT, extra_headers=headers
+    )
+    assert a.headers["x-ledger-request-id"] != b.headers["x-ledger-request-id"]
+    assert {s.request_id for s in await gateway.spends()} >= {
+        a.headers["x-ledger-request-id"],
+        b.headers["x-ledger-request-id"],
+    }
+    with pytest.raises(openai.ConflictError, match="by this key"):
+        await gateway.sdk(api_key=other).chat.completions.create(**CHAT, extra_headers=headers)
 
 
 async def test_metrics_and_admission_state(gateway: Gateway) -> None:
