@@ -106,7 +106,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.warning("store_unavailable", error=str(e))
         return error_response(
             503,
-            "the event store is unavailable; nothing was recorded, retry later",
+            "the event store (PostgreSQL) is unavailable: the request was not sent upstream and "
+            "is not charged; retry later (if you set x-request-id and the first attempt was "
+            "recorded, a retry with the same id is answered 409: released, never charged)",
             type="service_unavailable",
             code="store_unavailable",
         )

@@ -34,6 +34,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from gateway import sse
 from gateway.attribution import Attribution, Limits, attribute
 from gateway.auth import client
 from gateway.errors import ApiError, error_response
@@ -49,7 +50,8 @@ from gateway.keys import (
     USER_SECRET,
 )
 from gateway.upstreams import Upstream
-from ledger.admission import Admitted, BudgetExceeded, DuplicateRequest
+from ledger.admission import Admitted, BudgetExceeded, DuplicateRequest, Recorded
+from ledger.errors import StoreUnavailable
 from ledger.estimate import Bound, BoundError, request_bound
 from ledger.pricing import Price, PriceBook, Tokens
 from ledger.tokens import count as count_tokens
@@ -343,15 +345,14 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
         )
     try:
         bound = request_bound(
-            kind, body, default_cap=settings.default_max_tokens, image_tokens=settings.image_token_bound
+            kind,
+            body,
+            default_cap=settings.default_max_tokens,
+            image_tokens=settings.image_token_bound,
+            file_tokens=settings.file_token_bound,
         )
     except BoundError as e:
         raise ApiError(400, str(e), param=e.field, code="invalid_value") from None
-    if budgeted and bound.inject is not None:
-        # The client set no output cap: forward the one the estimate assumed, so
-        # the upstream cannot produce more than was reserved.
-        field, cap = bound.inject
-        body[field] = cap
     estimate = price.cost(Tokens(bound.prompt, bound.completion)) if price is not None else Decimal(0)
 
     request_id = _scoped_request_id(request, key)
@@ -385,6 +386,12 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
         return _denied(outcome, bound.inject is not None)
     if not outcome.reserved and outcome.budgets:
         structlog.contextvars.bind_contextvars(unreserved=True)
+    if outcome.budgets and bound.inject is not None:
+        # A budget applies and the client set no output cap: forward the one the
+        # estimate assumed, so the upstream cannot produce more than was reserved.
+        # (Decided on the admission's budgets: one created a moment ago counts.)
+        field_name, cap = bound.inject
+        body[field_name] = cap
 
     body["model"] = upstream_model
     call = _Call(
@@ -459,7 +466,40 @@ async def _record(
             log.warning("usage_clamped", reported=reported, charged=(tokens.prompt, tokens.completion))
         cost = call.price.cost(tokens) if call.price is not None else Decimal(0)
     latency_ms = round((time.perf_counter() - call.started) * 1000, 1)
-    recorded = await request.app[ADMISSION].record_spend(
+    try:
+        recorded = await _record_spend(
+            request, call, cost, tokens, latency_ms, status, streamed, source, clamped, reported
+        )
+    except StoreUnavailable as e:
+        # Unlike a refusal before admission: the upstream did the work.
+        raise ApiError(
+            503,
+            "the upstream answered but its spend could not be recorded (PostgreSQL unavailable); "
+            "it will be charged at most its reserved bound when its reservation expires",
+            type="service_unavailable",
+            code="store_unavailable",
+        ) from e
+    metrics = request.app[METRICS]
+    metrics.requests.labels(call.kind, str(status)).inc()
+    metrics.cost.inc(float(recorded.cost))
+    metrics.upstream_latency.labels(call.upstream.name).observe(latency_ms / 1000)
+    structlog.contextvars.bind_contextvars(cost=str(recorded.cost), latency_ms=latency_ms)
+    return recorded.cost
+
+
+async def _record_spend(
+    request: web.Request,
+    call: _Call,
+    cost: Decimal,
+    tokens: Tokens,
+    latency_ms: float,
+    status: int,
+    streamed: bool,
+    source: str,
+    clamped: bool,
+    reported: tuple[int, int] | None,
+) -> Recorded:
+    return await request.app[ADMISSION].record_spend(
         call.admitted,
         cost,
         wait_settle=False,
@@ -479,12 +519,6 @@ async def _record(
         reported_prompt_tokens=reported[0] if reported else None,
         reported_completion_tokens=reported[1] if reported else None,
     )
-    metrics = request.app[METRICS]
-    metrics.requests.labels(call.kind, str(status)).inc()
-    metrics.cost.inc(float(recorded.cost))
-    metrics.upstream_latency.labels(call.upstream.name).observe(latency_ms / 1000)
-    structlog.contextvars.bind_contextvars(cost=str(recorded.cost), latency_ms=latency_ms)
-    return recorded.cost
 
 
 def _within_bound(call: _Call, reported: Tokens) -> tuple[Tokens, bool]:
@@ -559,7 +593,6 @@ async def _upstream_refused(
 
 
 async def _unary(request: web.Request, call: _Call) -> web.StreamResponse:
-    settings = request.app[SETTINGS]
     url = call.upstream.url(_PATHS[call.kind])
     try:
         async with call.upstream.session.post(
@@ -567,28 +600,48 @@ async def _unary(request: web.Request, call: _Call) -> web.StreamResponse:
             data=_encoder.encode(call.body),
             headers=_upstream_headers(call.upstream, call.request_id),
         ) as resp:
-            data = await _read_limited(resp, settings.max_response_bytes)
-            status = resp.status
-            content_type = resp.headers.get("Content-Type", "application/json")
-            passed = {h: resp.headers[h] for h in _PASS_HEADERS if h in resp.headers}
-    except (aiohttp.ClientError, TimeoutError, _TooLarge) as e:
+            return await _answer(request, call, resp)
+    except (aiohttp.ClientError, TimeoutError) as e:
         reason, code, message = _upstream_failure(e, call)
         await _release(request, call, reason, None)
         return error_response(
             code, message, type="upstream_error", code=reason, headers=_ledger_headers(call, None)
+        )
+
+
+async def _answer(request: web.Request, call: _Call, resp: aiohttp.ClientResponse) -> web.StreamResponse:
+    """A whole (non-streamed) answer: passed on and charged from its usage."""
+    status = resp.status
+    content_type = resp.headers.get("Content-Type", "application/json")
+    passed = {h: resp.headers[h] for h in _PASS_HEADERS if h in resp.headers}
+    try:
+        data = await _read_limited(resp, request.app[SETTINGS].max_response_bytes)
+    except (aiohttp.ClientError, TimeoutError, _TooLarge) as e:
+        reason, code, message = _upstream_failure(e, call)
+        if status >= 400:
+            await _release(request, call, reason, status)
+            return error_response(
+                code, message, type="upstream_error", code=reason, headers=_ledger_headers(call, None)
+            )
+        # It answered 2xx and was producing: the work is done and will be billed,
+        # whatever stopped the body (too large, cut, slow). Charge the reserved bound.
+        cost = await _record(request, call, None, status=code, streamed=False, source="estimate")
+        return error_response(
+            code, message, type="upstream_error", code=reason, headers=_ledger_headers(call, cost)
         )
     if status >= 400:
         return await _upstream_refused(request, call, status, data, content_type)
     try:
         answer = _answer_decoder.decode(data)  # validates it all, keeps only usage
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
-        await _release(request, call, "upstream_invalid_json", status)
+        # A 2xx the gateway cannot read: it may still be billed; charge the bound.
+        cost = await _record(request, call, None, status=502, streamed=False, source="estimate")
         return error_response(
             502,
             f"upstream {call.upstream.name} returned invalid JSON",
             type="upstream_error",
             code="upstream_invalid_json",
-            headers=_ledger_headers(call, None),
+            headers=_ledger_headers(call, cost),
         )
     tokens = _tokens(answer.usage)
     cost = await _record(request, call, tokens, status=status, streamed=False, source="upstream")
@@ -634,6 +687,8 @@ async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
                 data = b""
             content_type = resp.headers.get("Content-Type", "application/json")
             return await _upstream_refused(request, call, resp.status, data, content_type)
+        if resp.headers.get("Content-Type", "").startswith("application/json"):
+            return await _answer(request, call, resp)  # an upstream that does not stream
         return await _pipe(request, call, resp, client_wants_usage)
     finally:
         resp.release()
@@ -653,40 +708,42 @@ _chunk_decoder = msgspec.json.Decoder(_Chunk)
 class _Streamed:
     """What a stream has carried so far: enough to charge it if no usage comes."""
 
+    client_wants_usage: bool
     usage: Tokens | None = None
-    usage_frame: bytes | None = None  # held back (for its cost) when the client asked for usage
+    usage_event: dict[str, Any] | None = None  # held back to carry its cost (if the client asked)
     produced: list[str] = field(default_factory=list)
-    chunks: int = 0  # data frames that carried text
-    frames: int = 0  # data frames passed on
+    chunks: int = 0  # events that carried text
+    events: int = 0  # data events seen
 
-    def read(self, frame: bytes) -> bool:
-        """Note what ``frame`` carries; False if it is the usage chunk (not passed on yet)."""
-        payload = frame[5:].strip() if frame.startswith(b"data:") else b""
-        if not payload:
-            return True
+    def read(self, event: sse.Event) -> bytes | None:
+        """What to pass on for ``event`` now (None: nothing, or not yet)."""
+        if event.data is None:
+            return event.raw  # a comment, or an event without data
+        self.events += 1
         try:
-            chunk = _chunk_decoder.decode(payload)
+            chunk = _chunk_decoder.decode(event.data)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
-            return True
+            return event.raw
         texts = list(delta_texts(chunk.choices))
         if texts:
             self.produced += texts
             self.chunks += 1
         found = _tokens(chunk.usage)
         if found is None:
-            return True
+            return event.raw
         self.usage = found
-        self.usage_frame = frame
-        return False
+        obj = _decoder.decode(event.data)
+        if self.client_wants_usage:
+            self.usage_event = obj  # written once recorded, with its cost
+            return None
+        if texts:
+            # content and usage in one chunk (some upstreams): the content goes on
+            del obj["usage"]
+            return _sse(obj)
+        return None  # the usage chunk the client did not ask for
 
 
-def _with_cost(frame: bytes, cost: Decimal) -> bytes:
-    """The usage chunk with the exact cost (USD, a string) in its usage object."""
-    try:
-        obj = _decoder.decode(frame[5:].strip())
-        obj["usage"]["cost"] = str(cost)
-    except (msgspec.DecodeError, UnicodeDecodeError, TypeError, KeyError):
-        return frame
+def _sse(obj: Any) -> bytes:
     return b"data: " + _encoder.encode(obj) + b"\n\n"
 
 
@@ -702,25 +759,21 @@ async def _pipe(
         },
     )
     await out.prepare(request)
-    seen = _Streamed()
-    done_frame: bytes | None = None
-    buffer = b""
+    seen = _Streamed(client_wants_usage)
+    events = sse.Splitter()
+    done: bytes | None = None
     failure: BaseException | None = None
+    received = 0
     try:
         async for chunk in resp.content.iter_any():
-            buffer += chunk
-            while True:
-                end = buffer.find(b"\n\n")
-                if end < 0:
-                    break
-                frame, buffer = buffer[: end + 2], buffer[end + 2 :]
-                if frame.startswith(b"data: [DONE]"):
-                    done_frame = frame  # held back until the spend is recorded
+            received += len(chunk)
+            for event in events.feed(chunk):
+                if event.data == b"[DONE]":
+                    done = event.raw  # held back until the spend is recorded
                     continue
-                if not seen.read(frame):
-                    continue  # the usage chunk: written (with its cost) once recorded, if asked for
-                seen.frames += 1
-                await out.write(frame)
+                passed = seen.read(event)
+                if passed is not None:
+                    await out.write(passed)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         # The client left: stop the upstream and charge what was produced.
         resp.close()
@@ -736,7 +789,7 @@ async def _pipe(
         raise
     except (aiohttp.ClientError, TimeoutError) as e:
         failure = e
-    if seen.usage is None and seen.frames == 0:
+    if received == 0:
         # Nothing came through: nothing was produced to charge.
         reason, _code, message = _upstream_failure(failure or aiohttp.ClientPayloadError(), call)
         await _release(request, call, reason, 200)
@@ -744,21 +797,28 @@ async def _pipe(
             await out.write(_sse_error(message, reason))
             await out.write_eof()
         return out
-    # No usage (a cut stream, an upstream that ignores include_usage): what was
-    # produced is counted and charged, never nothing.
-    cost = await _record_stream(request, call, seen, status=200, source="upstream")
+    # The upstream answered and produced something. Without usage (a cut stream,
+    # an upstream that ignores include_usage), what it produced is counted and
+    # charged; if none of it could be read, the reserved bound is.
+    if seen.usage is None and seen.events == 0:
+        cost = await _record(request, call, None, status=200, streamed=True, source="estimate")
+    else:
+        cost = await _record_stream(request, call, seen, status=200, source="upstream")
     try:
-        if failure is not None or (seen.usage is None and done_frame is None):
+        rest = events.rest()
+        if failure is not None or (seen.usage is None and done is None):
             reason, _code, message = _upstream_failure(failure or aiohttp.ClientPayloadError(), call)
             await out.write(_sse_error(message, reason))
-        else:
-            if buffer:
-                await out.write(buffer)
-            if seen.usage_frame is not None and client_wants_usage:
-                await out.write(_with_cost(seen.usage_frame, cost))
-        await out.write(f": ledger cost={cost} request_id={call.request_id}\n\n".encode())
-        if done_frame is not None and failure is None:
-            await out.write(done_frame)
+        elif rest:
+            await out.write(rest)
+        if seen.usage_event is not None:
+            seen.usage_event["usage"]["cost"] = str(cost)  # OpenRouter's convention
+            await out.write(_sse(seen.usage_event))
+        # A comment line of the [DONE] event (not an event of its own: a client that
+        # keeps the last event id, as the openai SDK does, would parse an empty one).
+        await out.write(f": ledger cost={cost} request_id={call.request_id}\n".encode())
+        if done is not None and failure is None:
+            await out.write(done)
         await out.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         pass  # recorded already: the client left after the last content chunk

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -38,6 +39,7 @@ from ledger import events as ev
 from ledger.budgets import BudgetBook, window_ref
 from ledger.counters import Budget, Counters, CountersUnavailable, Denied
 from ledger.counters.log import expired_reservations
+from ledger.counters.scripts import Dup
 from ledger.errors import AppendOutcomeUnknown, ConcurrencyError, LedgerError, StoreError, StoreUnavailable
 from ledger.money import from_nanos, to_nanos
 from ledger.store import EventStore, NotWritten, Pending
@@ -65,7 +67,10 @@ class Admitted:
     position: int  # of RequestAdmitted
     model: str | None = None
     remaining_nanos: int | None = None  # tightest budget's room after the reservation
-    reserved: bool = True  # False: admitted while Redis was down (policy "allow")
+    # True once every counter is known to hold the reservation (confirmed); False when
+    # admitted without (Redis down, policy "allow") or not confirmed (yet)
+    reserved: bool = True
+    nonce: str = ""  # this attempt's reservation name (see RequestAdmitted.reservation)
 
     def remaining_after(self, cost: Decimal) -> Decimal | None:
         """The tightest budget's room once this request is charged ``cost``."""
@@ -80,7 +85,8 @@ class Admitted:
 
     @property
     def held(self) -> tuple[Budget, ...]:
-        """The counters this request reserved on."""
+        """The counters known to hold this request's reservation: there, a missing
+        reservation means it was settled already."""
         return self.budgets if self.reserved else ()
 
 
@@ -157,6 +163,7 @@ class Admission:
         # Admitted without a reservation (Redis down, policy allow): to confirm or
         # settle once Redis answers again (see reconcile).
         self.unreconciled: dict[str, Admitted] = {}
+        self._settling: set[str] = set()  # request ids whose settle is being retried
 
     # ------------------------------------------------------------- admit
 
@@ -171,27 +178,33 @@ class Admission:
         metadata: dict[str, Any] | None = None,
     ) -> Admitted | BudgetExceeded:
         """Reserve, record, confirm. Raises DuplicateRequest, CountersUnavailable
-        (Redis down under the deny policy), StoreUnavailable."""
+        (Redis down under the deny policy), StoreUnavailable.
+
+        Every way out before the request may go upstream gives back what was
+        reserved: this attempt's nonce names its reservation, so another attempt
+        under the same request id is never touched."""
         now = self.now()
         tags = list(dict.fromkeys(tags))
         budgets = self.book.budgets_for(tags, now)
         estimate_nanos = to_nanos(estimate)
         deadline = now + self.reservation_ttl
-        remaining: int | None = None
-        reserved = bool(budgets)
+        nonce = secrets.token_hex(8)
         keys = [b.key for b in budgets]
+        remaining: int | None = None
+        reserving = bool(budgets)
         if budgets:
             try:
-                outcome = await self.counters.reserve(request_id, budgets, estimate_nanos, deadline)
+                outcome = await self.counters.reserve(request_id, budgets, estimate_nanos, deadline, nonce)
             except CountersUnavailable:
+                # The script may have run after the client gave up on it.
+                self._spawn(self._give_back(request_id, keys, nonce))
                 if self.on_redis_down != "allow":
                     await self.record_refusal(request_id, tags, model, "redis_unavailable")
                     raise
                 outcome = None
-                reserved = False
+                reserving = False
             except asyncio.CancelledError:
-                # The script may have run: give back whatever it took (a no-op otherwise).
-                self._spawn(self._give_back(request_id, keys))
+                self._spawn(self._give_back(request_id, keys, nonce))
                 raise
             if isinstance(outcome, Denied):
                 denied = self._exceeded(request_id, outcome, estimate)
@@ -209,43 +222,46 @@ class Admission:
             tags=tags,
             budget_tags=[b.name for b in budgets],
             model=model,
-            unreserved=bool(budgets) and not reserved,
-            windows=[window_ref(b) for b in budgets] if reserved else [],
+            unreserved=bool(budgets) and not reserving,
+            windows=[window_ref(b) for b in budgets] if reserving else [],
+            reservation=nonce if reserving else "",
         )
+        # Not `reserved` until confirmed: only then is every counter known to hold it.
         admitted = Admitted(
-            request_id, now, estimate, tuple(tags), tuple(budgets), 0, model, remaining, reserved
+            request_id, now, estimate, tuple(tags), tuple(budgets), 0, model, remaining, False, nonce
         )
         stream = ev.stream_of_request(request_id)
         try:
-            if admitted.held:
+            if reserving:
                 await self.hooks.after_reserve(request_id)
             pending = await self.store.submit(stream, 0, [ev.to_new(event)])
         except BaseException:
             # Never queued (store closed, queue full, cancelled): nothing can commit it.
-            if admitted.held:
-                self._spawn(self._give_back(request_id, keys))
+            if reserving:
+                self._spawn(self._give_back(request_id, keys, nonce))
             raise
         try:
             [position] = await pending.wait()
         except ConcurrencyError:
             # The log has this id already (Redis had forgotten it): give the reservation back.
-            if admitted.held:
-                await self.counters.release_orphan(request_id, keys, 0)
+            if reserving:
+                await self.counters.release_orphan(request_id, keys, nonce)
             raise DuplicateRequest(request_id, await self._fate(stream)) from None
         except BaseException:
             # Outcome unknown (or cancelled): never silently dropped.
-            self._spawn(self._resolve(admitted, pending))
+            self._spawn(self._resolve(admitted, pending, reserving))
             raise
-        admitted = _with_position(admitted, position)
+        admitted = replace(admitted, position=position)
         try:
             await self.hooks.after_append(request_id)
-            if not admitted.held:
+            if not reserving:
                 if budgets:
                     self.unreconciled[request_id] = admitted
                 return admitted
-            lost = await self.counters.confirm(request_id, budgets, estimate_nanos, position, now)
+            lost = await self.counters.confirm(request_id, budgets, estimate_nanos, position, now, nonce)
         except CountersUnavailable:
             if self.on_redis_down == "allow":
+                # Admitted, but not known to be held: settled as never held.
                 self.unreconciled[request_id] = admitted
                 return admitted
             self._spawn(self._release_quietly(admitted, "admission_unconfirmed"))
@@ -255,14 +271,17 @@ class Admission:
             # sweeper charge its estimate.
             self._spawn(self._release_quietly(admitted, "admission_unconfirmed"))
             raise
+        if isinstance(lost, Dup):
+            self._spawn(self._release_quietly(admitted, "duplicate_request"))
+            raise DuplicateRequest(request_id, " and is still in flight")
         if lost is not None:
             # A counter was lost and rebuilt without this reservation, and others took
             # the room meanwhile: refuse now, before anything goes upstream.
             denied = self._exceeded(request_id, lost, estimate)
-            await self.release(admitted, "budget_recheck")
+            self._spawn(self._release_quietly(admitted, "budget_recheck"))
             await self._record_denial(denied, tags, model, now, user_hash, metadata, reason="budget_recheck")
             return denied
-        return admitted
+        return replace(admitted, reserved=True)
 
     def _exceeded(self, request_id: str, denied: Denied, estimate: Decimal) -> BudgetExceeded:
         return BudgetExceeded(
@@ -400,26 +419,32 @@ class Admission:
     async def _settle(self, admitted: Admitted, actual_nanos: int, position: int) -> int:
         return await self.counters.settle(
             admitted.request_id,
-            self.charged_budgets(admitted.at, admitted.budget_tags),
+            [*self.charged_budgets(admitted.at, admitted.budget_tags), *admitted.budgets],
             actual_nanos=actual_nanos,
             position=position,
             admitted_position=admitted.position,
             admitted_at=admitted.at,
             held=admitted.held,
+            nonce=admitted.nonce,
         )
 
     async def _settle_retrying(self, admitted: Admitted, actual_nanos: int, position: int) -> None:
         delay = 0.1
-        for _ in range(6):
-            try:
-                await self._settle(admitted, actual_nanos, position)
-                self.unreconciled.pop(admitted.request_id, None)
-                return
-            except (CountersUnavailable, StoreUnavailable) as e:
-                log.warning("settle_failed", request_id=admitted.request_id, error=str(e))
-                await asyncio.sleep(delay)
-                delay *= 4
-        # Still down: the sweeper settles it from the log once its deadline passes.
+        self._settling.add(admitted.request_id)
+        try:
+            for _ in range(6):
+                try:
+                    await self._settle(admitted, actual_nanos, position)
+                    self.unreconciled.pop(admitted.request_id, None)
+                    return
+                except (CountersUnavailable, StoreUnavailable) as e:
+                    log.warning("settle_failed", request_id=admitted.request_id, error=str(e))
+                    await asyncio.sleep(delay)
+                    delay *= 4
+        finally:
+            self._settling.discard(admitted.request_id)
+        # Still down: the sweeper settles it from the log once its deadline passes
+        # (or the reconcile, if it was admitted while Redis was down).
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.ensure_future(work)
@@ -438,23 +463,22 @@ class Admission:
 
     # ------------------------------------------------------------- unknown outcomes
 
-    async def _resolve(self, admitted: Admitted, pending: Pending) -> None:
+    async def _resolve(self, admitted: Admitted, pending: Pending, reserving: bool) -> None:
         """An admission whose caller never learnt whether it committed: the request
         did not go upstream, so release it (or give back a reservation that never
         reached the log). Retried until the deadline; then the sweeper's."""
         stream = ev.stream_of_request(admitted.request_id)
-        keys = [b.key for b in admitted.held]
+        keys = [b.key for b in admitted.budgets] if reserving else []
         try:
             [position] = await pending.outcome()
         except AppendOutcomeUnknown:
             position = 0  # ask the log below
         except (NotWritten, ConcurrencyError, StoreError):
             # Never committed (refused, rolled back, or never written).
-            if keys:
-                await self._give_back(admitted.request_id, keys)
+            await self._give_back(admitted.request_id, keys, admitted.nonce)
             return
         if position:
-            await self._release_quietly(_with_position(admitted, position), "admission_unconfirmed")
+            await self._release_quietly(replace(admitted, position=position), "admission_unconfirmed")
             return
         delay = 0.5
         while self.now() < admitted.at + self.reservation_ttl:
@@ -464,22 +488,20 @@ class Admission:
                 recorded = await self.store.read_stream(stream)
             except StoreUnavailable:
                 continue
-            if not recorded:
-                if keys:
-                    await self._give_back(admitted.request_id, keys)
+            mine = [r for r in recorded[:1] if ev.decode(r).reservation == admitted.nonce]  # type: ignore[union-attr]
+            if not mine:
+                await self._give_back(admitted.request_id, keys, admitted.nonce)
                 return
-            await self._release_quietly(
-                _with_position(admitted, recorded[0].position), "admission_unconfirmed"
-            )
+            await self._release_quietly(replace(admitted, position=mine[0].position), "admission_unconfirmed")
             return
 
-    async def _give_back(self, request_id: str, keys: list[str]) -> None:
-        """Release a reservation that never reached the log (best effort: the
-        sweeper does it after the deadline otherwise)."""
+    async def _give_back(self, request_id: str, keys: list[str], nonce: str) -> None:
+        """Release this attempt's reservation where it never reached the log (best
+        effort: the sweeper does it after the deadline otherwise)."""
         if not keys:
             return
         try:
-            await self.counters.release_orphan(request_id, keys, 0)
+            await self.counters.release_orphan(request_id, keys, nonce)
         except Exception as e:
             log.info("give_back_failed", request_id=request_id, error=f"{type(e).__name__}: {e}")
 
@@ -501,6 +523,8 @@ class Admission:
         down: an open one gets its reservation (confirm), a finished one its
         charge (settle). Returns how many are still waiting."""
         for request_id, admitted in list(self.unreconciled.items()):
+            if request_id in self._settling:
+                continue  # its own settle is being retried: it reconciles itself
             stream = ev.stream_of_request(request_id)
             recorded = await self.store.read_stream(stream)
             if len(recorded) > 1:
@@ -508,12 +532,13 @@ class Admission:
                 cost = getattr(terminal, "cost", Decimal(0))
                 await self.counters.settle(
                     request_id,
-                    self.charged_budgets(admitted.at, admitted.budget_tags),
+                    [*self.charged_budgets(admitted.at, admitted.budget_tags), *admitted.budgets],
                     actual_nanos=to_nanos(cost),
                     position=recorded[1].position,
                     admitted_position=admitted.position,
                     admitted_at=admitted.at,
                     held=(),
+                    nonce=admitted.nonce,
                 )
             else:
                 budgets = self.charged_budgets(admitted.at, admitted.budget_tags)
@@ -521,7 +546,12 @@ class Admission:
                 # request is on its way), so no limit applies here.
                 unlimited = [_unlimited(b) for b in budgets]
                 await self.counters.confirm(
-                    request_id, unlimited, to_nanos(admitted.estimate), admitted.position, admitted.at
+                    request_id,
+                    unlimited,
+                    to_nanos(admitted.estimate),
+                    admitted.position,
+                    admitted.at,
+                    admitted.nonce,
                 )
             self.unreconciled.pop(request_id, None)
         return len(self.unreconciled)
@@ -546,27 +576,36 @@ class Admission:
     async def _sweep_one(self, request_id: str, report: SweepReport) -> None:
         stream = ev.stream_of_request(request_id)
         recorded = await self.store.read_stream(stream)
-        if not recorded:
-            # Reserved in Redis, never in the log, deadline passed: it never will be.
-            keys = await self.counters.reserved_keys(request_id)
-            if keys:
-                await self.counters.release_orphan(request_id, keys, 0)
-            else:
-                await self.counters.forget(request_id)
+        indexed = await self.counters.reserved_keys(request_id)
+        logged = ev.decode(recorded[0]) if recorded else None
+        assert logged is None or isinstance(logged, ev.RequestAdmitted)
+        if indexed is not None and (logged is None or logged.reservation != indexed[0]):
+            # Reserved in Redis by an attempt that never reached the log, deadline
+            # passed: it never will. (Another attempt under this id may have.)
+            nonce, keys = indexed
+            await self.counters.release_orphan(request_id, keys, nonce)
             report.dropped += 1
+            if logged is None or len(recorded) > 1:
+                return
+            indexed = None
+        if logged is None:
             return
-        admitted = ev.decode(recorded[0])
-        assert isinstance(admitted, ev.RequestAdmitted)
-        held = self.book.budgets_of_windows(admitted.windows)
-        charged = self.charged_budgets(admitted.at, admitted.budget_tags)
+        # Whatever held the reservation, this settle assumes nothing was settled
+        # before unless Redis's index says so (held=() and swept): no terminal event
+        # means no settle ran; a terminal event found through the index means its
+        # settle never completed.
+        charged = [
+            *self.charged_budgets(logged.at, logged.budget_tags),
+            *self.book.budgets_of_windows(logged.windows),
+        ]
         if len(recorded) == 1:
             expired = ev.ReservationExpired(
                 request_id=request_id,
-                admitted_at=admitted.at,
-                cost=admitted.estimate,
-                tags=admitted.tags,
-                budget_tags=admitted.budget_tags,
-                budget_subjects=admitted.budget_subjects,
+                admitted_at=logged.at,
+                cost=logged.estimate,
+                tags=logged.tags,
+                budget_tags=logged.budget_tags,
+                budget_subjects=logged.budget_subjects,
             )
             try:
                 [position] = await self.store.append(stream, 1, [ev.to_new(expired)])
@@ -576,13 +615,13 @@ class Admission:
                 await self.counters.settle(
                     request_id,
                     charged,
-                    actual_nanos=to_nanos(admitted.estimate),
+                    actual_nanos=to_nanos(logged.estimate),
                     position=position,
                     admitted_position=recorded[0].position,
-                    admitted_at=admitted.at,
-                    held=held,
+                    admitted_at=logged.at,
+                    nonce=logged.reservation,
                 )
-                log.warning("reservation_expired", request_id=request_id, charged=str(admitted.estimate))
+                log.warning("reservation_expired", request_id=request_id, charged=str(logged.estimate))
                 report.expired += 1
                 return
         terminal = ev.decode(recorded[1])
@@ -593,14 +632,11 @@ class Admission:
             actual_nanos=to_nanos(cost),
             position=recorded[1].position,
             admitted_position=recorded[0].position,
-            admitted_at=admitted.at,
-            held=held,
+            admitted_at=logged.at,
+            nonce=logged.reservation,
+            swept=True,
         )
         report.settled += 1
-
-
-def _with_position(admitted: Admitted, position: int) -> Admitted:
-    return replace(admitted, position=position)
 
 
 def _unlimited(budget: Budget) -> Budget:

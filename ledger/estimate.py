@@ -59,29 +59,35 @@ class Bound:
     inject: tuple[str, int] | None = None
 
 
-def _text_bytes(value: Any, image_tokens: int) -> int:
+def _text_bytes(value: Any, image_tokens: int, file_tokens: int = 0) -> int:
     if isinstance(value, str):
         return len(value.encode())
     if isinstance(value, list):
         if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return len(value)  # pre-tokenized input: one token each
-        return sum(_text_bytes(v, image_tokens) for v in value)
+        return sum(_text_bytes(v, image_tokens, file_tokens) for v in value)
     if isinstance(value, dict):
         kind = value.get("type")
         if kind in ("image_url", "input_image", "image"):
             return image_tokens
-        return sum(_text_bytes(v, image_tokens) for k, v in value.items() if k != "type")
+        if kind in ("file", "input_file"):
+            inner = value.get("file", value)
+            data = inner.get("file_data") if isinstance(inner, dict) else None
+            # Inline data: its bytes (a document has fewer tokens than bytes). A file
+            # sent by id has no size here: the configured bound per file.
+            return len(data.encode()) if isinstance(data, str) else file_tokens
+        return sum(_text_bytes(v, image_tokens, file_tokens) for k, v in value.items() if k != "type")
     return 0
 
 
-def prompt_bound(body: dict[str, Any], image_tokens: int = 2000) -> int:
+def prompt_bound(body: dict[str, Any], image_tokens: int = 2000, file_tokens: int = 200_000) -> int:
     total = _BASE
     messages = body.get("messages")
     if isinstance(messages, list):
-        total += sum(_PER_MESSAGE + _text_bytes(m, image_tokens) for m in messages)
+        total += sum(_PER_MESSAGE + _text_bytes(m, image_tokens, file_tokens) for m in messages)
     for field in ("prompt", "input", "suffix"):
         if field in body:
-            total += _text_bytes(body[field], image_tokens)
+            total += _text_bytes(body[field], image_tokens, file_tokens)
     for field in ("tools", "functions", "response_format"):
         if body.get(field) is not None:
             total += len(_encoder.encode(body[field]))
@@ -123,9 +129,11 @@ def _prompt_count(body: dict[str, Any]) -> int:
     return 1
 
 
-def request_bound(kind: str, body: dict[str, Any], *, default_cap: int, image_tokens: int) -> Bound:
+def request_bound(
+    kind: str, body: dict[str, Any], *, default_cap: int, image_tokens: int, file_tokens: int = 200_000
+) -> Bound:
     """The upper bound of one request. May normalise numeric strings in ``body``."""
-    prompt = prompt_bound(body, image_tokens)
+    prompt = prompt_bound(body, image_tokens, file_tokens)
     if kind == EMBEDDINGS:
         return Bound(prompt, 0)
     if kind == CHAT:

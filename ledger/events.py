@@ -97,6 +97,9 @@ class RequestAdmitted(msgspec.Struct, frozen=True, tag=True):
     windows: list[BudgetWindow] = []
     # budgeted subjects other than tags (API keys, end users), e.g. "key:<hash>"
     budget_subjects: list[str] = []
+    # names this admission attempt's reservation in the counters (a request id may be
+    # tried again; only the attempt that holds a reservation may settle it)
+    reservation: str = ""
 
 
 class SpendRecorded(msgspec.Struct, frozen=True, tag=True):

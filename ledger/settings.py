@@ -123,6 +123,7 @@ class Settings:
     unpriced_policy: str = "auto"
     default_max_tokens: int = 4096  # output bound for estimates when the request sets none
     image_token_bound: int = 2000  # input bound per image part
+    file_token_bound: int = 200_000  # input bound per file sent by id (no size known)
     price_overrides: tuple[PriceOverride, ...] = ()
 
     # Alerts: webhooks, and the key their bodies are signed with (X-Ledger-Signature).
@@ -498,6 +499,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "unpriced_policy": _choice(("auto", "deny", "allow")),
     "default_max_tokens": _int(1, 10_000_000),
     "image_token_bound": _int(1, 1_000_000),
+    "file_token_bound": _int(1, 10_000_000),
     "price_overrides": _price_overrides,
     "webhooks": _webhooks,
     "webhook_secret": _secret(16),

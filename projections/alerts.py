@@ -11,7 +11,7 @@ failed batch reloads, so memory never runs ahead of the checkpoint.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
@@ -25,6 +25,7 @@ from ledger.tags import TagState
 from projections.runtime import Projection
 
 _CHARGES = ("SpendRecorded", "ReservationExpired")
+_KEEP = 10_000  # windows followed in memory before the ended ones are forgotten
 
 
 class Alerts(Projection):
@@ -56,6 +57,11 @@ class Alerts(Projection):
         for r in rows:
             self._define(RecordedEvent(r[0], r[1], r[2], r[3], r[4], r[5]))
 
+    def _forget_before(self, moment: datetime) -> None:
+        """Drop windows that ended long ago (their spend is read again if a late
+        charge ever needs it): memory stays bounded by the windows in use."""
+        self.spend = {k: v for k, v in self.spend.items() if k[3] >= moment}
+
     def _define(self, r: RecordedEvent) -> None:
         event = ev.decode_tag(r)
         state = self.definitions.get(event.name) or TagState(name=event.name, version=0)
@@ -81,4 +87,6 @@ class Alerts(Projection):
                     before = await charged_up_to(conn, tag_subject(tag), window, r.position - 1)
                 after = before + e.cost
                 self.spend[key] = after
+                if len(self.spend) > _KEEP:
+                    self._forget_before(e.admitted_at - timedelta(days=2))
                 await check_window(self.store, state, window, before, after, e.admitted_at, self.raised)

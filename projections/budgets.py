@@ -107,6 +107,7 @@ class BudgetWindows(Projection):
                     e.deadline,
                     Decimal(to_nanos(e.estimate)),
                     ev.subjects_of(e),
+                    e.reservation,
                 )
                 continue
             assert isinstance(e, ev.SpendRecorded | ev.ReservationExpired | ev.RequestReleased)
@@ -138,19 +139,40 @@ async def _new_epoch(conn: asyncpg.Connection, state: TagState, at: datetime, t:
     )
     if not state.has_budget:
         return
-    window = state.window(at)
+    # Every window of the new definition from the one that holds the change on is
+    # summed from the charges themselves: a charge admitted after a window boundary
+    # but recorded before the change was booked under the old definition.
+    since = state.window(at).start
+    rows = await conn.fetch(
+        f"""select admitted_at, nanos, cost from {t["budget_charges"]}
+            where subject = $1 and admitted_at >= $2""",
+        subject,
+        since,
+    )
+    sums: dict[tuple[datetime, datetime], _Window] = defaultdict(_Window)
+    sums[(since, state.window(at).end)]  # the change's own window exists even when empty
+    for admitted_at, nanos, cost in rows:
+        window = state.window(admitted_at)
+        w = sums[(window.start, window.end)]
+        w.spend += cost
+        w.nanos += int(nanos)
+        w.requests += 1
+    items = list(sums.items())
     await conn.execute(
         f"""
         insert into {t["budget_window_spend"]}
             (subject, window_start, window_end, spend, spend_nanos, requests)
-        select $1, $2, $3, coalesce(sum(cost), 0), coalesce(sum(nanos), 0), count(*)
-        from {t["budget_charges"]} where subject = $1 and admitted_at >= $2 and admitted_at < $3
+        select $1, * from unnest($2::timestamptz[], $3::timestamptz[], $4::numeric[], $5::numeric[],
+                                 $6::bigint[])
         on conflict (subject, window_start, window_end) do update set
             spend = excluded.spend, spend_nanos = excluded.spend_nanos, requests = excluded.requests
         """,
         subject,
-        window.start,
-        window.end,
+        [k[0] for k, _ in items],
+        [k[1] for k, _ in items],
+        [v.spend for _, v in items],
+        [Decimal(v.nanos) for _, v in items],
+        [v.requests for _, v in items],
     )
 
 
@@ -194,6 +216,15 @@ async def _write(conn: asyncpg.Connection, p: _Pending, t: Mapping[str, str]) ->
         await conn.copy_records_to_table(
             table,
             records=list(p.opened.values()),
-            columns=("stream", "request_id", "position", "at", "deadline", "estimate_nanos", "subjects"),
+            columns=(
+                "stream",
+                "request_id",
+                "position",
+                "at",
+                "deadline",
+                "estimate_nanos",
+                "subjects",
+                "nonce",
+            ),
             schema_name=schema or None,
         )

@@ -45,7 +45,8 @@ create table open_reservations (
     at             timestamptz not null,
     deadline       timestamptz not null,
     estimate_nanos numeric     not null,
-    subjects       text[]      not null
+    subjects       text[]      not null,
+    nonce          text        not null default ''  -- the attempt's reservation name
 );
 create index open_reservations_deadline_idx on open_reservations (deadline);
 create index open_reservations_subjects_idx on open_reservations using gin (subjects);

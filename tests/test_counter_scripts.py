@@ -30,8 +30,12 @@ async def run(r: aioredis.Redis, name: str, keys_: list[str], args: list[Any]) -
     return await r.eval(scripts.source(name), len(keys_), *keys_, *args)
 
 
-async def built(r: aioredis.Redis, key: str, spent: int = 0, reserved: int = 0, pos: int = 10) -> None:
-    await r.hset(key, mapping={"spent": spent, "reserved": reserved, "pos": pos})
+async def built(
+    r: aioredis.Redis, key: str, spent: int = 0, reserved: int = 0, pos: int = 10, run: str | None = None
+) -> None:
+    """A counter as a rebuild in this server's life would leave it."""
+    run = run or (await r.info("server"))["run_id"]
+    await r.hset(key, mapping={"spent": spent, "reserved": reserved, "pos": pos, "run": run})
 
 
 async def state(r: aioredis.Redis, key: str) -> dict[str, str]:
@@ -39,13 +43,13 @@ async def state(r: aioredis.Redis, key: str) -> dict[str, str]:
 
 
 async def reserve(
-    r: aioredis.Redis, rid: str, est: int, *limits: int, counters: tuple[str, ...] = (K1,)
+    r: aioredis.Redis, rid: str, est: int, *limits: int, counters: tuple[str, ...] = (K1,), nonce: str = "n1"
 ) -> Any:
     reply = await run(
         r,
         "reserve",
         [keys.OPEN, keys.OPEN_KEYS, *counters],
-        [rid, est, 99, keys.join(list(counters)), *limits],
+        [rid, est, 99, keys.join(list(counters)), nonce, *limits],
     )
     return scripts.reserve_reply(reply)
 
@@ -58,14 +62,37 @@ async def settle(
     admitted: int,
     held: str,
     counters: tuple[str, ...] = (K1,),
+    nonce: str = "n1",
+    swept: bool = False,
 ) -> int:
     gens = [keys.generation_of(k) for k in counters]
     reply = await run(
-        r, "settle", [keys.OPEN, keys.OPEN_KEYS, *counters, *gens], [rid, actual, at, admitted, 0, 0, held]
+        r,
+        "settle",
+        [keys.OPEN, keys.OPEN_KEYS, *counters, *gens],
+        [rid, actual, at, admitted, 0, 0, held, nonce, at, "1" if swept else "0"],
     )
     settled = scripts.settle_reply(reply)
     assert isinstance(settled, scripts.Settled)
     return settled.charged
+
+
+async def confirm(
+    r: aioredis.Redis,
+    rid: str,
+    est: int,
+    admitted: int,
+    *limits: int,
+    counters: tuple[str, ...] = (K1,),
+    regs: tuple[str, ...] = (),
+    at: int = 0,
+    nonce: str = "n1",
+) -> Any:
+    gens = [keys.generation_of(k) for k in counters]
+    reply = await run(
+        r, "confirm", [*regs, *counters, *gens], [rid, est, admitted, at, len(regs), nonce, *limits]
+    )
+    return scripts.confirm_reply(reply)
 
 
 # ------------------------------------------------------------------ reserve
@@ -80,6 +107,25 @@ async def test_reserve_reports_every_missing_counter_and_never_reads_missing_as_
     assert await reserve(r, "q", 5, 100, 100, counters=(K2, K1)) == scripts.Missing((1,))
 
 
+async def test_a_counter_from_another_server_life_counts_as_missing(r: aioredis.Redis) -> None:
+    """Review finding 1: Redis restarted from an RDB/AOF file (or a replica promoted)
+    brings back counters that miss recent changes; they must be rebuilt, not trusted."""
+    await built(r, K1, spent=5, run="0" * 40)
+    assert await reserve(r, "q", 5, 100) == scripts.Missing((0,))
+    assert await confirm(r, "q", 5, 1, 100) == scripts.Missing((0,))
+    # a rebuild replaces it (it is not live), under a token of this life
+    token = scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t1", ENTRY, 0]))
+    assert token is not None
+    assert token.endswith(":t1")
+    assert scripts.init_reply(await run(r, "init", [K1, G1], [token, 7, 0, 30, 0])) == "ok"
+    assert (await state(r, K1))["spent"] == "7"
+    # a token restored from another life is not one a rebuild of this life started under
+    await r.hset(G1, "token", "0" * 40 + ":t9")
+    fresh = scripts.begin_reply(await run(r, "begin", [K2, G1, R1], ["t2", ENTRY, 0]))
+    assert fresh is not None
+    assert fresh.endswith(":t2")
+
+
 async def test_reserve_is_all_or_nothing_and_names_the_tightest(r: aioredis.Redis) -> None:
     await built(r, K1, spent=90)
     await built(r, K2, spent=10)
@@ -88,17 +134,17 @@ async def test_reserve_is_all_or_nothing_and_names_the_tightest(r: aioredis.Redi
     assert (await state(r, K2))["reserved"] == "0"  # the other one untouched
     reply = await reserve(r, "q", 5, 100, 100, counters=(K1, K2))
     assert reply == scripts.Ok(0, 5)  # K1 has 5 left afterwards, K2 has 85
-    assert (await state(r, K1))["r:q"] == "5"
+    assert (await state(r, K1))["r:q"] == "5|n1"
     assert await r.zscore(keys.OPEN, "q") == 99
-    assert keys.split((await r.hget(keys.OPEN_KEYS, "q")).decode()) == [K1, K2]
+    assert (await r.hget(keys.OPEN_KEYS, "q")).decode() == "n1|" + keys.join([K1, K2])
 
 
 async def test_reserve_refuses_a_request_id_already_in_flight(r: aioredis.Redis) -> None:
     await built(r, K1)
     assert isinstance(await reserve(r, "q", 5, 100), scripts.Ok)
-    assert await reserve(r, "q", 5, 100) == scripts.Dup()
+    assert await reserve(r, "q", 5, 100, nonce="n2") == scripts.Dup()
     await r.delete(keys.OPEN_KEYS)  # even with the index gone, the counter knows
-    assert await reserve(r, "q", 5, 100) == scripts.Dup()
+    assert await reserve(r, "q", 5, 100, nonce="n2") == scripts.Dup()
     assert (await state(r, K1))["reserved"] == "5"
 
 
@@ -108,8 +154,7 @@ async def test_money_is_exact_above_2_pow_53_nanos(r: aioredis.Redis) -> None:
     assert isinstance(await reserve(r, "a", 7, limit), scripts.Ok)
     assert await reserve(r, "b", 1, limit) == scripts.Deny(0, 2**60, 7)  # one nano too many
     assert (await state(r, K1))["reserved"] == "7"
-    big = await reserve(r, "c", 3, BIG, counters=(K2,))
-    assert big == scripts.Missing((0,))
+    assert await reserve(r, "c", 3, BIG, counters=(K2,)) == scripts.Missing((0,))
     await built(r, K2)
     assert await reserve(r, "c", 3, BIG, counters=(K2,)) == scripts.Ok(0, BIG - 3)
 
@@ -127,6 +172,34 @@ async def test_settle_charges_once_and_gives_the_reservation_back(r: aioredis.Re
     # a second settle (a retry, a sweeper) changes nothing
     assert await settle(r, "q", 30, at=20, admitted=15, held="1") == 0
     assert (await state(r, K1))["spent"] == "30"
+
+
+async def test_a_zero_estimate_settles(r: aioredis.Redis) -> None:
+    """Review finding 11: HINCRBY by '-0' is refused by Redis; the settle failed halfway."""
+    await built(r, K1, pos=10)
+    await reserve(r, "z", 0, 100)
+    assert await settle(r, "z", 0, at=20, admitted=15, held="1") == 1
+    s = await state(r, K1)
+    assert (s["spent"], s["reserved"], "r:z" in s) == ("0", "0", False)
+    assert await r.hget(keys.OPEN_KEYS, "z") is None
+
+
+async def test_another_attempt_under_the_same_id_is_never_touched(r: aioredis.Redis) -> None:
+    """Review findings 4 and 9: giving back (or sweeping) one attempt released, or
+    charged, another attempt's reservation under the same request id."""
+    await built(r, K1, pos=10)
+    await reserve(r, "q", 50, 100, nonce="first")
+    # a second attempt's cleanup (its reserve answered dup) gives back nothing of the first
+    await run(
+        r, "settle", [keys.OPEN, keys.OPEN_KEYS, K1, G1], ["q", 0, 2**62, 0, 0, 0, "1", "second", 0, "0"]
+    )
+    s = await state(r, K1)
+    assert (s["reserved"], s["r:q"]) == ("50", "50|first")
+    assert await r.hget(keys.OPEN_KEYS, "q") is not None
+    # a settle of an older, finished attempt charges nothing twice and leaves this one alone
+    assert await settle(r, "q", 30, at=20, admitted=15, held="0", nonce="older", swept=True) == 0
+    assert (await state(r, K1))["r:q"] == "50|first"
+    assert await confirm(r, "q", 50, 12, 100, nonce="other") == scripts.Dup()
 
 
 async def test_a_counter_built_after_the_charge_already_holds_it(r: aioredis.Redis) -> None:
@@ -158,42 +231,60 @@ async def test_a_held_reservation_that_is_gone_was_settled(r: aioredis.Redis) ->
     assert (await state(r, K1))["spent"] == "0"
 
 
-async def test_settle_on_a_missing_counter_fences_rebuilds_in_progress(r: aioredis.Redis) -> None:
+async def test_a_sweeper_settle_is_a_no_op_once_the_index_no_longer_lists_the_attempt(
+    r: aioredis.Redis,
+) -> None:
+    await built(r, K1, pos=5)
+    assert await settle(r, "q", 30, at=20, admitted=15, held="0", swept=True) == 0  # not listed
+    await reserve(r, "p", 10, 100)
+    await r.hdel(K1, "r:p")  # lost with a rebuild from before its admission
+    assert await settle(r, "p", 7, at=20, admitted=15, held="0", nonce="n1", swept=True) == 1
+
+
+async def test_settles_and_confirms_fence_rebuilds_that_read_the_log_before_them(r: aioredis.Redis) -> None:
+    """Review finding 6: a rebuild that read the log before an admission committed
+    landed after the admission confirmed, when the counter alone was lost twice."""
     token = scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t1", ENTRY, 0]))
-    assert token == "t1"
+    assert token is not None
+    # a settle on the missing counter: a rebuild that read the log before its charge is stale
     assert await settle(r, "q", 30, at=20, admitted=15, held="1") == 0
-    assert await r.exists(G1) == 0  # the token is gone
-    # the rebuild that read the log before the charge cannot land
-    assert scripts.init_reply(await run(r, "init", [K1, G1], ["t1", 0, 0, 12, 0])) == "stale"
-    assert await r.exists(K1) == 0
+    assert scripts.init_reply(await run(r, "init", [K1, G1], [token, 0, 0, 12, 0])) == "stale"
+    # a confirm does the same for its admission
+    await built(r, K1, pos=30)
+    assert await confirm(r, "p", 5, 40, 100) == scripts.Confirmed(1)
+    await r.delete(K1)  # lost again (evicted)
+    assert scripts.init_reply(await run(r, "init", [K1, G1], [token, 0, 0, 35, 0])) == "stale"
+    assert scripts.init_reply(await run(r, "init", [K1, G1], [token, 0, 5, 40, 0, "p", "5|n1"])) == "ok"
 
 
 # ------------------------------------------------------------------ rebuild
 
 
 async def test_a_rebuild_never_replaces_a_live_counter(r: aioredis.Redis) -> None:
-    assert scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t1", ENTRY, 0])) == "t1"
-    assert (
-        scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t2", ENTRY, 0])) == "t1"
-    )  # same generation
-    assert scripts.init_reply(await run(r, "init", [K1, G1], ["t1", 7, 5, 30, 0, "q", 5])) == "ok"
-    assert scripts.init_reply(await run(r, "init", [K1, G1], ["t1", 0, 0, 40, 0])) == "exists"
+    token = scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t1", ENTRY, 0]))
+    assert token is not None
+    again = scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t2", ENTRY, 0]))
+    assert again == token  # same generation
+    assert scripts.init_reply(await run(r, "init", [K1, G1], [token, 7, 5, 30, 0, "q", "5|n1"])) == "ok"
+    assert scripts.init_reply(await run(r, "init", [K1, G1], [token, 0, 0, 40, 0])) == "exists"
     s = await state(r, K1)
-    assert (s["spent"], s["reserved"], s["pos"], s["r:q"]) == ("7", "5", "30", "5")
+    assert (s["spent"], s["reserved"], s["pos"], s["r:q"]) == ("7", "5", "30", "5|n1")
     assert scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t3", ENTRY, 0])) is None  # exists
+    await r.flushdb()  # a FLUSHALL takes the token: a rebuild from before it is stale
+    assert scripts.init_reply(await run(r, "init", [K1, G1], [token, 0, 0, 50, 0])) == "stale"
 
 
 async def test_a_rebuild_writes_every_open_reservation_and_an_expiry(r: aioredis.Redis) -> None:
-    args: list[Any] = ["t", 0, 3000, 30, 4102444800]  # expires in 2100
+    token = scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t", ENTRY, 0]))
+    args: list[Any] = [token, 0, 3000, 30, 4102444800]  # expires in 2100
     for i in range(3000):
-        args += [f"q{i}", 1]
-    await r.set(G1, "t")
+        args += [f"q{i}", "1|n"]
     assert scripts.init_reply(await run(r, "init", [K1, G1], args)) == "ok"
     assert len([k for k in await r.hkeys(K1) if k.startswith(b"r:")]) == 3000
     assert await r.ttl(K1) > 0
     # an expiry already in the past (a gateway clock ahead of Redis's) keeps the key a minute
-    await r.set(G2, "t")
-    assert scripts.init_reply(await run(r, "init", [K2, G2], ["t", 0, 0, 1, 1])) == "ok"
+    token2 = scripts.begin_reply(await run(r, "begin", [K2, G2, keys.registry("tag:b")], ["t", ENTRY, 0]))
+    assert scripts.init_reply(await run(r, "init", [K2, G2], [token2, 0, 0, 1, 1])) == "ok"
     assert 0 < await r.ttl(K2) <= 60
 
 
@@ -202,18 +293,13 @@ async def test_a_rebuild_writes_every_open_reservation_and_an_expiry(r: aioredis
 
 async def test_confirm_puts_back_a_reservation_a_lost_counter_took_with_it(r: aioredis.Redis) -> None:
     await built(r, K1, spent=60, pos=5)  # rebuilt before the admission at 15 committed
-    assert scripts.confirm_reply(
-        await run(r, "confirm", [K1], ["q", 30, 15, 0, 0, 100])
-    ) == scripts.Confirmed(1)
+    assert await confirm(r, "q", 30, 15, 100) == scripts.Confirmed(1)
     s = await state(r, K1)
-    assert (s["reserved"], s["r:q"]) == ("30", "30")
+    assert (s["reserved"], s["r:q"]) == ("30", "30|n1")
     # confirming again changes nothing
-    assert scripts.confirm_reply(
-        await run(r, "confirm", [K1], ["q", 30, 15, 0, 0, 100])
-    ) == scripts.Confirmed(0)
+    assert await confirm(r, "q", 30, 15, 100) == scripts.Confirmed(0)
     # another that does not fit any more is refused: nothing is added
-    reply = scripts.confirm_reply(await run(r, "confirm", [K1], ["p", 30, 15, 0, 0, 100]))
-    assert reply == scripts.Deny(0, 60, 30)
+    assert await confirm(r, "p", 30, 15, 100, nonce="n2") == scripts.Deny(0, 60, 30)
     assert (await state(r, K1))["reserved"] == "30"
 
 
@@ -221,11 +307,9 @@ async def test_confirm_leaves_counters_that_hold_or_counted_it(r: aioredis.Redis
     await built(r, K1, pos=20)  # built from a log that had the admission (15)
     await built(r, K2, pos=5)
     await r.hset(K2, "x:q", "1")  # settled already without a reservation
-    reply = await run(r, "confirm", [K1, K2], ["q", 30, 15, 0, 0, 100, 100])
-    assert scripts.confirm_reply(reply) == scripts.Confirmed(0)
-    assert scripts.confirm_reply(
-        await run(r, "confirm", [K1, keys.counter("tag:c", 1, 1)], ["q", 1, 1, 0, 0, 1, 1])
-    ) == (scripts.Missing((1,)))
+    assert await confirm(r, "q", 30, 15, 100, 100, counters=(K1, K2)) == scripts.Confirmed(0)
+    missing = keys.counter("tag:c", 1, 1)
+    assert await confirm(r, "q", 1, 1, 1, 1, counters=(K1, missing)) == scripts.Missing((1,))
 
 
 async def test_the_registry_makes_callers_declare_every_counter_of_the_newest_definition(
@@ -237,18 +321,18 @@ async def test_the_registry_makes_callers_declare_every_counter_of_the_newest_de
     await built(r, new, spent=90, pos=8)
     await r.hset(R1, mapping={old: "0|86400000|1|100", new: "0|604800000|2|100", K2: "0|1000|3|100"})
     # the stale caller declares only the old counter: it is told about the new one
-    reply = scripts.confirm_reply(await run(r, "confirm", [R1, old], ["q", 20, 10, 5000, 1, 100]))
+    reply = await confirm(r, "q", 20, 10, 100, counters=(old,), regs=(R1,), at=5000)
     assert reply == scripts.More(((new, "0|604800000|2|100"),))
-    reply = scripts.confirm_reply(await run(r, "confirm", [R1, old, new], ["q", 20, 10, 5000, 1, 100, 100]))
+    reply = await confirm(r, "q", 20, 10, 100, 100, counters=(old, new), regs=(R1,), at=5000)
     assert reply == scripts.Deny(1, 90, 0)  # the new definition's counter has no room
-    gens = [keys.generation_of(old), keys.generation_of(new)]
     settled = await run(
-        r, "settle", [keys.OPEN, keys.OPEN_KEYS, R1, old, *gens[:1]], ["q", 5, 20, 10, 5000, 1, "1"]
+        r, "settle", [keys.OPEN, keys.OPEN_KEYS, R1, old, G1], ["q", 5, 20, 10, 5000, 1, "1", "n1", 20, "0"]
     )
     assert scripts.settle_reply(settled) == scripts.More(((new, "0|604800000|2|100"),))
     # a time outside every window of the newest epoch asks for nothing more
-    outside = await run(r, "confirm", [R1, old], ["q", 20, 10, 700000000, 1, 100])
-    assert scripts.confirm_reply(outside) == scripts.Confirmed(1)
+    assert await confirm(r, "q", 20, 10, 100, counters=(old,), regs=(R1,), at=700000000) == scripts.Confirmed(
+        1
+    )
 
 
 def test_counter_keys_round_trip_and_share_a_hash_slot_per_subject() -> None:
@@ -258,5 +342,5 @@ def test_counter_keys_round_trip_and_share_a_hash_slot_per_subject() -> None:
     assert keys.generation_of(key) == keys.generation("tag:team:a}b")
     assert keys.parse_counter("ledger:open") is None
     # the hash tag: the text between the first { and the next }
-    for k in (key, keys.generation("tag:team:a}b")):
+    for k in (key, keys.generation("tag:team:a}b"), keys.registry("tag:team:a}b")):
         assert k[k.index("{") + 1 : k.index("}")] == "tag:team:a"

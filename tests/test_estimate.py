@@ -80,3 +80,15 @@ def test_embeddings_produce_no_output_and_images_count_their_bound() -> None:
 def test_predicted_output_counts_as_output() -> None:
     _, out, _, _ = bound(CHAT, max_tokens=10, prediction={"type": "content", "content": "x" * 40})
     assert out == 50
+
+
+def test_files_count_their_inline_bytes_or_the_configured_bound() -> None:
+    """Review finding 10: a file sent by id counted only the bytes of its id."""
+    by_id = {"type": "file", "file": {"file_id": "file-abc"}}
+    inline = {
+        "type": "file",
+        "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64," + "A" * 900},
+    }
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": [by_id, inline]}]}
+    bound = request_bound(CHAT, body, default_cap=10, image_tokens=50, file_tokens=70_000)
+    assert bound.prompt >= 70_000 + 900

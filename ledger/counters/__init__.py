@@ -122,15 +122,23 @@ class Counters:
     # ------------------------------------------------------------- admit
 
     async def reserve(
-        self, request_id: str, budgets: Sequence[Budget], estimate_nanos: int, deadline: datetime
+        self,
+        request_id: str,
+        budgets: Sequence[Budget],
+        estimate_nanos: int,
+        deadline: datetime,
+        nonce: str = "",
     ) -> Reserved | Denied:
-        """All or nothing: reserve ``estimate`` on every budget, or on none."""
+        """All or nothing: reserve ``estimate`` on every budget, or on none. ``nonce``
+        names this admission attempt: only it can confirm, settle or give back the
+        reservation (another attempt under the same request id cannot)."""
         counter_keys = [b.key for b in budgets]
         args: list[Any] = [
             request_id,
             estimate_nanos,
             int(deadline.timestamp() * 1000),
             keys.join(counter_keys),
+            nonce,
             *(b.limit_nanos for b in budgets),
         ]
         script_keys = [keys.OPEN, keys.OPEN_KEYS, *counter_keys]
@@ -153,10 +161,12 @@ class Counters:
         estimate_nanos: int,
         admitted_position: int,
         admitted_at: datetime,
-    ) -> Denied | None:
+        nonce: str = "",
+    ) -> Denied | scripts.Dup | None:
         """Make sure every counter that must hold this (committed) admission's
         reservation does — its own, and any of a newer definition that the
-        registries know — or a Denied if one that lacks it cannot take it."""
+        registries know — or a Denied if one that lacks it cannot take it (Dup
+        if another attempt under this request id holds it)."""
         budgets = list(budgets)
         subjects = _subjects(budgets)
         give_up = _give_up()
@@ -167,9 +177,14 @@ class Counters:
                 admitted_position,
                 _ms(admitted_at),
                 len(subjects),
+                nonce,
                 *(b.limit_nanos for b in budgets),
             ]
-            script_keys = [keys.registry(s) for s in subjects] + [b.key for b in budgets]
+            script_keys = [
+                *(keys.registry(s) for s in subjects),
+                *(b.key for b in budgets),
+                *(b.gen_key for b in budgets),
+            ]
             reply = scripts.confirm_reply(await self._call("confirm", script_keys, args))
             if isinstance(reply, scripts.Missing):
                 await self._rebuild_missing(budgets, reply, give_up)
@@ -177,6 +192,8 @@ class Counters:
                 budgets += [Budget.from_registry(k, e) for k, e in reply.counters]
             elif isinstance(reply, scripts.Deny):
                 return Denied(budgets[reply.index], reply.spent_nanos, reply.reserved_nanos, estimate_nanos)
+            elif isinstance(reply, scripts.Dup):
+                return reply
             else:
                 return None
             if asyncio.get_running_loop().time() > give_up:
@@ -204,6 +221,8 @@ class Counters:
         admitted_position: int,
         admitted_at: datetime,
         held: Sequence[Budget] = (),
+        nonce: str = "",
+        swept: bool = False,
     ) -> int:
         """Charge ``actual`` and give back what the request holds.
 
@@ -211,8 +230,12 @@ class Counters:
         in force now for the admission's window); ``held`` those it reserved on.
         Counters of a newer definition that the caller has not heard of are found
         in the registries. ``position`` is the terminal event's log position
-        (committed before this call). Idempotent. Returns how many counters were
-        charged now.
+        (committed before this call). ``held`` must only name counters the
+        request is known to have held (its confirm succeeded): there, a missing
+        reservation means it was settled already. Idempotent. Returns how many
+        counters were charged now. ``swept``: a sweeper settling after the
+        deadline, from Redis's index: if the index no longer lists this attempt,
+        its settle ran already.
         """
         held_keys = {b.key for b in held}
         ordered = list({b.key: b for b in [*budgets, *held]}.values())
@@ -236,6 +259,9 @@ class Counters:
                 _ms(admitted_at),
                 len(subjects),
                 flags,
+                nonce,
+                position,  # the fence: later rebuilds must have read this charge
+                "1" if swept else "0",
             ]
             reply = scripts.settle_reply(await self._call("settle", script_keys, args))
             if isinstance(reply, scripts.Settled):
@@ -243,14 +269,15 @@ class Counters:
             known = {b.key for b in ordered}
             ordered += [Budget.from_registry(k, e) for k, e in reply.counters if k not in known]
 
-    async def release_orphan(self, request_id: str, counter_keys: Sequence[str], estimate_nanos: int) -> None:
-        """Give back a reservation whose admission never reached the log (and now never
-        will: its deadline passed). Nothing is charged, so nothing fans out."""
+    async def release_orphan(self, request_id: str, counter_keys: Sequence[str], nonce: str) -> None:
+        """Give back the reservation of the admission attempt ``nonce`` that never
+        reached the log (and never will). Nothing is charged, nothing fans out, no
+        fence moves; another attempt's reservation under the same id is left alone."""
         counter_keys = [k for k in counter_keys if keys.parse_counter(k) is not None]
         await self._call(
             "settle",
             [keys.OPEN, keys.OPEN_KEYS, *counter_keys, *(keys.generation_of(k) for k in counter_keys)],
-            [request_id, 0, NEVER, 0, 0, 0, "1" * len(counter_keys)],
+            [request_id, 0, NEVER, 0, 0, 0, "1" * len(counter_keys), nonce, 0, "0"],
         )
 
     # ------------------------------------------------------------- read
@@ -267,9 +294,12 @@ class Counters:
             await self.rebuild(budget)
 
     async def peek(self, key: str) -> WindowSpend | None:
-        """A counter as it is (None if missing): never rebuilds."""
+        """A counter as it is (None if missing, or from another server life): never rebuilds."""
         values: dict[bytes, bytes] = await self._redis(self.redis.hgetall(key))
         if not values or b"pos" not in values:
+            return None
+        run = (await self._redis(self.redis.info("server")))["run_id"]
+        if values.get(b"run", b"").decode() != run:
             return None
         held = frozenset(k[2:].decode() for k in values if k.startswith(b"r:"))
         return WindowSpend(
@@ -283,10 +313,13 @@ class Counters:
         )
         return [_text(m) for m in members]
 
-    async def reserved_keys(self, request_id: str) -> list[str] | None:
-        """The counter keys an open reservation holds, if Redis's index has it."""
+    async def reserved_keys(self, request_id: str) -> tuple[str, list[str]] | None:
+        """(nonce, counter keys) of an open reservation, if Redis's index has it."""
         value = await self._redis(self.redis.hget(keys.OPEN_KEYS, request_id))
-        return None if value is None else keys.split(_text(value))
+        if value is None:
+            return None
+        nonce, _, joined = _text(value).partition("|")
+        return nonce, keys.split(joined)
 
     async def forget(self, request_id: str) -> None:
         await self._redis(self.redis.zrem(keys.OPEN, request_id))
@@ -329,8 +362,8 @@ class Counters:
                     state.position,
                     budget.expire_at(),
                 ]
-                for request_id, nanos in state.open.items():
-                    args += [request_id, nanos]
+                for request_id, (nanos, nonce) in state.open.items():
+                    args += [request_id, f"{nanos}|{nonce}"]
                 verdict = scripts.init_reply(await self._call("init", [budget.key, budget.gen_key], args))
                 if verdict != "stale":
                     if verdict == "ok":

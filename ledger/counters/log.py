@@ -59,16 +59,18 @@ charged as (
     from mine where type in ('SpendRecorded', 'ReservationExpired')
 ),
 open as (
-    select o.request_id as id, o.estimate_nanos as nanos from open_reservations o
+    select o.request_id as id, o.estimate_nanos as nanos, o.nonce from open_reservations o
     where o.subjects @> array[$1] and o.at >= $3 and o.at < $4
       and not exists (select 1 from ended where ended.stream = o.stream)
     union all
-    select m.data->>'request_id', ceil((m.data->>'estimate')::numeric * 1000000000)
+    select m.data->>'request_id', ceil((m.data->>'estimate')::numeric * 1000000000),
+           coalesce(m.data->>'reservation', '')
     from mine m
     where m.type = 'RequestAdmitted' and not exists (select 1 from ended where ended.stream = m.stream)
 )
 select head.p, (viewed.nanos + charged.nanos)::text,
-       array(select id from open order by id), array(select nanos::text from open order by id)
+       array(select id from open order by id), array(select nanos::text from open order by id),
+       array(select nonce from open order by id)
 from head, viewed, charged
 """
 )
@@ -92,15 +94,15 @@ union all
 @dataclass(frozen=True, slots=True)
 class WindowState:
     """A window as of log position ``position``: charged nano-USD and the open
-    reservations (request id -> estimate in nano-USD)."""
+    reservations (request id -> (estimate in nano-USD, attempt nonce))."""
 
     position: int
     spent_nanos: int
-    open: dict[str, int]
+    open: dict[str, tuple[int, str]]
 
     @property
     def reserved_nanos(self) -> int:
-        return sum(self.open.values())
+        return sum(nanos for nanos, _ in self.open.values())
 
 
 def _tag_of(subject: str) -> str | None:
@@ -116,7 +118,8 @@ async def window_state(pool: asyncpg.Pool, budget: Budget) -> WindowState:
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as e:
         raise StoreUnavailable(f"cannot read the budget window from the log: {e}") from e
     assert row is not None
-    return WindowState(int(row[0]), int(row[1]), dict(zip(row[2], map(int, row[3]), strict=True)))
+    held = zip(map(int, row[3]), row[4], strict=True)
+    return WindowState(int(row[0]), int(row[1]), dict(zip(row[2], held, strict=True)))
 
 
 async def expired_reservations(pool: asyncpg.Pool, now: datetime, limit: int = 200) -> list[str]:

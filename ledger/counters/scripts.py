@@ -103,10 +103,12 @@ def settle_reply(reply: list[Any]) -> Settled | More:
     raise ValueError(f"unexpected settle reply {reply!r}")
 
 
-def confirm_reply(reply: list[Any]) -> Confirmed | Deny | Missing | More:
+def confirm_reply(reply: list[Any]) -> Confirmed | Deny | Missing | More | Dup:
     verdict = _text(reply[0])
     if verdict == "more":
         return _more(reply)
+    if verdict == "dup":
+        return Dup()
     if verdict == "ok":
         return Confirmed(int(reply[1]))
     if verdict == "over":

@@ -1,22 +1,26 @@
--- Start a rebuild: nothing to do if the counter exists; else register the counter in
--- its subject's registry (before the log is read, so that settles find it and fence
--- this rebuild) and return the subject's generation token as of now (created if
--- missing), which the rebuild's write must still find. Registry entries of windows
--- that ended a day ago are pruned.
--- KEYS: counter, generation, registry
+-- Start a rebuild: nothing to do if the counter exists (in this server's life); else
+-- register the counter in its subject's registry (before the log is read, so that
+-- settles find it and fence this rebuild) and return the subject's generation token
+-- (created if missing or from another life), which the rebuild's write must still
+-- find. Registry entries (and fences) of windows that ended a day ago are pruned.
+-- KEYS: counter, generation hash, registry
 -- ARGV: a fresh token, the registry entry, now (ms)
 -- Reply: {'exists'} | {'token', token}
-if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists'} end
+local run = current_run()
+if redis.call('HGET', KEYS[1], 'run') == run then return {'exists'} end
 local entries = redis.call('HGETALL', KEYS[3])
 local now = tonumber(ARGV[3])
 for k = 1, #entries, 2 do
   local _, stop = entry(entries[k + 1])
-  if stop + 86400000 < now then redis.call('HDEL', KEYS[3], entries[k]) end
+  if stop + 86400000 < now then
+    redis.call('HDEL', KEYS[3], entries[k])
+    redis.call('HDEL', KEYS[2], entries[k])
+  end
 end
 redis.call('HSET', KEYS[3], KEYS[1], ARGV[2])
-local token = redis.call('GET', KEYS[2])
-if not token then
-  redis.call('SET', KEYS[2], ARGV[1])
-  token = ARGV[1]
+local token = redis.call('HGET', KEYS[2], 'token')
+if not token or string.sub(token, 1, #run + 1) ~= run .. ':' then
+  token = run .. ':' .. ARGV[1]
+  redis.call('HSET', KEYS[2], 'token', token)
 end
 return {'token', token}

@@ -1,14 +1,20 @@
--- Write a rebuilt counter: only if the generation is the one the rebuild started under
--- (else the log it read may predate a charge already settled: it is stale) and only if
--- no counter exists (a live counter is never replaced: it may hold reservations whose
--- admissions are not committed yet).
--- KEYS: counter, generation
+-- Write a rebuilt counter, unless it is stale or a live counter exists:
+-- * the generation token must be the one the rebuild started under (a FLUSHALL or a
+--   restart since then took it: the log it read may predate changes that are gone);
+-- * the counter's fence must not be above the position the rebuild read (a confirm or
+--   a settle since then needs a newer read);
+-- * a live counter is never replaced (it may hold reservations whose admissions are
+--   not committed yet); one from another server life is.
+-- KEYS: counter, generation hash
 -- ARGV: token, spent, reserved, pos, expire-at (epoch s, 0 = never), then request id and
---       estimate pairs of the open reservations it holds
+--       estimate|nonce pairs of the open reservations it holds
 -- Reply: 'ok' | 'exists' | 'stale'
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 'stale' end
-if redis.call('EXISTS', KEYS[1]) == 1 then return 'exists' end
-redis.call('HSET', KEYS[1], 'spent', ARGV[2], 'reserved', ARGV[3], 'pos', ARGV[4])
+local run = current_run()
+if redis.call('HGET', KEYS[2], 'token') ~= ARGV[1] then return 'stale' end
+if tonumber(redis.call('HGET', KEYS[2], KEYS[1]) or '0') > tonumber(ARGV[4]) then return 'stale' end
+if redis.call('HGET', KEYS[1], 'run') == run then return 'exists' end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'spent', ARGV[2], 'reserved', ARGV[3], 'pos', ARGV[4], 'run', run)
 local fields = {}
 for i = 6, #ARGV, 2 do
   fields[#fields + 1] = 'r:' .. ARGV[i]

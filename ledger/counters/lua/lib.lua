@@ -65,3 +65,22 @@ local function undeclared(regs, at, declared)
   end
   return more
 end
+-- This server's life: a counter (or token) made in another life — before a restart
+-- from an RDB/AOF file, or on another node before a failover — may be missing
+-- recent changes, so it counts as missing and is rebuilt from the log.
+local function current_run()
+  return string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+end
+-- A reservation field's value: estimate|nonce (the nonce names one admission attempt).
+local function held(value)
+  if not value then return nil, nil end
+  local est, nonce = string.match(value, '^([^|]*)|(.*)$')
+  if est then return est, nonce end
+  return value, ''
+end
+-- Raise a counter's fence (the log position every future rebuild of it must have
+-- read) to `pos`, kept in the subject's generation hash under the counter's key.
+local function fence(gen, key, pos)
+  local cur = tonumber(redis.call('HGET', gen, key) or '0')
+  if pos > cur then redis.call('HSET', gen, key, pos) end
+end
