@@ -387,10 +387,10 @@ async def report(settings: Settings, by: str, since: str) -> int:
             cells.append(str(unpriced[name] or ""))
         table.add_row(*cells, sparkline(marks))
     table.add_section()
-    last = ["total", money[-1], str(total["requests"])]
+    total_row = ["total", money[-1], str(total["requests"])]
     if show_unpriced:
-        last.append(str(total["unpriced"] or ""))
-    table.add_row(*last, "")
+        total_row.append(str(total["unpriced"] or ""))
+    table.add_row(*total_row, "")
     notes = []
     if by == "tag":
         notes.append("tag rows overlap: a request with several tags counts in each; the total counts it once")
