@@ -20,6 +20,7 @@ from ledger.tags import TagError
 log = structlog.get_logger("gateway")
 
 REQUEST_ID_HEADER = "x-ledger-request-id"
+DASHBOARD_HEADER = "x-ledger-client"  # "dashboard" on the dashboard's own API calls
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 _STATUS_TYPES = {
@@ -54,7 +55,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     if not response.prepared:
         response.headers[REQUEST_ID_HEADER] = request_id
     if not request.path.startswith("/health"):
-        log.info(
+        # The dashboard polls: its page, files and API calls are debug, not one info line each.
+        quiet = request.path.startswith("/ui") or request.headers.get(DASHBOARD_HEADER) == "dashboard"
+        (log.debug if quiet else log.info)(
             "request",
             method=request.method,
             path=request.path,
