@@ -105,6 +105,7 @@ class TagDetail(msgspec.Struct):
     by_model: list[Group]
     by_user: list[Group]  # hashed ids
     denials: list[Denial]  # requests carrying the tag that were refused, by it or another
+    denying: Denying | None  # when the tag itself refused requests in the last month
 
 
 _overview_encoder = msgspec.json.Encoder(decimal_format="number")
@@ -181,6 +182,14 @@ def _denial(r: Any) -> Denial:
     )
 
 
+async def _denying(pool: Any, now: datetime) -> list[Denying]:
+    """Tags that refused requests for their budget in the last 31 days (the longest window)."""
+    return [
+        Denying(r["tag"], r["last_denied_at"], int(r["denials"]), r["last_admitted_at"])
+        for r in await queries.denying_tags(pool, now - timedelta(days=31))
+    ]
+
+
 def forecast(spend: Decimal, month_start: datetime, now: datetime) -> Decimal | None:
     """This month's spend at the month's average rate so far (None in its first hour:
     too little to extrapolate from)."""
@@ -241,10 +250,7 @@ async def overview(request: web.Request) -> web.Response:
         forecast_month_end=forecast(this_month.spend, month, now),
         days=days,
         by_model=by_model,
-        denying=[
-            Denying(r["tag"], r["last_denied_at"], int(r["denials"]), r["last_admitted_at"])
-            for r in await queries.denying_tags(pool, now - timedelta(days=31))
-        ],
+        denying=await _denying(pool, now),
         denials=[_denial(r) for r in await queries.denials(pool, tag=None, start=first, end=last, limit=20)],
     )
     return _json(body)
@@ -271,5 +277,6 @@ async def tag_detail(request: web.Request) -> web.Response:
         by_model=groups(await queries.tag_breakdown(pool, name, "model", first, last, 50)),
         by_user=groups(await queries.tag_breakdown(pool, name, "user", first, last, 20)),
         denials=[_denial(r) for r in await queries.denials(pool, tag=name, start=first, end=last, limit=50)],
+        denying=next((d for d in await _denying(pool, now) if d.tag == name), None),
     )
     return _json(body)
