@@ -131,6 +131,10 @@ def test_dev_serves_and_stops_cleanly(tmp_path: Path) -> None:
     assert "admin key:" in out
     assert "Ctrl-C" in out
     assert (data_dir / "admin_key").read_text().strip() in out
+    # the banner says where the dashboard is and where the keys are kept
+    assert f"dashboard:  http://127.0.0.1:{port}/ui" in out
+    assert f"(kept in {data_dir / 'admin_key'})" in out
+    assert f"(kept in {data_dir / 'demo_key'};" in out
     assert all(wait_dead(p) for p in pids)
     assert processes_of(data_dir) == []
 
