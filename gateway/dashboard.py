@@ -133,11 +133,14 @@ def _day(request: web.Request, name: str, default: date) -> date:
     try:
         if not _DATE.fullmatch(raw):
             raise ValueError
-        return date.fromisoformat(raw)
+        day = date.fromisoformat(raw)
     except ValueError:
         raise ApiError(
             400, f"{name} must be a date (YYYY-MM-DD, a UTC day), got {raw!r}", param=name
         ) from None
+    if not 1970 <= day.year <= 9998:  # room for the day arithmetic either side
+        raise ApiError(400, f"{name} must be between 1970-01-01 and 9998-12-31, got {raw!r}", param=name)
+    return day
 
 
 def _days(request: web.Request, now: datetime) -> tuple[date, date]:
@@ -148,8 +151,6 @@ def _days(request: web.Request, now: datetime) -> tuple[date, date]:
         raise ApiError(400, "end_date must not be before start_date", param="end_date")
     if (end - start).days + 1 > MAX_DAYS:
         raise ApiError(400, f"a range may span at most {MAX_DAYS} days", param="start_date")
-    if end.year >= 9999:
-        raise ApiError(400, "end_date is too far in the future", param="end_date")
     return start, end
 
 
