@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import errno
 import os
-import re
 import secrets
 import signal
 import socket
@@ -78,12 +77,12 @@ def _group(raw: str) -> str:
 
 
 def _since(raw: str) -> str:
-    if re.fullmatch(r"[1-9][0-9]{0,3}[dw]|[1-9][0-9]{0,2}h", raw) is None or (
-        raw.endswith("h") and int(raw[:-1]) > 168
-    ):
-        raise argparse.ArgumentTypeError(
-            f"must be a number of days, weeks or hours like 7d, 2w or 24h (at most 168h), got {raw!r}"
-        )
+    from projections.commands import parse_since
+
+    try:
+        parse_since(raw, datetime.now(UTC))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return raw
 
 

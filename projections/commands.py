@@ -314,9 +314,11 @@ class Span:
 def parse_since(since: str, now: datetime) -> Span:
     """``Nd``: the last N UTC days, today included; ``Nw``: 7N days; ``Nh``: the last N
     whole hours and this one. The sparkline draws exactly one mark per bucket asked."""
-    match = re.fullmatch(r"([1-9][0-9]*)([hdw])", since)
-    if match is None:
-        raise ValueError(f"--since must look like 7d, 2w or 24h; got {since!r}")
+    match = re.fullmatch(r"([1-9][0-9]{0,3})([hdw])", since)
+    if match is None or (match[2] == "h" and int(match[1]) > 168):
+        raise ValueError(
+            f"must be a number of days, weeks or hours like 7d, 2w or 24h (at most 168h), got {since!r}"
+        )
     n, unit = int(match[1]), match[2]
     if unit == "h":
         end = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
@@ -341,7 +343,7 @@ async def report(settings: Settings, by: str, since: str) -> int:
     try:
         span = parse_since(since, datetime.now(UTC))
     except ValueError as e:
-        return _error(str(e))
+        return _error(f"--since {e}")
     pool = await create_pool(settings)
     try:
         rows = await queries.spend_buckets(
