@@ -67,31 +67,32 @@ def _error(message: str) -> int:
     return 2
 
 
-async def _log_span(dsn: str) -> tuple[datetime, datetime] | None:
-    """When the log's first and last events were recorded (None: the log is empty)."""
+async def _log_start(dsn: str) -> datetime | None:
+    """When the log's first event was recorded (None: the log is empty)."""
     import asyncpg
 
     conn = await asyncpg.connect(dsn)
     try:
-        first = await conn.fetchval("select recorded_at from events order by position limit 1")
-        last = await conn.fetchval("select recorded_at from events order by position desc limit 1")
+        first: datetime | None = await conn.fetchval(
+            "select recorded_at from events order by position limit 1"
+        )
     finally:
         await conn.close()
-    return None if first is None else (first, last)
+    return first
 
 
 async def replay_command(settings: Settings, names: list[str] | None, until: datetime | None) -> int:
     assert settings.database_url is not None
-    span = await _log_span(settings.database_url)
+    start = await _log_start(settings.database_url)
     if until is not None:
-        if span is None:
+        if start is None:
             return _error("the event log is empty: there is nothing to replay up to --until")
-        if until < span[0]:
+        if until < start:
             return _error(
                 f"--until {until.isoformat()} is before the log's first event "
-                f"({span[0].isoformat()}): nothing had happened yet"
+                f"({start.isoformat()}): nothing had happened yet"
             )
-    elif span is None:
+    elif start is None:
         console.print("the event log is empty: the views are rebuilt empty")
     for name in names or list(PROJECTIONS):
         projection = create(name)
