@@ -77,12 +77,20 @@ function chart(activity, stackTag) {
   plot = new uPlot(opts, [x, ...order.map((i) => series[i])], $("#chart"));
 }
 
+// /tag/daily/activity answers in LiteLLM's shape (per day: breakdown by tag, or by
+// model when one tag is asked for); the chart wants flat {day, tag, model, spend} rows.
+function flatten(activity, stackTag) {
+  return activity.results.flatMap((d) => Object.entries(stackTag ? d.breakdown.models : d.breakdown.entities)
+    .map(([name, m]) => ({ day: d.date, tag: stackTag || name, model: stackTag ? name : "", spend: m.metrics.spend })));
+}
+
 async function refresh() {
   const since = new Date(Date.now() - 30 * 86400e3).toISOString().slice(0, 10);
   const metaKey = $("#meta-key").value.trim() || "customer";
+  const stackTag = $("#stack").value;
   const [tags, activity, users, meta, denials, alerts] = await Promise.all([
     api("/tag/list"),
-    api("/tag/daily/activity?start_date=" + since),
+    api("/tag/daily/activity?page_size=1000&start_date=" + since + (stackTag ? "&tags=" + encodeURIComponent(stackTag) : "")),
     api("/spend/users?limit=10"),
     api("/spend/report?interval=month&group_by=" + encodeURIComponent("metadata." + metaKey)),
     api("/spend/logs?kind=denied&limit=15"),
@@ -98,12 +106,12 @@ async function refresh() {
   const select = $("#stack"); const chosen = select.value;
   select.replaceChildren(new Option("by tag", ""), ...tags.map((t) => new Option(t.name + " by model", t.name)));
   select.value = chosen;
-  chart(activity, chosen);
+  chart(flatten(activity, chosen), chosen);
   rows("#users", users, (u) => [[u.user_hash.slice(0, 12) + "…"], [fmt(u.spend), "num"], [u.requests, "num"]]);
   const totals = {};
   for (const r of meta.rows) { const k = r.group ?? "(none)"; totals[k] = totals[k] || { spend: 0, requests: 0 }; totals[k].spend += Number(r.spend); totals[k].requests += r.requests; }
   rows("#meta", Object.entries(totals).sort((a, b) => b[1].spend - a[1].spend).slice(0, 10), ([k, v]) => [[k], [fmt(v.spend), "num"], [v.requests, "num"]]);
-  rows("#denials", denials.data, (d) => [[when(d.recorded_at)], [d.request_id.slice(0, 12)], [d.tags.join(", ")]]);
+  rows("#denials", denials, (d) => [[when(d.recorded_at)], [d.request_id.slice(0, 12)], [d.tags.join(", ")]]);
   rows("#alerts", alerts, (a) => [[when(a.recorded_at)], [a.tag], [a.description]]);
   $("#updated").textContent = "updated " + new Date().toLocaleTimeString();
 }
