@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from decimal import Decimal
 from typing import Any
@@ -350,3 +351,39 @@ async def test_every_admin_route_is_in_the_openapi_document(client: TestClient, 
         if path == "/metrics":
             continue  # Prometheus text, not JSON
         assert (path, route.method) in documented, f"{route.method} {path} is missing from /openapi.json"
+
+
+async def test_concurrent_key_and_end_user_updates_are_never_lost(client: TestClient) -> None:
+    """Updates of different fields race on one stream version; the losers retry on
+    fresh state, so every change lands."""
+    status, made = await post(client, "/key/generate", {"key_alias": "racy"})
+    assert status == 200
+    changes: list[dict[str, Any]] = [
+        {"tpm_limit": 10},
+        {"rpm_limit": 5},
+        {"max_parallel_requests": 2},
+        {"team_id": "t"},
+        {"user_id": "u"},
+        {"budget_id": "b"},
+        {"max_budget": 3},
+        {"metadata": {"m": 1}},
+    ]
+    answers = await asyncio.gather(
+        *(post(client, "/key/update", {"key": made["token_id"], **c}) for c in changes)
+    )
+    assert [a[0] for a in answers] == [200] * len(changes)
+    status, info = await get(client, f"/key/info?key={made['token_id']}")
+    for change in changes:
+        for field, value in change.items():
+            assert info["info"][field] == value, field
+
+    assert (await post(client, "/customer/new", {"user_id": "racer"}))[0] == 200
+    answers = await asyncio.gather(
+        *(post(client, "/customer/update", {"user_id": "racer", **c}) for c in changes[:3]),
+        post(client, "/customer/update", {"user_id": "racer", "alias": "R"}),
+        post(client, "/customer/block", {"user_ids": ["racer"]}),
+    )
+    assert [a[0] for a in answers] == [200] * 5
+    status, view = await get(client, "/customer/info?end_user_id=racer")
+    assert (view["tpm_limit"], view["rpm_limit"], view["max_parallel_requests"]) == (10, 5, 2)
+    assert (view["alias"], view["blocked"]) == ("R", True)
