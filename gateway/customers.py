@@ -11,6 +11,7 @@ hashes it at once with the gateway's secret; only the hash is stored, so
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -45,6 +46,7 @@ from ledger.windows import LIFETIME
 
 routes = web.RouteTableDef()
 
+_HASH = re.compile(r"[0-9a-f]{64}")
 _UNSUPPORTED = ("allowed_model_region", "default_model", "object_permission", "budget_reset_at")
 
 
@@ -249,6 +251,8 @@ async def customer_info(request: web.Request) -> web.Response:
         user_hash, shown = _hash(request, raw, "end_user_id"), raw
     elif request.query.get("user_hash"):
         user_hash = shown = request.query["user_hash"]
+        if not _HASH.fullmatch(user_hash):
+            raise ApiError(400, "user_hash must be 64 hexadecimal digits", param="user_hash")
     else:
         raise ApiError(
             400, "end_user_id (the raw id; it is hashed for the lookup) is required", param="end_user_id"

@@ -94,6 +94,8 @@ async def test_customer_errors_are_clear(litellm: LiteLLM) -> None:
         assert (status, body["error"]["param"]) == (422, param), (bad, body)
     status, body = await litellm.call("GET", "/customer/info")
     assert (status, body["error"]["param"]) == (400, "end_user_id")
+    status, body = await litellm.call("GET", "/customer/info", user_hash="\x00not-a-hash")
+    assert (status, body["error"]["param"]) == (400, "user_hash")  # found by schemathesis: was a 500
 
 
 async def test_customer_daily_activity(litellm: LiteLLM) -> None:
