@@ -1,14 +1,18 @@
-"""Admin API for tag budgets, with LiteLLM-compatible paths and field names.
+"""Admin API for tag budgets, on LiteLLM's paths with LiteLLM's request fields
+and response shapes, budget-ledger's richer fields alongside.
 
 POST /tag/new, POST|GET /tag/info, POST /tag/update, POST /tag/delete,
 GET /tag/list, GET /tag/{name}/history. Bodies are msgspec Structs that forbid
 unknown fields; every client mistake is an OpenAI-style error naming the field.
+The helpers here (body decoding, LiteLLM fields budget-ledger does not have,
+per-model budgets, LiteLLM's budget table) serve the key and customer APIs too.
 """
 
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from collections.abc import Iterable
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -17,16 +21,15 @@ from aiohttp import web
 from msgspec import UNSET, UnsetType
 
 from gateway.errors import ApiError
-from gateway.keys import BUDGET_BOOK, COUNTERS, KEY_BOOK, METRICS, REQUEST_ID, STORE, TAGS
+from gateway.keys import BUDGET_BOOK, COUNTERS, METRICS, REQUEST_ID, STORE, TAGS
 from gateway.metrics import render
 from ledger import events as ev
 from ledger.alerts import forecast
-from ledger.apikeys import ApiKey, KeyNotFound
 from ledger.budgets import budget_of
 from ledger.money import from_nanos
-from ledger.queries import tag_totals_view
+from ledger.queries import seen_tags, tag_totals_view
 from ledger.store import NUL_ESCAPE
-from ledger.tags import TagError, TagState, validate_name
+from ledger.tags import TagState
 
 routes = web.RouteTableDef()
 
@@ -34,6 +37,88 @@ MAX_ADMIN_BODY = 64 * 1024
 T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder(decimal_format="number")
+
+
+# ------------------------------------------------------------------ shared shapes
+
+
+class ModelBudgetIn(msgspec.Struct, forbid_unknown_fields=True):
+    """One entry of LiteLLM's ``model_max_budget`` (a bare number is its max_budget)."""
+
+    max_budget: Decimal | None = None
+    budget_duration: str | None = None
+    tpm_limit: int | None = None
+    rpm_limit: int | None = None
+
+
+ModelBudgets = dict[str, ModelBudgetIn | Decimal]
+
+
+def model_budgets(value: ModelBudgets | None) -> dict[str, ev.ModelBudget] | None:
+    if value is None:
+        return None
+    return {
+        model: ev.ModelBudget(max_budget=b)
+        if isinstance(b, Decimal)
+        else ev.ModelBudget(b.max_budget, b.budget_duration, b.tpm_limit, b.rpm_limit)
+        for model, b in value.items()
+    }
+
+
+class BudgetTable(msgspec.Struct):
+    """LiteLLM's ``litellm_budget_table``: the budget and limits of a tag, key or end user."""
+
+    budget_id: str | None
+    max_budget: Decimal | None
+    soft_budget: Decimal | None
+    max_parallel_requests: int | None
+    tpm_limit: int | None
+    rpm_limit: int | None
+    model_max_budget: dict[str, ev.ModelBudget] | None
+    budget_duration: str | None
+    budget_reset_at: datetime | None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+def budget_table(owner: Any, reset_at: datetime | None) -> BudgetTable | UnsetType:
+    """The budget table of anything with LiteLLM's budget fields; absent (as in
+    LiteLLM) when none of them is set."""
+    fields = (
+        "budget_id",
+        "max_budget",
+        "soft_budget",
+        "max_parallel_requests",
+        "tpm_limit",
+        "rpm_limit",
+        "model_max_budget",
+        "budget_duration",
+    )
+    if all(getattr(owner, f) is None for f in fields):
+        return UNSET
+    return BudgetTable(
+        **{f: getattr(owner, f) for f in fields},
+        budget_reset_at=reset_at,
+        created_at=getattr(owner, "created_at", None),
+        updated_at=getattr(owner, "updated_at", None),
+    )
+
+
+def refuse_unsupported(body: msgspec.Struct, names: Iterable[str], neutral: Iterable[Any] = ()) -> None:
+    """LiteLLM settings budget-ledger does not have are accepted only with a value
+    that asks for nothing (null, {}, [], false), so a script that sends its
+    defaults runs, and one that relies on such a setting learns it is not there."""
+    allowed = list(neutral)
+    for name in names:
+        value = getattr(body, name)
+        if value is None or value is UNSET or value is False or value in ({}, []) or value in allowed:
+            continue
+        raise ApiError(
+            422,
+            f"{name} is a LiteLLM setting that budget-ledger does not support; omit it or send null",
+            param=name,
+            code="unsupported_field",
+        )
 
 
 # ------------------------------------------------------------------ bodies
@@ -48,6 +133,13 @@ class TagNew(msgspec.Struct, forbid_unknown_fields=True):
     models: list[str] | None = None
     metadata: dict[str, Any] = {}
     alert_thresholds: list[Decimal] | None = None
+    tpm_limit: int | None = None
+    rpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    model_max_budget: ModelBudgets | None = None
+    budget_id: str | None = None
+    # LiteLLM computes model_info itself (model id -> name); accepted and ignored
+    model_info: dict[str, str] | None = None
 
 
 class TagUpdate(msgspec.Struct, forbid_unknown_fields=True):
@@ -59,6 +151,14 @@ class TagUpdate(msgspec.Struct, forbid_unknown_fields=True):
     models: list[str] | UnsetType | None = UNSET
     metadata: dict[str, Any] | UnsetType = UNSET
     alert_thresholds: list[Decimal] | UnsetType | None = UNSET
+    tpm_limit: int | UnsetType | None = UNSET
+    rpm_limit: int | UnsetType | None = UNSET
+    max_parallel_requests: int | UnsetType | None = UNSET
+    model_max_budget: ModelBudgets | UnsetType | None = UNSET
+    budget_id: str | UnsetType | None = UNSET
+    model_info: dict[str, str] | None = None
+    # LiteLLM: set the tag's spend (0 clears it); null leaves it alone
+    spend: Decimal | None = None
 
 
 class TagName(msgspec.Struct, forbid_unknown_fields=True):
@@ -89,6 +189,24 @@ class TagInfo(msgspec.Struct):
     alert_thresholds: list[Decimal] = []
     # at the window's burn rate so far, when the budget runs out (None: not this window)
     forecast_exhausted_at: datetime | None = None
+    tpm_limit: int | None = None
+    rpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    model_max_budget: dict[str, ev.ModelBudget] | None = None
+    budget_id: str | None = None
+    spend_reset_at: datetime | None = None  # the last /tag/update with "spend"
+    defined: bool = True  # False: a tag only seen in traffic, with no definition
+    # LiteLLM's fields
+    model_info: dict[str, str] = {}
+    created_by: str | None = None
+    litellm_budget_table: BudgetTable | UnsetType = UNSET
+
+
+class TagChanged(msgspec.Struct):
+    """LiteLLM's answer to /tag/new and /tag/update."""
+
+    message: str
+    tag: TagInfo
 
 
 class TagDeleted(msgspec.Struct):
@@ -143,8 +261,10 @@ async def decode_body(request: web.Request, kind: type[T]) -> T:
         raise ApiError(400, f"request body is not valid UTF-8 JSON: {e.reason}", param="body") from None
 
 
-def json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=_encoder.encode(data), status=status, content_type="application/json")
+def json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=_encoder.encode(data), status=status, content_type="application/json", headers=headers
+    )
 
 
 # ------------------------------------------------------------------ views
@@ -188,6 +308,14 @@ async def tag_infos(request: web.Request, states: list[TagState]) -> list[TagInf
                 updated_at=s.updated_at,
                 alert_thresholds=s.thresholds if s.has_budget else [],
                 forecast_exhausted_at=forecast(spend, s.max_budget, window_start, reset_at, now),
+                tpm_limit=s.tpm_limit,
+                rpm_limit=s.rpm_limit,
+                max_parallel_requests=s.max_parallel_requests,
+                model_max_budget=s.model_max_budget,
+                budget_id=s.budget_id,
+                spend_reset_at=s.spend_reset_at,
+                created_by="admin",
+                litellm_budget_table=budget_table(s, reset_at),
             )
         )
     return out
@@ -202,6 +330,13 @@ def _fields(body: TagNew | TagUpdate) -> ev.TagFields:
         models=body.models,
         metadata=body.metadata,
         alert_thresholds=body.alert_thresholds,
+        tpm_limit=body.tpm_limit,
+        rpm_limit=body.rpm_limit,
+        max_parallel_requests=body.max_parallel_requests,
+        model_max_budget=body.model_max_budget
+        if body.model_max_budget is UNSET
+        else model_budgets(body.model_max_budget),
+        budget_id=body.budget_id,
     )
 
 
@@ -219,16 +354,18 @@ async def tag_new(request: web.Request) -> web.Response:
     state = await request.app[TAGS].create(body.name, _fields(body), request_id=request[REQUEST_ID])
     await _fresh(request)
     [info] = await tag_infos(request, [state])
-    return json(info, status=201)
+    return json(TagChanged(message=f"tag {body.name!r} created", tag=info))
 
 
 @routes.post("/tag/update")
 async def tag_update(request: web.Request) -> web.Response:
     body = await decode_body(request, TagUpdate)
-    state = await request.app[TAGS].update(body.name, _fields(body), request_id=request[REQUEST_ID])
+    state = await request.app[TAGS].update(
+        body.name, _fields(body), spend=body.spend, request_id=request[REQUEST_ID]
+    )
     await _fresh(request)
     [info] = await tag_infos(request, [state])
-    return json(info)
+    return json(TagChanged(message=f"tag {body.name!r} updated", tag=info))
 
 
 @routes.post("/tag/delete")
@@ -262,12 +399,65 @@ async def _info(request: web.Request, names: list[str]) -> web.Response:
     return json({i.name: i for i in infos})
 
 
+def _day(request: web.Request, name: str) -> date | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        return date.fromisoformat(raw) if len(raw) == 10 else None
+    except ValueError:
+        return None
+
+
+_LIST_PARAMS = frozenset({"start_date", "end_date"})
+
+
 @routes.get("/tag/list")
 async def tag_list(request: web.Request) -> web.Response:
+    """Defined tags, then (as LiteLLM does) tags only seen in traffic; with
+    start_date and end_date, only seen tags with charges on those days."""
+    for name, value in request.query.items():
+        if name not in _LIST_PARAMS:
+            raise ApiError(400, f"unknown query parameter {name!r}; known: end_date, start_date", param=name)
+        if _day(request, name) is None:
+            raise ApiError(400, f"{name} must be a date (YYYY-MM-DD), got {value[:40]!r}", param=name)
+    first, last = _day(request, "start_date"), _day(request, "end_date")
+    if (first is None) != (last is None):
+        raise ApiError(
+            400, "start_date and end_date go together", param="start_date" if first is None else "end_date"
+        )
+    if first is not None and last is not None and first > last:
+        raise ApiError(400, "start_date must be on or before end_date", param="end_date")
     book = request.app[BUDGET_BOOK]
     await book.refresh()
     states = sorted((s for s in book.tags.values() if s.exists), key=lambda s: s.name)
-    return json(await tag_infos(request, states))
+    out = await tag_infos(request, states)
+    live = {s.name for s in states}
+    for r in await seen_tags(request.app[STORE].pool, first, last):
+        if r["tag"] in live:
+            continue
+        out.append(
+            TagInfo(
+                name=r["tag"],
+                description="a tag seen in traffic with no definition: no budget, no model list",
+                max_budget=None,
+                soft_budget=None,
+                budget_duration=None,
+                models=None,
+                metadata={},
+                spend=Decimal(0),
+                reserved=Decimal(0),
+                remaining=None,
+                window_start=None,
+                reset_at=None,
+                total_spend=Decimal(r["total_spend"]),
+                request_count=int(r["request_count"]),
+                created_at=r["first_seen"],
+                updated_at=r["last_seen"],
+                defined=False,
+            )
+        )
+    return json(out)
 
 
 @routes.get("/tag/{name}/history")
@@ -288,6 +478,8 @@ async def tag_history(request: web.Request) -> web.Response:
                 if new is not UNSET:
                     old = getattr(event.previous, f)
                     changes[f] = FieldChange(None if old is UNSET else old, new)
+        elif isinstance(event, ev.TagSpendReset):
+            changes["spend"] = FieldChange(None, event.spend)
         items.append(
             HistoryItem(
                 version=e.version,
@@ -300,106 +492,6 @@ async def tag_history(request: web.Request) -> web.Response:
             )
         )
     return json(items)
-
-
-# ------------------------------------------------------------------ API keys
-
-
-class KeyGenerate(msgspec.Struct, forbid_unknown_fields=True):
-    key_alias: str | None = None
-    tags: list[str] = []
-    allowed_models: list[str] | None = None
-    metadata: dict[str, Any] = {}
-
-
-class KeyRef(msgspec.Struct, forbid_unknown_fields=True):
-    key: str  # the secret, or its key_hash as /key/list shows it
-
-
-class KeyView(msgspec.Struct):
-    key_hash: str
-    key_prefix: str
-    key_alias: str | None
-    tags: list[str]
-    allowed_models: list[str] | None
-    metadata: dict[str, Any]
-    created_at: datetime
-
-
-class KeyCreated(KeyView):
-    key: str  # shown once, never again
-
-
-class KeyDeletedView(msgspec.Struct):
-    message: str
-    key_hash: str
-
-
-def _key_view(k: ApiKey) -> dict[str, Any]:
-    return {
-        "key_hash": k.key_hash,
-        "key_prefix": k.key_prefix,
-        "key_alias": k.key_alias,
-        "tags": list(k.tags),
-        "allowed_models": list(k.allowed_models) if k.allowed_models is not None else None,
-        "metadata": k.metadata,
-        "created_at": k.created_at,
-    }
-
-
-@routes.post("/key/generate")
-async def key_generate(request: web.Request) -> web.Response:
-    body = await decode_body(request, KeyGenerate)
-    if body.key_alias is not None and not 1 <= len(body.key_alias) <= 256:
-        raise ApiError(422, "key_alias must be 1 to 256 characters", param="key_alias")
-    for tag in body.tags:
-        try:
-            validate_name(tag, "tags")
-        except TagError as e:
-            raise ApiError(422, str(e), param="tags") from None
-    if len(body.tags) > 64:
-        raise ApiError(422, "tags may list at most 64 tags", param="tags")
-    if len(msgspec.json.encode(body.metadata)) > 8192:
-        raise ApiError(422, "metadata must encode to at most 8192 bytes", param="metadata")
-    secret, key = await request.app[KEY_BOOK].generate(
-        key_alias=body.key_alias,
-        tags=body.tags,
-        allowed_models=body.allowed_models,
-        metadata=body.metadata,
-        request_id=request[REQUEST_ID],
-    )
-    return json(KeyCreated(key=secret, **_key_view(key)), status=201)
-
-
-@routes.post("/key/info")
-async def key_info(request: web.Request) -> web.Response:
-    body = await decode_body(request, KeyRef)
-    book = request.app[KEY_BOOK]
-    key = book.find(body.key)
-    if key is None:
-        await book.refresh()
-        key = book.find(body.key)
-    if key is None:
-        raise ApiError(404, "no such key", type="not_found_error", param="key")
-    return json(KeyView(**_key_view(key)))
-
-
-@routes.post("/key/delete")
-async def key_delete(request: web.Request) -> web.Response:
-    body = await decode_body(request, KeyRef)
-    try:
-        key = await request.app[KEY_BOOK].delete(body.key, request_id=request[REQUEST_ID])
-    except KeyNotFound as e:
-        raise ApiError(404, str(e), type="not_found_error", param="key") from None
-    return json(KeyDeletedView(message="key deleted", key_hash=key.key_hash))
-
-
-@routes.get("/key/list")
-async def key_list(request: web.Request) -> web.Response:
-    book = request.app[KEY_BOOK]
-    await book.refresh()
-    keys = sorted(book.keys.values(), key=lambda k: k.created_at)
-    return json([KeyView(**_key_view(k)) for k in keys])
 
 
 @routes.get("/metrics")

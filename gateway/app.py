@@ -10,7 +10,7 @@ from datetime import timedelta
 import structlog
 from aiohttp import web
 
-from gateway import admin, dashboard, health, openapi, proxy, spend, ui
+from gateway import activity, admin, customers, dashboard, health, keys_api, openapi, proxy, spend, ui
 from gateway.auth import authenticate
 from gateway.keys import (
     ADMISSION,
@@ -61,11 +61,15 @@ def create_app(settings: Settings, contexts: Sequence[CleanupContext] = ()) -> w
     app.cleanup_ctx.append(_budgets_ctx)
     app.cleanup_ctx.append(_sweeper_ctx)
     app.cleanup_ctx.append(_upstreams_ctx)
+    app.cleanup_ctx.append(customers.customers_ctx)
     app[PRICES] = PriceBook(settings.price_overrides)
     app.add_routes(health.routes)
     app.add_routes(admin.routes)
+    app.add_routes(keys_api.routes)
+    app.add_routes(customers.routes)
     app.add_routes(proxy.routes)
     app.add_routes(spend.routes)
+    app.add_routes(activity.routes)
     app.add_routes(openapi.routes)
     app.add_routes(ui.routes)
     app.add_routes(dashboard.routes)
@@ -145,8 +149,9 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(sweep_forever(), name="reservation-sweeper")
     yield
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    # Bounded: a cancellation swallowed inside a sweep (seen under load: the task
+    # sleeps on, "cancelling") must not hold the shutdown forever.
+    await asyncio.wait({task}, timeout=5)
 
 
 async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:

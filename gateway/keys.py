@@ -11,6 +11,7 @@ from ledger.admission import Admission
 from ledger.apikeys import ApiKey, KeyBook
 from ledger.budgets import BudgetBook
 from ledger.counters import Counters
+from ledger.customers import CustomerBook
 from ledger.pricing import PriceBook
 from ledger.settings import Settings
 from ledger.store import EventStore
@@ -24,6 +25,7 @@ BUDGET_BOOK = web.AppKey("budget_book", BudgetBook)
 TAGS = web.AppKey("tags", TagService)
 ADMISSION = web.AppKey("admission", Admission)
 KEY_BOOK = web.AppKey("key_book", KeyBook)
+CUSTOMER_BOOK = web.AppKey("customer_book", CustomerBook)
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
 PRICES = web.AppKey("prices", PriceBook)
 METRICS = web.AppKey("metrics", Metrics)

@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from gateway import admin
+from gateway import activity, admin, customers, keys_api, spend
 from gateway.auth import public
 from gateway.errors import ErrorEnvelope
 
@@ -26,14 +26,36 @@ _ERRORS = {
     "422": "a value breaks a rule",
     "503": "PostgreSQL or Redis unavailable",
 }
-_REQUESTS = (admin.TagNew, admin.TagUpdate, admin.TagName, admin.TagNames, admin.KeyGenerate, admin.KeyRef)
+_REQUESTS = (
+    admin.TagNew,
+    admin.TagUpdate,
+    admin.TagName,
+    admin.TagNames,
+    keys_api.KeyGenerate,
+    keys_api.KeyUpdate,
+    keys_api.KeyRef,
+    keys_api.KeyDelete,
+    customers.CustomerNew,
+    customers.CustomerUpdate,
+    customers.UserIds,
+)
 _RESPONSES = (
     admin.TagInfo,
+    admin.TagChanged,
     admin.TagDeleted,
     admin.HistoryItem,
-    admin.KeyView,
-    admin.KeyCreated,
-    admin.KeyDeletedView,
+    keys_api.KeyInfoView,
+    keys_api.KeyCreated,
+    keys_api.KeyUpdated,
+    keys_api.KeysDeleted,
+    keys_api.KeyList,
+    customers.CustomerView,
+    customers.CustomersDeleted,
+    customers.BlockedUsers,
+    spend.TagSpend,
+    spend.SpendLog,
+    activity.DailyActivity,
+    activity.KeyReport,
     ErrorEnvelope,
 )
 
@@ -67,12 +89,16 @@ def _op(
     body: type | None = None,
     params: list[tuple[str, str]] | None = None,
     path_params: list[str] | None = None,
+    csv: bool = False,
 ) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": ok_schema}}
+    if csv:
+        content["text/csv"] = {"schema": {"type": "string"}}
     op: dict[str, Any] = {
         "summary": summary,
         "security": [{"adminKey": []}],
         "responses": {
-            ok: {"description": "OK", "content": {"application/json": {"schema": ok_schema}}},
+            ok: {"description": "OK", "content": content},
             **{
                 code: {"description": why, "content": {"application/json": {"schema": _ref(ErrorEnvelope)}}}
                 for code, why in _ERRORS.items()
@@ -99,10 +125,22 @@ def build() -> dict[str, Any]:
     _, responses = msgspec.json.schema_components(_RESPONSES, ref_template="#/components/schemas/{name}")
     schemas = {**_fix_decimals(responses, _DECIMAL_OUT), **_fix_decimals(requests, _DECIMAL_IN)}
     info_map = {"type": "object", "additionalProperties": _ref(admin.TagInfo)}
-    paths = {
-        "/tag/new": {"post": _op("Create a tag budget", "201", _ref(admin.TagInfo), body=admin.TagNew)},
+    activity_params = [
+        *_DATES,
+        ("model", ""),
+        ("api_key", "a key's key_hash"),
+        ("page", "1, 2, ... (pages of whole days, newest first)"),
+        ("page_size", "days per page, 1-1000"),
+    ]
+    paths: dict[str, Any] = {
+        "/tag/new": {"post": _op("Create a tag budget", "200", _ref(admin.TagChanged), body=admin.TagNew)},
         "/tag/update": {
-            "post": _op("Change a tag (partial)", "200", _ref(admin.TagInfo), body=admin.TagUpdate)
+            "post": _op(
+                "Change a tag (partial); spend sets its spend",
+                "200",
+                _ref(admin.TagChanged),
+                body=admin.TagUpdate,
+            )
         },
         "/tag/delete": {"post": _op("Delete a tag", "200", _ref(admin.TagDeleted), body=admin.TagName)},
         "/tag/info": {
@@ -114,7 +152,17 @@ def build() -> dict[str, Any]:
                 params=[("names", "comma-separated tag names")],
             ),
         },
-        "/tag/list": {"get": _op("Every live tag", "200", {"type": "array", "items": _ref(admin.TagInfo)})},
+        "/tag/list": {
+            "get": _op(
+                "Every defined tag, then tags only seen in traffic",
+                "200",
+                {"type": "array", "items": _ref(admin.TagInfo)},
+                params=[
+                    ("start_date", "YYYY-MM-DD, with end_date"),
+                    ("end_date", "YYYY-MM-DD, with start_date"),
+                ],
+            )
+        },
         "/tag/{name}/history": {
             "get": _op(
                 "A tag's events",
@@ -125,21 +173,58 @@ def build() -> dict[str, Any]:
         },
         "/key/generate": {
             "post": _op(
-                "Create a client key (shown once)", "201", _ref(admin.KeyCreated), body=admin.KeyGenerate
+                "Create a client key (shown once)",
+                "200",
+                _ref(keys_api.KeyCreated),
+                body=keys_api.KeyGenerate,
             )
         },
-        "/key/info": {"post": _op("A key's record", "200", _ref(admin.KeyView), body=admin.KeyRef)},
-        "/key/delete": {"post": _op("Delete a key", "200", _ref(admin.KeyDeletedView), body=admin.KeyRef)},
-        "/key/list": {"get": _op("Every live key", "200", {"type": "array", "items": _ref(admin.KeyView)})},
-        "/spend/tags": {"get": _op("Spend per tag", "200", _ANY_ROWS, params=_DATES)},
+        "/key/info": {
+            "get": _op(
+                "A key's record", "200", _ref(keys_api.KeyInfoView), params=[("key", "the key's key_hash")]
+            ),
+            "post": _op("A key's record", "200", _ref(keys_api.KeyInfoView), body=keys_api.KeyRef),
+        },
+        "/key/update": {
+            "post": _op("Change a key (partial)", "200", _ref(keys_api.KeyUpdated), body=keys_api.KeyUpdate)
+        },
+        "/key/delete": {
+            "post": _op("Delete keys", "200", _ref(keys_api.KeysDeleted), body=keys_api.KeyDelete)
+        },
+        "/key/list": {
+            "get": _op(
+                "Keys, a page at a time",
+                "200",
+                _ref(keys_api.KeyList),
+                params=[
+                    ("page", "from 1"),
+                    ("size", "1-100"),
+                    ("user_id", ""),
+                    ("team_id", ""),
+                    ("key_alias", ""),
+                    ("key_hash", ""),
+                    ("return_full_object", "true|false"),
+                    ("include_team_keys", "true|false"),
+                    ("sort_by", "created_at|updated_at|key_alias|user_id|team_id|expires"),
+                    ("sort_order", "asc|desc"),
+                    ("organization_id", "not supported: empty"),
+                ],
+            )
+        },
+        "/spend/tags": {
+            "get": _op(
+                "Spend per tag", "200", {"type": "array", "items": _ref(spend.TagSpend)}, params=_DATES
+            )
+        },
         "/spend/users": {
             "get": _op("Spend per (hashed) user", "200", _ANY_ROWS, params=[*_DATES, ("limit", "1-10000")])
         },
         "/spend/logs": {
             "get": _op(
-                "Spend logs, newest first",
+                "Spend logs, newest first (SpendLog rows), or with both dates a summary per day",
                 "200",
-                {"type": "object"},
+                _ANY_ROWS,
+                csv=True,
                 params=[
                     *_DATES,
                     ("tag", ""),
@@ -148,9 +233,13 @@ def build() -> dict[str, Any]:
                     ("model", ""),
                     ("status", "HTTP status"),
                     ("kind", "spend|expired|released|denied"),
-                    ("limit", "1-1000"),
-                    ("cursor", "next_cursor of the previous page"),
+                    ("limit", "1-1000: one page; the next page's cursor is in x-ledger-next-cursor"),
+                    ("cursor", "x-ledger-next-cursor of the previous page"),
                     ("format", "json|csv"),
+                    ("api_key", "a key's key_hash"),
+                    ("user_id", "the keys' owner (user_id)"),
+                    ("request_id", ""),
+                    ("summarize", "true|false (with both dates)"),
                 ],
             )
         },
@@ -166,12 +255,35 @@ def build() -> dict[str, Any]:
                 ],
             )
         },
-        "/tag/daily/activity": {
+        "/global/spend/report": {
             "get": _op(
-                "Daily spend per tag and model",
+                "Spend per day and team, customer or tag; or per API key",
                 "200",
                 _ANY_ROWS,
-                params=[*_DATES, ("tags", "comma-separated")],
+                params=[
+                    *_DATES,
+                    ("group_by", "team|customer|api_key|tag"),
+                    ("api_key", "a key's key_hash"),
+                    ("internal_user_id", "the keys' owner (user_id)"),
+                    ("team_id", ""),
+                    ("customer_id", "raw end-user id"),
+                ],
+            )
+        },
+        "/tag/daily/activity": {
+            "get": _op(
+                "Daily spend per tag, model, provider and key",
+                "200",
+                _ref(activity.DailyActivity),
+                params=[*activity_params, ("tags", "comma-separated")],
+            )
+        },
+        "/user/daily/activity": {
+            "get": _op(
+                "Daily spend per end user",
+                "200",
+                _ref(activity.DailyActivity),
+                params=[*activity_params, ("user_id", "raw end-user id"), ("user_hash", "")],
             )
         },
         "/alerts": {"get": _op("The newest budget alerts", "200", _ANY_ROWS, params=[("limit", "1-500")])},
@@ -197,6 +309,44 @@ def build() -> dict[str, Any]:
             )
         },
     }
+    view = _ref(customers.CustomerView)
+    for prefix in ("/customer", "/end_user"):
+        paths |= {
+            f"{prefix}/new": {"post": _op("Create an end user", "200", view, body=customers.CustomerNew)},
+            f"{prefix}/info": {
+                "get": _op(
+                    "An end user",
+                    "200",
+                    view,
+                    params=[("end_user_id", "raw end-user id (hashed for the lookup)"), ("user_hash", "")],
+                )
+            },
+            f"{prefix}/update": {
+                "post": _op("Change an end user (partial)", "200", view, body=customers.CustomerUpdate)
+            },
+            f"{prefix}/delete": {
+                "post": _op(
+                    "Delete end users", "200", _ref(customers.CustomersDeleted), body=customers.UserIds
+                )
+            },
+            f"{prefix}/list": {
+                "get": _op("Every end user (by hash)", "200", {"type": "array", "items": view})
+            },
+            f"{prefix}/block": {
+                "post": _op("Block end users", "200", _ref(customers.BlockedUsers), body=customers.UserIds)
+            },
+            f"{prefix}/unblock": {
+                "post": _op("Unblock end users", "200", _ref(customers.BlockedUsers), body=customers.UserIds)
+            },
+            f"{prefix}/daily/activity": {
+                "get": _op(
+                    "Daily spend per end user",
+                    "200",
+                    _ref(activity.DailyActivity),
+                    params=[*activity_params, ("end_user_ids", "comma-separated raw ids")],
+                )
+            },
+        }
     return {
         "openapi": "3.1.0",
         "info": {"title": "budget-ledger admin API", "version": "0.1.0"},

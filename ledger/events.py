@@ -1,11 +1,13 @@
 """Event types: the source of truth. Meanings never change; new fields get defaults.
 
 Streams:
-* ``tag:<name>``        TagCreated, TagUpdated, TagDeleted
+* ``tag:<name>``        TagCreated, TagUpdated, TagDeleted, TagSpendReset
 * ``request:<id>``      RequestAdmitted (version 1), then exactly one terminal
                         event at version 2: SpendRecorded, RequestReleased or
                         ReservationExpired (the stream's version check makes
                         "exactly one" a database guarantee, not a hope)
+* ``customer:<hash>``   CustomerCreated, CustomerUpdated, CustomerBlocked,
+                        CustomerUnblocked, CustomerDeleted (end users)
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ from ledger.store import NewEvent, RecordedEvent
 # --------------------------------------------------------------------- tags
 
 
+class ModelBudget(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A budget and limits for one model (an entry of LiteLLM's ``model_max_budget``)."""
+
+    max_budget: Decimal | None = None
+    budget_duration: str | None = None
+    tpm_limit: int | None = None
+    rpm_limit: int | None = None
+
+
 class TagFields(msgspec.Struct, frozen=True, omit_defaults=True):
     """The editable fields of a tag; UNSET means "not part of this change"."""
 
@@ -32,6 +43,13 @@ class TagFields(msgspec.Struct, frozen=True, omit_defaults=True):
     models: list[str] | UnsetType | None = UNSET
     metadata: dict[str, Any] | UnsetType = UNSET
     alert_thresholds: list[Decimal] | UnsetType | None = UNSET  # fractions of max_budget
+    # LiteLLM's limits (tokens and requests per minute, requests in flight) and
+    # per-model budgets: recorded here, enforced on the request path.
+    tpm_limit: int | UnsetType | None = UNSET
+    rpm_limit: int | UnsetType | None = UNSET
+    max_parallel_requests: int | UnsetType | None = UNSET
+    model_max_budget: dict[str, ModelBudget] | UnsetType | None = UNSET
+    budget_id: str | UnsetType | None = UNSET  # LiteLLM's budget table id: a label here
 
 
 class TagCreated(msgspec.Struct, frozen=True, tag=True):
@@ -46,6 +64,11 @@ class TagCreated(msgspec.Struct, frozen=True, tag=True):
     actor: str = "admin"
     request_id: str | None = None
     alert_thresholds: list[Decimal] | None = None  # None: the default 0.5, 0.8, 1.0
+    tpm_limit: int | None = None
+    rpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    model_max_budget: dict[str, ModelBudget] | None = None
+    budget_id: str | None = None
 
 
 class TagUpdated(msgspec.Struct, frozen=True, tag=True):
@@ -64,8 +87,23 @@ class TagDeleted(msgspec.Struct, frozen=True, tag=True):
     request_id: str | None = None
 
 
-TagEvent = TagCreated | TagUpdated | TagDeleted
-TAG_EVENT_TYPES = ("TagCreated", "TagUpdated", "TagDeleted")
+class TagSpendReset(msgspec.Struct, frozen=True, tag=True):
+    """LiteLLM's ``spend`` on /tag/update: the tag's spend is set to ``spend`` at ``at``.
+
+    Meaning: in the budget window that contains ``at``, charges admitted before
+    ``at`` no longer count against the budget and ``spend`` counts in their
+    place; charges admitted from ``at`` on count as usual; other windows are
+    untouched. The definition of the tag does not change."""
+
+    name: str
+    at: datetime
+    spend: Decimal = Decimal(0)
+    actor: str = "admin"
+    request_id: str | None = None
+
+
+TagEvent = TagCreated | TagUpdated | TagDeleted | TagSpendReset
+TAG_EVENT_TYPES = ("TagCreated", "TagUpdated", "TagDeleted", "TagSpendReset")
 
 
 # ----------------------------------------------------------------- requests
@@ -279,3 +317,87 @@ def stream_of_request(request_id: str) -> str:
 def subjects_of(event: RequestAdmitted | SpendRecorded | ReservationExpired | RequestReleased) -> list[str]:
     """Every budgeted subject of a request event: its budgeted tags, then the rest."""
     return [f"tag:{t}" for t in event.budget_tags] + list(event.budget_subjects)
+# ================================================================ end users
+# Added for LiteLLM's /customer/* API (end-user budgets). Stream
+# ``customer:<user hash>``: the raw end-user id is never stored; the admin API
+# hashes it on arrival with the secret the gateway uses for the ``user`` field.
+
+
+class CustomerFields(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The editable fields of an end user; UNSET means "not part of this change"."""
+
+    alias: str | UnsetType | None = UNSET
+    max_budget: Decimal | UnsetType | None = UNSET
+    soft_budget: Decimal | UnsetType | None = UNSET
+    budget_duration: str | UnsetType | None = UNSET
+    tpm_limit: int | UnsetType | None = UNSET
+    rpm_limit: int | UnsetType | None = UNSET
+    max_parallel_requests: int | UnsetType | None = UNSET
+    model_max_budget: dict[str, ModelBudget] | UnsetType | None = UNSET
+    budget_id: str | UnsetType | None = UNSET
+
+
+class CustomerCreated(msgspec.Struct, frozen=True, tag=True):
+    user_hash: str
+    at: datetime
+    alias: str | None = None
+    max_budget: Decimal | None = None
+    soft_budget: Decimal | None = None
+    budget_duration: str | None = None
+    tpm_limit: int | None = None
+    rpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    model_max_budget: dict[str, ModelBudget] | None = None
+    budget_id: str | None = None
+    blocked: bool = False  # a blocked end user's requests are refused
+    actor: str = "admin"
+    request_id: str | None = None
+
+
+class CustomerUpdated(msgspec.Struct, frozen=True, tag=True):
+    user_hash: str
+    at: datetime
+    changes: CustomerFields  # new values of the changed fields
+    previous: CustomerFields  # their values before the change
+    actor: str = "admin"
+    request_id: str | None = None
+
+
+class CustomerBlocked(msgspec.Struct, frozen=True, tag=True):
+    user_hash: str
+    at: datetime
+    actor: str = "admin"
+    request_id: str | None = None
+
+
+class CustomerUnblocked(msgspec.Struct, frozen=True, tag=True):
+    user_hash: str
+    at: datetime
+    actor: str = "admin"
+    request_id: str | None = None
+
+
+class CustomerDeleted(msgspec.Struct, frozen=True, tag=True):
+    user_hash: str
+    at: datetime
+    actor: str = "admin"
+    request_id: str | None = None
+
+
+CustomerEvent = CustomerCreated | CustomerUpdated | CustomerBlocked | CustomerUnblocked | CustomerDeleted
+CUSTOMER_EVENT_TYPES = (
+    "CustomerCreated",
+    "CustomerUpdated",
+    "CustomerBlocked",
+    "CustomerUnblocked",
+    "CustomerDeleted",
+)
+_customer_decoder: msgspec.json.Decoder[CustomerEvent] = msgspec.json.Decoder(CustomerEvent)
+
+
+def decode_customer(recorded: RecordedEvent) -> CustomerEvent:
+    return _customer_decoder.decode(tagged(recorded))
+
+
+def stream_of_customer(user_hash: str) -> str:
+    return f"customer:{user_hash}"

@@ -109,8 +109,11 @@ async def user_info(pool: asyncpg.Pool, user_hash: str) -> tuple[asyncpg.Record 
 
 _LOG_FIELDS = (
     "position, request_id, recorded_at, admitted_at, kind, model, provider, tags, user_hash, "
-    "metadata::text as metadata, prompt_tokens, completion_tokens, cost, status, latency_ms, streamed"
+    "metadata::text as metadata, prompt_tokens, completion_tokens, cost, status, latency_ms, streamed, "
+    "key_hash"
 )
+# Kinds of spend_logs rows that charge money.
+_CHARGED = "kind in ('spend', 'expired')"
 
 
 def spend_logs_query(
@@ -124,8 +127,11 @@ def spend_logs_query(
     end: Any,
     cursor: tuple[Any, int] | None,
     limit: int | None,
+    request_id: str | None = None,
+    key_hashes: list[str] | None = None,
 ) -> tuple[str, list[Any]]:
-    """Newest first; the cursor is the (recorded_at, position) of the last row seen."""
+    """Newest first; the cursor is the (recorded_at, position) of the last row seen.
+    ``key_hashes`` keeps the requests made with any of these API keys."""
     where = ["recorded_at >= $1", "recorded_at < $2"]
     args: list[Any] = [start, end]
 
@@ -143,6 +149,10 @@ def spend_logs_query(
         add("status = ?", status)
     if kind is not None:
         add("kind = ?", kind)
+    if request_id is not None:
+        add("request_id = ?", request_id)
+    if key_hashes is not None:
+        add("key_hash = any(?::text[])", key_hashes)
     if cursor is not None:
         args += [cursor[0], cursor[1]]
         where.append(f"(recorded_at, position) < (${len(args) - 1}, ${len(args)})")
@@ -154,6 +164,164 @@ def spend_logs_query(
         args.append(limit)
         sql += f" limit ${len(args)}"
     return sql, args
+
+
+async def spend_summary(pool: asyncpg.Pool, logs_sql: str, args: list[Any]) -> list[asyncpg.Record]:
+    """Per UTC day, API key, model and end user: the spend of the rows a
+    spend_logs_query selects (LiteLLM's summarized /spend/logs)."""
+    return await pool.fetch(
+        f"""
+        select (recorded_at at time zone 'UTC')::date as day, coalesce(key_hash, '') as key_hash,
+               coalesce(model, '') as model, coalesce(user_hash, '') as user_hash, sum(cost) as spend
+        from ({logs_sql}) as logs group by 1, 2, 3, 4 order by 1
+        """,  # noqa: S608 - logs_sql comes from spend_logs_query, its values are bound parameters
+        *args,
+    )
+
+
+async def daily_activity(
+    pool: asyncpg.Pool,
+    *,
+    entity: str,
+    ids: list[str] | None,
+    start: Any,
+    end: Any,
+    model: str | None,
+    key_hashes: list[str] | None,
+) -> list[asyncpg.Record]:
+    """Per UTC day, entity (a tag, or an end user's hash), model, provider and API
+    key: spend, tokens, and requests that succeeded or failed (released or denied).
+    A request with several tags counts once under each of them."""
+    assert entity in ("tag", "user")
+    source = "spend_logs cross join unnest(tags) as e(id)" if entity == "tag" else "spend_logs"
+    id_expr = "e.id" if entity == "tag" else "user_hash"
+    where = ["recorded_at >= $1", "recorded_at < $2"]
+    args: list[Any] = [start, end]
+    if entity == "user":
+        where.append("user_hash is not null")
+    for cond, value in ((f"{id_expr} = any($?::text[])", ids), ("model = $?", model)):
+        if value is not None:
+            args.append(value)
+            where.append(cond.replace("$?", f"${len(args)}"))
+    if key_hashes is not None:
+        args.append(key_hashes)
+        where.append(f"key_hash = any(${len(args)}::text[])")
+    ok = f"{_CHARGED} and coalesce(status, 200) < 400"
+    sql = f"""
+        select (recorded_at at time zone 'UTC')::date as day, {id_expr} as entity,
+               coalesce(model, '') as model, coalesce(provider, '') as provider,
+               coalesce(key_hash, '') as key_hash,
+               coalesce(sum(cost) filter (where {_CHARGED}), 0) as spend,
+               sum(prompt_tokens) as prompt_tokens, sum(completion_tokens) as completion_tokens,
+               count(*) as api_requests,
+               count(*) filter (where {ok}) as successful_requests,
+               count(*) filter (where not ({ok})) as failed_requests
+        from {source}
+        where {" and ".join(where)}
+        group by 1, 2, 3, 4, 5
+        order by 1 desc, 2, 3
+    """  # noqa: S608 - the source and expressions come from the two fixed choices above
+    return await pool.fetch(sql, *args)
+
+
+async def seen_tags(pool: asyncpg.Pool, first_day: Any = None, last_day: Any = None) -> list[asyncpg.Record]:
+    """Every tag seen in traffic (tag_info), or those with charges between two days."""
+    if first_day is None:
+        return await pool.fetch(
+            "select tag, first_seen, last_seen, total_spend, request_count from tag_info "
+            "where first_seen is not null order by tag"
+        )
+    return await pool.fetch(
+        """
+        select i.tag, i.first_seen, i.last_seen, i.total_spend, i.request_count from tag_info i
+        where i.first_seen is not null
+          and exists (select 1 from tag_daily_spend d where d.tag = i.tag and d.day >= $1 and d.day <= $2)
+        order by i.tag
+        """,
+        first_day,
+        last_day,
+    )
+
+
+_REPORT_GROUPS = {"key": "null::text", "customer": "user_hash", "tag": "e.id"}
+
+
+async def report_rows(
+    pool: asyncpg.Pool,
+    *,
+    by: str,
+    start: Any,
+    end: Any,
+    key_hashes: list[str] | None = None,
+    user_hash: str | None = None,
+) -> list[asyncpg.Record]:
+    """Charged spend per UTC day, group (end user or tag; none for "key"), API key
+    and model: what /global/spend/report shapes per team, customer, tag or key."""
+    group = _REPORT_GROUPS[by]
+    source = "spend_logs cross join unnest(tags) as e(id)" if by == "tag" else "spend_logs"
+    where = [_CHARGED, "recorded_at >= $1", "recorded_at < $2"]
+    args: list[Any] = [start, end]
+    if key_hashes is not None:
+        args.append(key_hashes)
+        where.append(f"key_hash = any(${len(args)}::text[])")
+    if user_hash is not None:
+        args.append(user_hash)
+        where.append(f"user_hash = ${len(args)}")
+    sql = f"""
+        select (recorded_at at time zone 'UTC')::date as day, {group} as grp,
+               coalesce(key_hash, '') as key_hash, coalesce(model, '') as model,
+               sum(cost) as spend, sum(prompt_tokens) as prompt_tokens,
+               sum(completion_tokens) as completion_tokens, count(*) as requests
+        from {source} where {" and ".join(where)}
+        group by 1, 2, 3, 4 order by 1, 2, 5 desc
+    """  # noqa: S608 - the group and source come from the fixed table above
+    return await pool.fetch(sql, *args)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSpend:
+    spend: Decimal  # charges admitted in the window (after a spend reset, counted from it)
+    total_spend: Decimal  # all time
+    request_count: int  # all time, charged requests
+    model_spend: dict[str, Decimal]  # all time, per model
+
+
+async def spend_of(
+    pool: asyncpg.Pool,
+    *,
+    column: str,
+    value: str,
+    window_start: datetime,
+    window_end: datetime,
+    reset_at: datetime | None = None,
+    reset_to: Decimal | None = None,
+) -> WindowSpend:
+    """Spend of one API key (``key_hash``) or end user (``user_hash``), from the
+    spend log: in its budget window (by admission time, as budgets count) and in
+    total. A spend reset inside the window restarts the window's count at
+    ``reset_to`` from ``reset_at`` on."""
+    assert column in ("key_hash", "user_hash")
+    counted_from = window_start
+    base = Decimal(0)
+    if reset_at is not None and window_start <= reset_at < window_end:
+        counted_from, base = reset_at, reset_to or Decimal(0)
+    rows = await pool.fetch(
+        f"""
+        select coalesce(model, '') as model, sum(cost) as spend, count(*) as requests,
+               coalesce(sum(cost) filter (where admitted_at >= $2 and admitted_at < $3), 0) as in_window
+        from spend_logs where {column} = $1 and {_CHARGED}
+        group by 1
+        """,  # noqa: S608 - the column is one of two fixed names
+        value,
+        counted_from,
+        window_end,
+    )
+    return WindowSpend(
+        spend=base + sum((Decimal(r["in_window"]) for r in rows), Decimal(0)),
+        total_spend=sum((Decimal(r["spend"]) for r in rows), Decimal(0)),
+        request_count=sum(int(r["requests"]) for r in rows),
+        model_spend={r["model"]: Decimal(r["spend"]) for r in rows if r["model"]},
+    )
 
 
 async def tag_totals_view(pool: asyncpg.Pool, names: list[str]) -> dict[str, TagTotals]:

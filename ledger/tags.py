@@ -20,6 +20,7 @@ import msgspec
 from msgspec import UNSET
 
 from ledger import events as ev
+from ledger import limits
 from ledger.errors import ConcurrencyError, LedgerError
 from ledger.money import MoneyError, parse_usd
 from ledger.store import EventStore, RecordedEvent
@@ -67,6 +68,20 @@ class TagConflict(TagError):
 
 
 # ------------------------------------------------------------------ validation
+
+_LIMITS = (
+    ("tpm_limit", limits.MAX_TPM),
+    ("rpm_limit", limits.MAX_RPM),
+    ("max_parallel_requests", limits.MAX_PARALLEL),
+)
+
+
+def validate_spend(value: object) -> Decimal:
+    """LiteLLM's ``spend`` on /tag/update: what the tag's spend is set to."""
+    try:
+        return parse_usd(value, "spend")
+    except MoneyError as e:
+        raise InvalidTag(str(e), "spend") from None
 
 
 def validate_name(name: object, field_name: str = "name") -> str:
@@ -136,6 +151,17 @@ def _validate_fields(fields: ev.TagFields, current: TagState | None) -> ev.TagFi
         if len(msgspec.json.encode(fields.metadata)) > MAX_METADATA_BYTES:
             raise InvalidTag(f"metadata must encode to at most {MAX_METADATA_BYTES} bytes", "metadata")
         changes["metadata"] = fields.metadata
+    try:
+        for name, maximum in _LIMITS:
+            value = getattr(fields, name)
+            if value is not UNSET:
+                changes[name] = limits.rate_limit(value, name, maximum)
+        if fields.model_max_budget is not UNSET:
+            changes["model_max_budget"] = limits.model_budgets(fields.model_max_budget, "model_max_budget")
+        if fields.budget_id is not UNSET:
+            changes["budget_id"] = limits.label(fields.budget_id, "budget_id")
+    except limits.FieldError as e:
+        raise InvalidTag(str(e), e.field) from None
     result = ev.TagFields(**changes)
     after_max = (
         result.max_budget if result.max_budget is not UNSET else (current.max_budget if current else None)
@@ -180,6 +206,15 @@ class TagState:
     # into windows (created, deleted, duration changed, budget added or removed). Counter
     # keys carry it, so a changed definition never reuses a counter built under another.
     budget_epoch: int = 0
+    # LiteLLM's limits, recorded with the definition; the request path enforces them.
+    tpm_limit: int | None = None
+    rpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    model_max_budget: dict[str, ev.ModelBudget] | None = None
+    budget_id: str | None = None
+    # The last TagSpendReset: from this moment, spend in its window restarts at spend_reset_to.
+    spend_reset_at: datetime | None = None
+    spend_reset_to: Decimal | None = None
 
     @property
     def duration(self) -> Duration | None:
@@ -219,7 +254,14 @@ class TagState:
                 updated_at=event.at,
                 anchor=event.at,
                 budget_epoch=version,
+                tpm_limit=event.tpm_limit,
+                rpm_limit=event.rpm_limit,
+                max_parallel_requests=event.max_parallel_requests,
+                model_max_budget=event.model_max_budget,
+                budget_id=event.budget_id,
             )
+        if isinstance(event, ev.TagSpendReset):
+            return replace(self, version=version, spend_reset_at=event.at, spend_reset_to=event.spend)
         if isinstance(event, ev.TagUpdated):
             updates = {
                 f: getattr(event.changes, f)
@@ -283,6 +325,11 @@ class TagService:
             models=_or_none(checked.models),
             metadata=checked.metadata if checked.metadata is not UNSET else {},
             alert_thresholds=_or_none(checked.alert_thresholds),
+            tpm_limit=_or_none(checked.tpm_limit),
+            rpm_limit=_or_none(checked.rpm_limit),
+            max_parallel_requests=_or_none(checked.max_parallel_requests),
+            model_max_budget=_or_none(checked.model_max_budget),
+            budget_id=_or_none(checked.budget_id),
             request_id=request_id,
         )
         try:
@@ -292,28 +339,46 @@ class TagService:
         return state.apply(event, state.version + 1)
 
     async def update(
-        self, name: str, fields: ev.TagFields, *, request_id: str | None = None, attempts: int = 20
+        self,
+        name: str,
+        fields: ev.TagFields,
+        *,
+        spend: Decimal | None = None,
+        request_id: str | None = None,
+        attempts: int = 20,
     ) -> TagState:
         """Partial update. A lost version race is retried on fresh state (with a
-        little jitter so racers spread out), never lost; 409 only after ``attempts``."""
+        little jitter so racers spread out), never lost; 409 only after ``attempts``.
+
+        ``spend`` (LiteLLM's field) also records a TagSpendReset, in the same
+        append as the change: both happen or neither."""
         validate_name(name)
+        reset_to = validate_spend(spend) if spend is not None else None
+        only_reset = reset_to is not None and fields == ev.TagFields()
         for attempt in range(attempts):
             if attempt:
                 await asyncio.sleep(random.uniform(0, 0.002 * attempt))
             state = await self.load(name)
             if not state.exists:
                 raise TagNotFound([name])
-            checked = _validate_fields(fields, state)
-            set_fields = [f for f in ev.TagFields.__struct_fields__ if getattr(checked, f) is not UNSET]
-            previous = ev.TagFields(**{f: getattr(state, f) for f in set_fields})
-            event = ev.TagUpdated(
-                name=name, at=self.now(), changes=checked, previous=previous, request_id=request_id
-            )
+            at = self.now()
+            events: list[ev.TagEvent] = []
+            if not only_reset:
+                checked = _validate_fields(fields, state)
+                set_fields = [f for f in ev.TagFields.__struct_fields__ if getattr(checked, f) is not UNSET]
+                previous = ev.TagFields(**{f: getattr(state, f) for f in set_fields})
+                events.append(
+                    ev.TagUpdated(name=name, at=at, changes=checked, previous=previous, request_id=request_id)
+                )
+            if reset_to is not None:
+                events.append(ev.TagSpendReset(name=name, at=at, spend=reset_to, request_id=request_id))
             try:
-                await self.store.append(ev.stream_of_tag(name), state.version, [ev.to_new(event)])
+                await self.store.append(ev.stream_of_tag(name), state.version, [ev.to_new(e) for e in events])
             except ConcurrencyError:
                 continue
-            return state.apply(event, state.version + 1)
+            for event in events:
+                state = state.apply(event, state.version + 1)  # apply() stamps the new version
+            return state
         raise TagConflict(f"tag {name!r} is being changed concurrently; retry", "name")
 
     async def delete(self, name: str, *, request_id: str | None = None) -> TagState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import dataclasses
 import hashlib
@@ -10,6 +11,7 @@ import io
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from aiohttp import web
@@ -70,6 +72,9 @@ async def test_spend_by_tag_user_and_dates(client: TestClient) -> None:
     expected = sum(Decimal("0.001") * (i % 5 + 1) for i in range(N))
     assert Decimal(str(by_tag["team:a"]["spend"])) == expected
     assert by_tag["team:a"]["requests"] == N
+    # LiteLLM's names for the same numbers
+    assert Decimal(str(by_tag["team:a"]["total_spend"])) == expected
+    assert (by_tag["team:a"]["individual_request_tag"], by_tag["team:a"]["log_count"]) == ("team:a", N)
     assert sum(by_tag[f"app:{k}"]["requests"] for k in range(3)) == N
     tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
     assert (await get(client, f"/spend/tags?start_date={tomorrow}"))[1] == []
@@ -84,25 +89,48 @@ async def test_spend_by_tag_user_and_dates(client: TestClient) -> None:
 
 
 async def test_spend_logs_filters_and_pagination(client: TestClient) -> None:
+    """A bare list (LiteLLM's shape); with limit, the next page's cursor travels in
+    x-ledger-next-cursor and a Link header."""
     seen: list[str] = []
     cursor = None
     pages = 0
     while True:
         path = "/spend/logs?limit=7" + (f"&cursor={cursor}" if cursor else "")
-        status, page = await get(client, path)
-        assert status == 200
-        seen += [row["request_id"] for row in page["data"]]
+        r = await client.get(path, headers=AUTH)
+        assert r.status == 200
+        page = await r.json()
+        seen += [row["request_id"] for row in page]
         pages += 1
-        cursor = page["next_cursor"]
+        cursor = r.headers.get("x-ledger-next-cursor")
         if cursor is None:
+            assert "Link" not in r.headers
             break
+        link = r.headers["Link"]
+        assert link.endswith('>; rel="next"')
+        next_url = urlsplit(link[1 : link.index(">")])
+        assert parse_qs(next_url.query) == {"limit": ["7"], "cursor": [cursor]}
     assert len(seen) == len(set(seen)) == N  # no gaps, no repeats
     assert pages == N // 7 + 1
-    status, page = await get(client, "/spend/logs?tag=app:1&model=gpt-4o&limit=1000")
-    assert {r["request_id"] for r in page["data"]} == {f"r{i}" for i in range(N) if i % 3 == 1 and i % 2}
+    # without limit: every row, streamed, newest first
+    status, every = await get(client, "/spend/logs")
+    assert status == 200
+    assert [row["request_id"] for row in every] == seen
+    status, page = await get(client, "/spend/logs?tag=app:1&model=gpt-4o")
+    assert {r["request_id"] for r in page} == {f"r{i}" for i in range(N) if i % 3 == 1 and i % 2}
     status, page = await get(client, "/spend/logs?user=user2@example.com&status=200&kind=spend&limit=1000")
-    assert len(page["data"]) == len(range(2, N, 4))
-    assert page["data"][0]["metadata"]["customer"] in ("c0", "c1")
+    assert len(page) == len(range(2, N, 4))
+    assert page[0]["spend_logs_metadata"]["customer"] in ("c0", "c1")
+    assert page[0]["metadata"]["spend_logs_metadata"] == page[0]["spend_logs_metadata"]
+    status, [one] = await get(client, "/spend/logs?request_id=r7")
+    assert (one["request_id"], one["status"], one["http_status"], one["kind"]) == (
+        "r7",
+        "success",
+        200,
+        "spend",
+    )
+    assert Decimal(str(one["spend"])) == Decimal(str(one["cost"])) == Decimal("0.003")
+    assert one["total_tokens"] == 15
+    assert one["request_tags"] == one["tags"] == ["team:a", "app:1"]
 
 
 async def test_spend_logs_csv(client: TestClient) -> None:
@@ -124,10 +152,17 @@ async def test_report_and_daily_activity(client: TestClient) -> None:
             assert total == (N * 2 if group_by == "tag" else N)
     status, report = await get(client, "/spend/report?group_by=metadata.customer")
     assert {r["group"] for r in report["rows"]} == {"c0", "c1"}
-    status, rows = await get(client, "/tag/daily/activity?tags=team:a")
+    status, activity = await get(client, "/tag/daily/activity?tags=team:a")
     assert status == 200
-    assert {(r["tag"], r["model"]) for r in rows} == {("team:a", "gpt-4o"), ("team:a", "gpt-4o-mini")}
-    assert sum(r["requests"] for r in rows) == N
+    [today] = activity["results"]
+    assert set(today["breakdown"]["models"]) == {"gpt-4o", "gpt-4o-mini"}
+    assert set(today["breakdown"]["entities"]) == {"team:a"}
+    assert today["metrics"]["api_requests"] == today["metrics"]["successful_requests"] == N
+    assert activity["metadata"]["total_api_requests"] == N
+
+
+def _cursor(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode()
 
 
 @pytest.mark.parametrize(
@@ -147,9 +182,65 @@ async def test_report_and_daily_activity(client: TestClient) -> None:
         ("/spend/report?group_by=colour", "group_by"),
         ("/spend/report?interval=hour", "interval"),
         ("/user/info", "user"),
+        # issue 11 item 11: these were 500s
+        ("/spend/logs?start_date=0001-01-01T00:00:00%2B14:00", "start_date"),
+        ("/spend/tags?end_date=0001-01-01T00:00:00%2B14:00", "end_date"),
+        (f"/spend/logs?cursor={_cursor('2026-01-01T00:00:00+00:00|99999999999999999999')}", "cursor"),
+        (f"/spend/logs?cursor={_cursor('2026-01-01T00:00:00+00:00|-1')}", "cursor"),
+        (f"/spend/logs?cursor={_cursor('2026-01-01T00:00:00|5')}", "cursor"),
+        (f"/spend/logs?cursor={_cursor('0001-01-01T00:00:00+14:00|5')}", "cursor"),
+        ("/spend/logs?summarize=maybe", "summarize"),
+        ("/tag/daily/activity?page=0", "page"),
+        ("/global/spend/report?group_by=colour", "group_by"),
+        ("/user/daily/activity?page_size=1001", "page_size"),
     ],
 )
 async def test_bad_parameters_are_400s_naming_them(client: TestClient, path: str, param: str) -> None:
     status, body = await get(client, path)
     assert status == 400, body
     assert body["error"]["param"] == param
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/spend/logs?end_date=9999-12-31",
+        "/spend/tags?end_date=9999-12-31",
+        "/spend/logs?start_date=2026-01-01&end_date=9999-12-31&summarize=false",
+        "/spend/users?end_date=9999-12-31",
+        "/spend/report?end_date=9999-12-31",
+        "/tag/daily/activity?end_date=9999-12-31",
+        "/global/spend/report?end_date=9999-12-31",
+        "/spend/logs?start_date=0001-01-01T00:00:00Z",
+    ],
+)
+async def test_extreme_dates_are_answered(client: TestClient, path: str) -> None:
+    """Issue 11 item 11: the last day a date can name and the first instant are answers, not 500s."""
+    status, body = await get(client, path)
+    assert status == 200, body
+    assert body  # all of the fixture's traffic is inside these ranges
+
+
+async def test_csv_neutralises_formulas_and_writes_booleans(client: TestClient, app: web.Application) -> None:
+    """Issue 11 item 6 (OWASP CSV injection) and issue 12 item 10 (booleans)."""
+    evil = ['=HYPERLINK("http://evil.example","x")', "+1+1", "-2+3", "@SUM(1)", "\tTAB", "\rCR"]
+    admission = app[ADMISSION]
+    for i, value in enumerate(evil):
+        a = await admission.admit(f"evil{i}", [value], Decimal("0.01"), model=value)
+        assert isinstance(a, Admitted)
+        await admission.record_spend(a, Decimal("0.001"), model=value, metadata={"note": value}, status=200)
+    await projected(app)
+    r = await client.get("/spend/logs?format=csv&kind=spend", headers=AUTH)
+    assert r.status == 200
+    rows = list(csv.DictReader(io.StringIO(await r.text(), newline="")))
+    by_id = {row["request_id"]: row for row in rows}
+    for i, value in enumerate(evil):
+        row = by_id[f"evil{i}"]
+        assert row["model"] == "'" + value  # shown as text by spreadsheets, not run
+        assert row["tags"] == "'" + value
+        assert row["metadata"].startswith("{")  # starts with a brace: no formula
+    for row in rows:
+        for cell in row.values():
+            assert not cell.startswith(("=", "+", "-", "@", "\t", "\r"))
+        assert row["streamed"] in ("true", "false")
+    assert by_id["r0"]["streamed"] == "false"

@@ -294,9 +294,11 @@ async def test_dashboard_with_traffic(gateway: Gateway, browser: Any) -> None:
     models = await page.locator("#tag-models tbody tr").all_inner_texts()
     assert len(models) == len(detail["by_model"])
     tag_drawn = await page.evaluate("window.ledgerDashboard.drawn.tag")
-    activity = await api(gw, f"/tag/daily/activity?tags=team:tight&start_date={start}&end_date={today}")
+    activity = await api(
+        gw, f"/tag/daily/activity?tags=team:tight&start_date={start}&end_date={today}&page_size=1000"
+    )
     assert sum(Decimal(str(v)) for s in tag_drawn["stacks"] for v in s["values"]) == sum(
-        Decimal(str(r["spend"])) for r in activity
+        Decimal(str(day["metrics"]["spend"])) for day in activity["results"]
     )
     await tab.shot("dashboard-tag.png")
     # a tag that only labels spend has no definition: said plainly, no error

@@ -354,6 +354,18 @@ function renderCards(ov, blockedCount) {
   );
 }
 
+// LiteLLM's daily activity ({results: [{date, metrics, breakdown}]}) as flat rows
+// {day, <as>: name, spend, requests} of one of its breakdowns.
+function daily(activity, breakdown, as) {
+  const rows = [];
+  for (const d of activity.results) {
+    for (const [name, m] of Object.entries(d.breakdown[breakdown] || {})) {
+      rows.push({ day: d.date, [as]: name === "" ? null : name, spend: m.metrics.spend, requests: m.metrics.api_requests });
+    }
+  }
+  return rows;
+}
+
 function renderTags(tags, spendTags, ov) {
   const denying = Object.fromEntries(ov.denying.map((d) => [d.tag, d]));
   const byName = new Map();
@@ -459,7 +471,7 @@ async function refreshOverview() {
     api("/spend/users?limit=10&" + q),
     api("/spend/report?interval=month&group_by=" + enc("metadata." + state.metaKey) + "&" + q),
     api("/alerts?limit=20"),
-    state.mode === "tag" ? api("/tag/daily/activity?" + q) : Promise.resolve(null),
+    state.mode === "tag" ? api("/tag/daily/activity?page_size=1000&" + q).then((a) => daily(a, "entities", "tag")) : Promise.resolve(null),
   ]);
   state.overview = ov;
   const blocked = renderTags(tags, spendTags, ov);
@@ -488,7 +500,7 @@ async function refreshTag(name) {
   const [tags, detail, activity] = await Promise.all([
     api("/tag/list"), // a tag that only labels spend has no definition, and no entry here
     api("/ui/api/tag?name=" + enc(name) + "&" + q),
-    api("/tag/daily/activity?tags=" + enc(name) + "&" + q),
+    api("/tag/daily/activity?page_size=1000&tags=" + enc(name) + "&" + q).then((a) => daily(a, "models", "model")),
   ]);
   const info = tags.find((t) => t.name === name) || null;
   const history = info ? await api("/tag/" + enc(name) + "/history", { allow404: true }) : [];

@@ -21,7 +21,7 @@ async def test_gateway_killed_under_load(cluster: Cluster, report: list[Row]) ->
     survivor = await asyncio.to_thread(cluster.start_gateway, 1)
     assert (
         http("POST", f"{survivor}/tag/new", {"name": "load", "max_budget": 100, "budget_duration": "1d"})[0]
-        == 201
+        == 200  # LiteLLM's /tag/new answers 200
     )
     key = http("POST", f"{survivor}/key/generate", {"tags": ["load"]})[1]["key"]
     await asyncio.sleep(1.2)

@@ -32,6 +32,8 @@ def test_admin_api_conforms_to_its_spec(tmp_path: Path, report: list[Row]) -> No
         operations = 0
         for result in schema.get_all_operations():
             operation = result.ok()
+            if operation.path.startswith("/end_user/"):
+                continue  # LiteLLM's old names for the /customer/ handlers, generated once there
             operations += 1
 
             @given(case=operation.as_strategy())
@@ -43,8 +45,8 @@ def test_admin_api_conforms_to_its_spec(tmp_path: Path, report: list[Row]) -> No
             run()
     finally:
         cluster.stop()
-    assert operations >= 18  # every admin operation in the spec
-    assert len(statuses) >= 1000, len(statuses)
+    assert operations >= 30  # every admin operation in the spec, aliases aside
+    assert len(statuses) >= 3000, len(statuses)
     assert max(statuses) < 500
     report.append(
         Row(
