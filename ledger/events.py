@@ -317,6 +317,8 @@ def stream_of_request(request_id: str) -> str:
 def subjects_of(event: RequestAdmitted | SpendRecorded | ReservationExpired | RequestReleased) -> list[str]:
     """Every budgeted subject of a request event: its budgeted tags, then the rest."""
     return [f"tag:{t}" for t in event.budget_tags] + list(event.budget_subjects)
+
+
 # ================================================================ end users
 # Added for LiteLLM's /customer/* API (end-user budgets). Stream
 # ``customer:<user hash>``: the raw end-user id is never stored; the admin API
