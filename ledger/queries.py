@@ -385,7 +385,7 @@ _UNPRICED = (
     "(s.kind = 'spend' and s.cost = 0 and exists (select 1 from events e "
     "where e.position = s.position and e.data->>'unpriced' = 'true'))"
 )
-_CHARGED = "s.kind in ('spend', 'expired')"
+_CHARGED_S = "s.kind in ('spend', 'expired')"
 BUCKETS = ("hour", "day")
 
 
@@ -405,7 +405,7 @@ async def spend_buckets(
         select {expr} as grp, date_trunc('{bucket}', s.recorded_at at time zone 'UTC') as period,
                sum(s.cost) as spend, count(*) as requests, count(*) filter (where {_UNPRICED}) as unpriced
         from spend_logs s
-        where {_CHARGED} and s.recorded_at >= $1 and s.recorded_at < $2
+        where {_CHARGED_S} and s.recorded_at >= $1 and s.recorded_at < $2
         group by 1, 2 order by 2
     """  # noqa: S608 - expression and bucket come from whitelists
     return await pool.fetch(sql, *args)
@@ -415,8 +415,8 @@ async def spend_between(pool: asyncpg.Pool, start: datetime, end: datetime) -> a
     """Spend, requests (each once), unpriced requests and denials between two instants."""
     row = await pool.fetchrow(
         f"""
-        select coalesce(sum(s.cost) filter (where {_CHARGED}), 0) as spend,
-               count(*) filter (where {_CHARGED}) as requests,
+        select coalesce(sum(s.cost) filter (where {_CHARGED_S}), 0) as spend,
+               count(*) filter (where {_CHARGED_S}) as requests,
                count(*) filter (where {_UNPRICED}) as unpriced,
                count(*) filter (where s.kind = 'denied') as denials
         from spend_logs s
@@ -434,8 +434,8 @@ async def daily_by_model(pool: asyncpg.Pool, start: datetime, end: datetime) -> 
     return await pool.fetch(
         f"""
         select (s.recorded_at at time zone 'UTC')::date as day, s.model,
-               coalesce(sum(s.cost) filter (where {_CHARGED}), 0) as spend,
-               count(*) filter (where {_CHARGED}) as requests,
+               coalesce(sum(s.cost) filter (where {_CHARGED_S}), 0) as spend,
+               count(*) filter (where {_CHARGED_S}) as requests,
                count(*) filter (where {_UNPRICED}) as unpriced,
                count(*) filter (where s.kind = 'denied') as denials
         from spend_logs s
@@ -457,7 +457,7 @@ async def tag_breakdown(
         select {column} as grp, sum(s.cost) as spend, count(*) as requests,
                count(*) filter (where {_UNPRICED}) as unpriced
         from spend_logs s
-        where {_CHARGED} and s.tags @> array[$1]::text[] and s.recorded_at >= $2 and s.recorded_at < $3
+        where {_CHARGED_S} and s.tags @> array[$1]::text[] and s.recorded_at >= $2 and s.recorded_at < $3
         group by 1 order by 2 desc, 3 desc limit $4
         """,  # noqa: S608 - the column comes from a whitelist
         tag,

@@ -369,7 +369,7 @@ function daily(activity, breakdown, as) {
 function renderTags(tags, spendTags, ov) {
   const denying = Object.fromEntries(ov.denying.map((d) => [d.tag, d]));
   const byName = new Map();
-  for (const t of tags) byName.set(t.name, { name: t.name, info: t, spend: 0, requests: 0 });
+  for (const t of tags) byName.set(t.name, { name: t.name, info: t.defined === false ? null : t, spend: 0, requests: 0 });
   for (const s of spendTags) {
     const row = byName.get(s.tag) || { name: s.tag, info: null, spend: 0, requests: 0 };
     row.spend = Number(s.spend);
@@ -502,7 +502,7 @@ async function refreshTag(name) {
     api("/ui/api/tag?name=" + enc(name) + "&" + q),
     api("/tag/daily/activity?page_size=1000&tags=" + enc(name) + "&" + q).then((a) => daily(a, "models", "model")),
   ]);
-  const info = tags.find((t) => t.name === name) || null;
+  const info = tags.find((t) => t.name === name && t.defined !== false) || null;
   const history = info ? await api("/tag/" + enc(name) + "/history", { allow404: true }) : [];
   const st = status(info, detail.denying);
   $("#tag-name").textContent = name;
