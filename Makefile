@@ -26,12 +26,15 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/ledger dev $(ARGS)
 
+# Each run gets a temp dir of its own: pytest keeps only the 3 newest under
+# /tmp/pytest-of-<user>, and would delete a concurrent run's embedded servers.
 test: $(STAMP)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	@d=$$(mktemp -d /tmp/ledger-test-XXXXXX); $(BIN)/pytest --basetemp=$$d $(PYTEST_ARGS); rc=$$?; rm -rf $$d; exit $$rc
 
 # The fault suite, with many more randomized counter schedules than `make test` runs.
 test-faults: $(STAMP)
-	LEDGER_SCHEDULES=$${LEDGER_SCHEDULES:-1000} $(BIN)/pytest -m faults $(PYTEST_ARGS)
+	@d=$$(mktemp -d /tmp/ledger-test-XXXXXX); LEDGER_SCHEDULES=$${LEDGER_SCHEDULES:-1000} \
+		$(BIN)/pytest --basetemp=$$d -m faults $(PYTEST_ARGS); rc=$$?; rm -rf $$d; exit $$rc
 
 lint: $(STAMP)
 	$(BIN)/ruff check ledger gateway projections tests

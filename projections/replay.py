@@ -36,9 +36,11 @@ class ReplayResult:
 
 async def _create_shadow(conn: asyncpg.Connection, schema: str, projection: Projection) -> dict[str, str]:
     # Schema names are generated here (lower-case, digits, underscores): safe unquoted.
-    await conn.execute(f"drop schema if exists {schema} cascade")
-    await conn.execute(f"create schema {schema}")
+    # Several projections may build into one schema (an as-of replay): each replaces
+    # only its own tables.
+    await conn.execute(f"create schema if not exists {schema}")
     for table in projection.tables:
+        await conn.execute(f"drop table if exists {schema}.{table}")
         await conn.execute(f"create table {schema}.{table} (like view_templates.{table} including all)")
     return {t: f"{schema}.{t}" for t in projection.tables}
 

@@ -301,8 +301,12 @@ async def test_replay_until_a_past_moment(
     await workload(admission, 150)
     result = await replay(database_url, create("spend_rollups"), until=moment)
     assert result.schema.startswith("asof_")
+    # every projection builds into the same as-of schema, none dropping another's tables
+    assert (await replay(database_url, create("spend_logs"), until=moment)).schema == result.schema
     conn = await asyncpg.connect(database_url)
     try:
+        assert await conn.fetchval(f"select to_regclass('{result.schema}.tag_info') is not null")
+        assert await conn.fetchval(f"select count(*) from {result.schema}.spend_logs") > 0  # noqa: S608
         as_of = await conn.fetchval(
             f"select total_spend from {result.schema}.tag_info where tag = 'team:a'"  # noqa: S608
         )
