@@ -68,6 +68,9 @@ class _KeySettings(msgspec.Struct, forbid_unknown_fields=True):
     models: list[str] | None = None  # LiteLLM: the models the key may use; [] or null = all
     allowed_models: list[str] | None = None  # budget-ledger's name; [] = none
     tags: list[str] | None = None
+    # tags requests with this key may carry besides its own: names, "prefix:*", "*" for any;
+    # absent: its own tags and those under them
+    allowed_tags: list[str] | None = None
     metadata: dict[str, Any] | None = None
     user_id: str | None = None
     team_id: str | None = None
@@ -120,6 +123,7 @@ class KeyUpdate(msgspec.Struct, forbid_unknown_fields=True):
     models: list[str] | UnsetType | None = UNSET
     allowed_models: list[str] | UnsetType | None = UNSET
     tags: list[str] | UnsetType | None = UNSET
+    allowed_tags: list[str] | UnsetType | None = UNSET  # null: any tag
     metadata: dict[str, Any] | UnsetType | None = UNSET
     user_id: str | UnsetType | None = UNSET
     team_id: str | UnsetType | None = UNSET
@@ -199,6 +203,7 @@ class KeyInfo(msgspec.Struct):
     key_hash: str
     key_prefix: str
     allowed_models: list[str] | None  # None: every model; [] none
+    allowed_tags: list[str] | None  # None: any tag
     total_spend: Decimal
     request_count: int
     remaining: Decimal | None
@@ -300,6 +305,7 @@ async def key_info(request: web.Request, key: ApiKey) -> KeyInfo:
         key_hash=key.key_hash,
         key_prefix=key.key_prefix,
         allowed_models=list(key.allowed_models) if key.allowed_models is not None else None,
+        allowed_tags=list(key.allowed_tags) if key.allowed_tags is not None else None,
         total_spend=spent.total_spend,
         request_count=spent.request_count,
         remaining=remaining,
@@ -332,6 +338,7 @@ async def key_generate(request: web.Request) -> web.Response:
         budget_id=body.budget_id,
         blocked=bool(body.blocked),
         allowed_models=None if models is UNSET else models,
+        allowed_tags=UNSET if body.allowed_tags is None else body.allowed_tags,
     )
     try:
         secret, key = await request.app[KEY_BOOK].generate(
@@ -429,6 +436,7 @@ async def key_update(request: web.Request) -> web.Response:
         else model_budgets(body.model_max_budget),
         budget_id=body.budget_id,
         blocked=False if body.blocked is None else body.blocked,
+        allowed_tags=body.allowed_tags,
     )
     try:
         key = await book.update(

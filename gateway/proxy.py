@@ -304,6 +304,19 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
     key = request[API_KEY]
     limits = Limits(settings.max_tags, settings.max_tag_length, settings.max_metadata_bytes)
     attribution = attribute(body, request.headers, key.tags if key else (), limits, app[USER_SECRET])
+    if key is not None:
+        # A key's scope: a tag outside it is refused before anything is reserved or
+        # read, and nothing about that tag is said (its budget, its models).
+        outside = [t for t in attribution.tags if not key.may_tag(t)]
+        if outside:
+            raise ApiError(
+                403,
+                f"this API key may not use tag {outside[0]!r} "
+                "(the key's allowed_tags set its scope; an admin can widen it)",
+                type="permission_error",
+                param="tags",
+                code="tag_not_allowed",
+            )
     upstream, upstream_model = app[UPSTREAMS].route(model)
     if key is not None and not (key.may_use(model) or key.may_use(upstream_model)):
         raise ApiError(

@@ -65,6 +65,7 @@ class KeyFields(msgspec.Struct, frozen=True, omit_defaults=True):
     budget_id: str | UnsetType | None = UNSET
     expires: datetime | UnsetType | None = UNSET  # None: never
     blocked: bool | UnsetType = UNSET
+    allowed_tags: list[str] | UnsetType | None = UNSET  # None: any tag
 
 
 class KeyGenerated(msgspec.Struct, frozen=True, tag=True):
@@ -89,6 +90,9 @@ class KeyGenerated(msgspec.Struct, frozen=True, tag=True):
     budget_id: str | None = None
     expires: datetime | None = None
     blocked: bool = False
+    # The tags requests with this key may carry, besides its own: names and
+    # "prefix:*" patterns, "*" for any. Absent (keys made before scopes existed): any.
+    allowed_tags: list[str] | None = None
 
 
 class KeyUpdated(msgspec.Struct, frozen=True, tag=True):
@@ -139,6 +143,34 @@ class InvalidKey(KeyError_):
 
 class KeyConflict(KeyError_):
     status = 409
+
+
+MAX_SCOPE = 200
+
+
+def default_scope(tags: list[str]) -> list[str]:
+    """The scope of a key made without one: its own tags and the tags under them
+    (the demo key, bound to ``demo``, may use ``demo`` and ``demo:*``)."""
+    return [*tags, *(f"{t}:*" for t in tags)]
+
+
+def _scope(scope: list[str] | None) -> list[str] | None:
+    if scope is None:
+        return None
+    if len(scope) > MAX_SCOPE:
+        raise InvalidKey(f"allowed_tags may list at most {MAX_SCOPE} entries", "allowed_tags")
+    for entry in scope:
+        name = entry[:-2] if entry.endswith(":*") else entry
+        if entry == "*":
+            continue
+        try:
+            validate_name(name, "allowed_tags")
+        except TagError:
+            raise InvalidKey(
+                f"allowed_tags entries are tag names, 'prefix:*' patterns or '*'; got {entry!r}",
+                "allowed_tags",
+            ) from None
+    return list(dict.fromkeys(scope))
 
 
 def hash_key(secret: str) -> str:
@@ -204,9 +236,17 @@ class ApiKey:
     anchor: datetime | None = None
     spend_reset_at: datetime | None = None
     spend_reset_to: Decimal | None = None
+    allowed_tags: tuple[str, ...] | None = None  # None: any tag (see KeyGenerated)
 
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
+
+    def may_tag(self, tag: str) -> bool:
+        """Whether a request with this key may carry ``tag`` (its own tags always may)."""
+        scope = self.allowed_tags
+        if scope is None or tag in self.tags or tag in scope or "*" in scope:
+            return True
+        return any(p.endswith(":*") and tag.startswith(p[:-1]) for p in scope)
 
     def expired(self, now: datetime) -> bool:
         return self.expires is not None and now >= self.expires
@@ -228,6 +268,8 @@ class ApiKey:
                 updates["tags"] = tuple(updates["tags"])
             if updates.get("allowed_models") is not None:
                 updates["allowed_models"] = tuple(updates["allowed_models"])
+            if updates.get("allowed_tags") is not None:
+                updates["allowed_tags"] = tuple(updates["allowed_tags"])
             anchor = self.anchor
             if "budget_duration" in updates and updates["budget_duration"] != self.budget_duration:
                 anchor = event.at
@@ -262,6 +304,7 @@ def _from_generated(event: KeyGenerated) -> ApiKey:
         expires=event.expires,
         blocked=event.blocked,
         anchor=event.at,
+        allowed_tags=tuple(event.allowed_tags) if event.allowed_tags is not None else None,
     )
 
 
@@ -316,6 +359,8 @@ def validate_fields(fields: KeyFields, current: ApiKey | None) -> KeyFields:
         if len(msgspec.json.encode(fields.metadata)) > MAX_KEY_METADATA:
             raise InvalidKey(f"metadata must encode to at most {MAX_KEY_METADATA} bytes", "metadata")
         changes["metadata"] = fields.metadata
+    if fields.allowed_tags is not UNSET:
+        changes["allowed_tags"] = _scope(fields.allowed_tags)
     if fields.expires is not UNSET:
         changes["expires"] = fields.expires
     if fields.blocked is not UNSET:
@@ -359,8 +404,12 @@ class KeyBook(FollowedCache):
         *,
         poll_interval_s: float = 1.0,
         clock: Callable[[], datetime] | None = None,
+        default_scope: str = "own",
     ) -> None:
         super().__init__(store, poll_interval_s=poll_interval_s)
+        # "own": a key made without allowed_tags may use its own tags (and those
+        # under them); "any": any tag, as LiteLLM's keys (LEDGER_KEY_SCOPE_DEFAULT)
+        self.default_scope = default_scope
         self.keys: dict[str, ApiKey] = {}
         # Deleted keys, kept so that their past spend still has an owner and a team.
         self.retired: dict[str, ApiKey] = {}
@@ -460,6 +509,11 @@ class KeyBook(FollowedCache):
             budget_id=_or(checked.budget_id, None),
             expires=expires,
             blocked=_or(checked.blocked, False),
+            # A key made without a scope may use its own tags and those under them.
+            allowed_tags=_or(
+                checked.allowed_tags,
+                default_scope(_or(checked.tags, [])) if self.default_scope == "own" else ["*"],
+            ),
         )
         try:
             await self.store.append(f"key:{event.key_hash}", 0, [to_new(event)])

@@ -95,6 +95,9 @@ class Settings:
     # Redis down: "deny" answers 503 (budgets cannot be checked); "allow" admits
     # and records, then rebuilds the counters from the log once Redis is back.
     on_redis_down: str = "deny"
+    # The tags a client key made without allowed_tags may carry: "own" (its own tags
+    # and those under them) or "any" (LiteLLM's behaviour: any tag, any budget).
+    key_scope_default: str = "own"
 
     # Budgets: an admitted request not settled within the reservation TTL is
     # swept (charged at its estimate); the sweeper looks every sweep interval.
@@ -484,6 +487,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "redis_max_connections": _int(1, 10_000),
     "run_projections": _bool,
     "on_redis_down": _choice(("deny", "allow")),
+    "key_scope_default": _choice(("own", "any")),
     "reservation_ttl_s": _float(1, 7 * 86400),
     "providers": _providers,
     "default_provider": _optional_text,

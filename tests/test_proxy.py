@@ -25,6 +25,7 @@ from pytest_aiohttp import AiohttpServer
 from gateway.keys import BUDGET_BOOK, COUNTERS, KEY_BOOK, SETTINGS, STORE, TAGS, USER_SECRET
 from gateway.mock_upstream import REQUESTS, MockConfig, create_mock_app
 from ledger import events as ev
+from ledger.apikeys import KeyFields
 from ledger.money import to_nanos
 from ledger.settings import ProviderConfig, Settings
 from ledger.store import EventStore
@@ -106,7 +107,10 @@ async def gateway(settings: Settings, aiohttp_server: AiohttpServer) -> AsyncIte
         )
     )
     server = await aiohttp_server(app)
-    secret, _ = await app[KEY_BOOK].generate(key_alias="test", tags=["key-tag"])
+    # a key that may carry any tag (the suite sends many); scopes have tests of their own
+    secret, _ = await app[KEY_BOOK].generate(
+        key_alias="test", tags=["key-tag"], settings=KeyFields(allowed_tags=["*"])
+    )
     gw = Gateway(str(server.make_url("")).rstrip("/"), app, mock_app, secret)
     yield gw
     await gw.close()
@@ -669,6 +673,42 @@ async def test_same_request_id_is_never_charged_twice(gateway: Gateway) -> None:
     assert info.value.response.headers["x-should-retry"] == "false"
     spends = [s for s in await gateway.spends() if s.request_id == scoped]
     assert len(spends) == 1
+
+
+async def test_a_key_can_neither_charge_nor_read_a_tag_outside_its_scope(gateway: Gateway) -> None:
+    """Issue 11 item 2: any client key could charge, reserve or read any tag: billed
+    to team:victim, its budget and reset time revealed by 429s, its models by 403s."""
+    await gateway.budget("team:victim", "0.00001", models=["gpt-4o"])
+    attacker, key = await gateway.app[KEY_BOOK].generate(key_alias="attacker", tags=["team:attacker"])
+    assert key.allowed_tags == ("team:attacker", "team:attacker:*")  # the default: its own tags
+    sdk = gateway.sdk(api_key=attacker)
+    for sneak in (
+        {"extra_headers": {"x-ledger-tags": "team:victim"}},
+        {"extra_body": {"metadata": {"tags": ["team:victim"]}}},
+        {"extra_body": {"tags": ["team:victim"]}},
+    ):
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            await sdk.chat.completions.create(**CHAT, max_tokens=900, **sneak)  # type: ignore[arg-type]
+        text = str(caught.value.body)
+        assert "team:victim" in text
+        for secret_of_the_victim in ("0.00001", "gpt-4o", "reset"):
+            assert secret_of_the_victim not in text
+    # nothing was reserved, charged or denied on the victim's tag
+    assert not [s for s in await gateway.spends() if "team:victim" in s.tags]
+    assert await gateway.store.read_types(["RequestAdmitted", "RequestDenied"], 0, 10) == []
+    [b] = gateway.app[BUDGET_BOOK].budgets_for(["team:victim"], datetime.now(UTC))
+    assert (await gateway.app[COUNTERS].read(b)).reserved_nanos == 0
+    # its own tags, and those under them, are fine
+    await sdk.chat.completions.create(**CHAT, extra_headers={"x-ledger-tags": "team:attacker:bot"})
+    # an admin can scope a key to patterns
+    wide, _ = await gateway.app[KEY_BOOK].generate(settings=KeyFields(allowed_tags=["team:*"]))
+    await gateway.sdk(api_key=wide).chat.completions.create(
+        **CHAT, extra_headers={"x-ledger-tags": "team:other"}
+    )
+    with pytest.raises(openai.PermissionDeniedError):
+        await gateway.sdk(api_key=wide).chat.completions.create(
+            **CHAT, extra_headers={"x-ledger-tags": "app:x"}
+        )
 
 
 async def test_request_ids_are_scoped_per_key(gateway: Gateway) -> None:

@@ -10,6 +10,7 @@ nesting and types, not LiteLLM's code.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +18,18 @@ from typing import Any
 import aiohttp
 import pytest
 
+from ledger.settings import Settings
 from tests.conftest import projected
 from tests.test_proxy import ADMIN_KEY, Gateway, gateway
 
 __all__ = ["LiteLLM", "gateway", "litellm"]
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """A gateway configured as a team coming from LiteLLM configures it: keys made
+    without allowed_tags may carry any tag, as LiteLLM's do (LEDGER_KEY_SCOPE_DEFAULT=any)."""
+    return dataclasses.replace(settings, key_scope_default="any")
 
 
 @dataclass
