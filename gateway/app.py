@@ -115,9 +115,7 @@ async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
         reservation_ttl=timedelta(seconds=settings.reservation_ttl_s),
         on_redis_down="allow" if settings.on_redis_down == "allow" else "deny",
     )
-    keys = KeyBook(
-        store, poll_interval_s=settings.poll_interval_s, default_scope=settings.key_scope_default
-    )
+    keys = KeyBook(store, poll_interval_s=settings.poll_interval_s, default_scope=settings.key_scope_default)
     await keys.start()
     app[KEY_BOOK] = keys
     app[METRICS] = create_metrics(lambda: float(store.queue_depth))
