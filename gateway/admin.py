@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -25,7 +26,6 @@ from gateway.keys import BUDGET_BOOK, COUNTERS, METRICS, REQUEST_ID, STORE, TAGS
 from gateway.metrics import render
 from ledger import events as ev
 from ledger.alerts import forecast
-from ledger.budgets import budget_of
 from ledger.money import from_nanos
 from ledger.queries import seen_tags, tag_totals_view
 from ledger.store import NUL_ESCAPE
@@ -196,6 +196,8 @@ class TagInfo(msgspec.Struct):
     budget_id: str | None = None
     spend_reset_at: datetime | None = None  # the last /tag/update with "spend"
     defined: bool = True  # False: a tag only seen in traffic, with no definition
+    # the budget template this tag's budget comes from (e.g. "customer:*"), if any
+    budget_source: str | None = None
     # LiteLLM's fields
     model_info: dict[str, str] = {}
     created_by: str | None = None
@@ -272,6 +274,7 @@ def json(data: Any, status: int = 200, headers: dict[str, str] | None = None) ->
 
 async def tag_infos(request: web.Request, states: list[TagState]) -> list[TagInfo]:
     counters = request.app[COUNTERS]
+    definitions = request.app[BUDGET_BOOK].definitions
     totals = await tag_totals_view(request.app[STORE].pool, [s.name for s in states])
     now = request.app[TAGS].now()
     out = []
@@ -279,12 +282,25 @@ async def tag_infos(request: web.Request, states: list[TagState]) -> list[TagInf
         spend = reserved = Decimal(0)
         remaining: Decimal | None = None
         window_start = reset_at = None
-        if s.has_budget:
-            budget = budget_of(s, now)
+        # What is in force: the tag's own budget, or its template's (budget_source).
+        spec = definitions.tag(s.name)
+        source = spec.source if spec is not None else None
+        if source is not None:
+            template = definitions.tags[source]
+            s = replace(
+                s,
+                max_budget=template.max_budget,
+                soft_budget=template.soft_budget,
+                budget_duration=template.budget_duration,
+                alert_thresholds=template.alert_thresholds,
+                anchor=template.anchor,
+            )
+        budget = spec.budget(now) if spec is not None else None
+        if budget is not None:
             counter = await counters.read(budget)
-            spend, reserved = from_nanos(counter.spent_nanos), from_nanos(counter.reserved_nanos)
-            assert s.max_budget is not None
-            remaining = max(Decimal(0), s.max_budget - spend - reserved)
+            spend = from_nanos(counter.spent_nanos)
+            reserved = from_nanos(counter.reserved_nanos)
+            remaining = max(Decimal(0), from_nanos(budget.limit_nanos) - spend - reserved)
             reset_at = budget.reset_at
             window_start = budget.window.start if reset_at is not None else s.anchor
         t = totals.get(s.name)
@@ -316,6 +332,7 @@ async def tag_infos(request: web.Request, states: list[TagState]) -> list[TagInf
                 spend_reset_at=s.spend_reset_at,
                 created_by="admin",
                 litellm_budget_table=budget_table(s, reset_at),
+                budget_source=source,
             )
         )
     return out
@@ -394,7 +411,11 @@ async def _info(request: web.Request, names: list[str]) -> web.Response:
         raise ApiError(400, "names must list at least one tag name", param="names")
     if len(names) > 1000:
         raise ApiError(400, "names may list at most 1000 tags", param="names")
-    states = await request.app[TAGS].get_many(names)
+    definitions = request.app[BUDGET_BOOK].definitions
+    known = [n for n in names if definitions.template_of(n) is not None and n not in definitions.tags]
+    # a tag a template gives a budget exists as far as budgets go, defined or not
+    states = await request.app[TAGS].get_many([n for n in names if n not in known])
+    states += [TagState(name=n, version=0, exists=True) for n in known]
     infos = await tag_infos(request, states)
     return json({i.name: i for i in infos})
 

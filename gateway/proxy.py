@@ -54,6 +54,7 @@ from ledger.admission import Admitted, BudgetExceeded, DuplicateRequest, Recorde
 from ledger.errors import StoreUnavailable
 from ledger.estimate import Bound, BoundError, request_bound
 from ledger.pricing import Price, PriceBook, Tokens
+from ledger.subjects import describe
 from ledger.tokens import count as count_tokens
 from ledger.tokens import delta_texts
 
@@ -265,7 +266,7 @@ def _denied(denied: BudgetExceeded, capped_by_default: bool) -> web.Response:
     else:
         hint = ""
     message = (
-        f"budget exceeded for tag {denied.tag!r}: spent ${denied.spent} "
+        f"budget exceeded for {describe(denied.subject)}: spent ${denied.spent} "
         f"(+${denied.reserved} in flight) of ${denied.limit}{when}{hint}"
     )
     headers = {"x-should-retry": "false"}
@@ -277,7 +278,8 @@ def _denied(denied: BudgetExceeded, capped_by_default: bool) -> web.Response:
             "type": "budget_exceeded",
             "param": "tags",
             "code": "budget_exceeded",
-            "tag": denied.tag,
+            "tag": denied.tag or None,
+            "subject": describe(denied.subject),
             "max_budget": str(denied.limit),
             "spend": str(denied.spent),
             "reserved": str(denied.reserved),
@@ -343,7 +345,20 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
                 code="model_not_allowed_for_tag",
             )
     price = app[PRICES].lookup(upstream.price_provider, upstream_model)
-    budgeted = bool(book.budgets_for(attribution.tags, datetime.now(UTC)))
+    key_hash = key.key_hash if key is not None else None
+    if book.definitions.blocked(attribution.user_hash):
+        raise ApiError(
+            403, "this end user is blocked", type="permission_error", param="user", code="user_blocked"
+        )
+    budgeted = bool(
+        book.budgets_for(
+            attribution.tags,
+            datetime.now(UTC),
+            key_hash=key_hash,
+            user_hash=attribution.user_hash,
+            model=model,
+        )
+    )
     if price is None and (
         settings.unpriced_policy == "deny" or (settings.unpriced_policy == "auto" and budgeted)
     ):
@@ -382,6 +397,7 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
             model=model,
             user_hash=attribution.user_hash,
             metadata=attribution.metadata,
+            key_hash=key_hash,
         )
     except DuplicateRequest as e:
         raise ApiError(
@@ -548,9 +564,10 @@ def _within_bound(call: _Call, reported: Tokens) -> tuple[Tokens, bool]:
 
 
 def _ledger_headers(call: _Call, cost: Decimal | None) -> dict[str, str]:
-    headers = {"x-ledger-request-id": call.request_id}
+    # LiteLLM's names next to ours, for clients and dashboards built on them
+    headers = {"x-ledger-request-id": call.request_id, "x-litellm-call-id": call.request_id}
     if cost is not None:
-        headers["x-ledger-cost"] = str(cost)
+        headers["x-ledger-cost"] = headers["x-litellm-response-cost"] = str(cost)
         remaining = call.admitted.remaining_after(cost)
         if remaining is not None:
             headers["x-ledger-budget-remaining"] = str(remaining)

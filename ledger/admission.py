@@ -71,6 +71,7 @@ class Admitted:
     # admitted without (Redis down, policy "allow") or not confirmed (yet)
     reserved: bool = True
     nonce: str = ""  # this attempt's reservation name (see RequestAdmitted.reservation)
+    key_hash: str | None = None
 
     def remaining_after(self, cost: Decimal) -> Decimal | None:
         """The tightest budget's room once this request is charged ``cost``."""
@@ -81,7 +82,16 @@ class Admitted:
 
     @property
     def budget_tags(self) -> list[str]:
-        return [b.name for b in self.budgets if b.subject.startswith("tag:")]
+        return tags_of(self.budgets)
+
+    @property
+    def budget_subjects(self) -> list[str]:
+        """Budgeted subjects other than tags (keys, end users, per-model budgets)."""
+        return others_of(self.budgets)
+
+    @property
+    def subjects(self) -> list[str]:
+        return [b.subject for b in self.budgets]
 
     @property
     def held(self) -> tuple[Budget, ...]:
@@ -106,7 +116,12 @@ class BudgetExceeded:
 
     @property
     def tag(self) -> str:
-        return self.budget.name
+        """The tag that refused it ("" when a key, an end user or a model budget did)."""
+        return self.budget.name if _is_tag(self.budget.subject) else ""
+
+    @property
+    def subject(self) -> str:
+        return self.budget.subject
 
     @property
     def reset_at(self) -> datetime | None:
@@ -127,6 +142,7 @@ class SweepReport:
     expired: int = 0  # charged at their estimate
     settled: int = 0  # a terminal event existed; counters caught up
     dropped: int = 0  # never reached the log: reservation given back
+    released: int = 0  # recorded but never confirmed (so never sent upstream): released
     failed: int = 0  # raised; retried next pass
 
 
@@ -176,6 +192,7 @@ class Admission:
         model: str | None = None,
         user_hash: str | None = None,
         metadata: dict[str, Any] | None = None,
+        key_hash: str | None = None,
     ) -> Admitted | BudgetExceeded:
         """Reserve, record, confirm. Raises DuplicateRequest, CountersUnavailable
         (Redis down under the deny policy), StoreUnavailable.
@@ -185,7 +202,7 @@ class Admission:
         under the same request id is never touched."""
         now = self.now()
         tags = list(dict.fromkeys(tags))
-        budgets = self.book.budgets_for(tags, now)
+        budgets = self.book.budgets_for(tags, now, key_hash=key_hash, user_hash=user_hash, model=model)
         estimate_nanos = to_nanos(estimate)
         deadline = now + self.reservation_ttl
         nonce = secrets.token_hex(8)
@@ -208,7 +225,7 @@ class Admission:
                 raise
             if isinstance(outcome, Denied):
                 denied = self._exceeded(request_id, outcome, estimate)
-                await self._record_denial(denied, tags, model, now, user_hash, metadata)
+                await self._record_denial(denied, tags, model, now, user_hash, metadata, key_hash)
                 return denied
             if outcome is not None:
                 if outcome.duplicate:
@@ -220,15 +237,27 @@ class Admission:
             estimate=estimate,
             deadline=deadline,
             tags=tags,
-            budget_tags=[b.name for b in budgets],
+            budget_tags=tags_of(budgets),
             model=model,
             unreserved=bool(budgets) and not reserving,
             windows=[window_ref(b) for b in budgets] if reserving else [],
+            budget_subjects=others_of(budgets),
             reservation=nonce if reserving else "",
+            key_hash=key_hash,
         )
         # Not `reserved` until confirmed: only then is every counter known to hold it.
         admitted = Admitted(
-            request_id, now, estimate, tuple(tags), tuple(budgets), 0, model, remaining, False, nonce
+            request_id,
+            now,
+            estimate,
+            tuple(tags),
+            tuple(budgets),
+            0,
+            model,
+            remaining,
+            False,
+            nonce,
+            key_hash,
         )
         stream = ev.stream_of_request(request_id)
         try:
@@ -279,7 +308,9 @@ class Admission:
             # the room meanwhile: refuse now, before anything goes upstream.
             denied = self._exceeded(request_id, lost, estimate)
             self._spawn(self._release_quietly(admitted, "budget_recheck"))
-            await self._record_denial(denied, tags, model, now, user_hash, metadata, reason="budget_recheck")
+            await self._record_denial(
+                denied, tags, model, now, user_hash, metadata, key_hash, reason="budget_recheck"
+            )
             return denied
         return replace(admitted, reserved=True)
 
@@ -329,6 +360,7 @@ class Admission:
         now: datetime,
         user_hash: str | None,
         metadata: dict[str, Any] | None,
+        key_hash: str | None = None,
         reason: str = "budget",
     ) -> None:
         event = ev.RequestDenied(
@@ -345,16 +377,18 @@ class Admission:
             reason=reason,
             user_hash=user_hash,
             metadata=metadata or {},
+            key_hash=key_hash,
+            subject=denied.subject,
         )
         # Denials of one request id may repeat (a client retrying): no version check.
         await self.store.append(f"denied:{denied.request_id}", None, [ev.to_new(event)])
 
     # ------------------------------------------------------------- settle
 
-    def charged_budgets(self, admitted_at: datetime, budget_tags: Sequence[str]) -> list[Budget]:
+    def charged_budgets(self, admitted_at: datetime, subjects: Sequence[str]) -> list[Budget]:
         """The counters a charge counts in now: the windows, under today's
         definitions, that contain the admission time (windows are about time)."""
-        return self.book.budgets_for(budget_tags, admitted_at)
+        return self.book.budgets_of_subjects(subjects, admitted_at)
 
     async def record_spend(
         self, admitted: Admitted, cost: Decimal, *, wait_settle: bool = True, **details: Any
@@ -372,7 +406,9 @@ class Admission:
             cost=cost,
             tags=list(admitted.tags),
             budget_tags=admitted.budget_tags,
+            budget_subjects=admitted.budget_subjects,
             model=details.pop("model", admitted.model),
+            key_hash=admitted.key_hash,
             **details,
         )
         return await self._terminate(admitted, event, cost, wait_settle=wait_settle)
@@ -387,6 +423,8 @@ class Admission:
             status=status,
             tags=list(admitted.tags),
             budget_tags=admitted.budget_tags,
+            budget_subjects=admitted.budget_subjects,
+            key_hash=admitted.key_hash,
         )
         return await self._terminate(admitted, event, Decimal(0), wait_settle=wait_settle)
 
@@ -419,7 +457,7 @@ class Admission:
     async def _settle(self, admitted: Admitted, actual_nanos: int, position: int) -> int:
         return await self.counters.settle(
             admitted.request_id,
-            [*self.charged_budgets(admitted.at, admitted.budget_tags), *admitted.budgets],
+            [*self.charged_budgets(admitted.at, admitted.subjects), *admitted.budgets],
             actual_nanos=actual_nanos,
             position=position,
             admitted_position=admitted.position,
@@ -532,7 +570,7 @@ class Admission:
                 cost = getattr(terminal, "cost", Decimal(0))
                 await self.counters.settle(
                     request_id,
-                    [*self.charged_budgets(admitted.at, admitted.budget_tags), *admitted.budgets],
+                    [*self.charged_budgets(admitted.at, admitted.subjects), *admitted.budgets],
                     actual_nanos=to_nanos(cost),
                     position=recorded[1].position,
                     admitted_position=admitted.position,
@@ -541,7 +579,7 @@ class Admission:
                     nonce=admitted.nonce,
                 )
             else:
-                budgets = self.charged_budgets(admitted.at, admitted.budget_tags)
+                budgets = self.charged_budgets(admitted.at, admitted.subjects)
                 # Admitted already: the room is taken even if it overflows (the
                 # request is on its way), so no limit applies here.
                 unlimited = [_unlimited(b) for b in budgets]
@@ -595,9 +633,21 @@ class Admission:
         # means no settle ran; a terminal event found through the index means its
         # settle never completed.
         charged = [
-            *self.charged_budgets(logged.at, logged.budget_tags),
+            *self.charged_budgets(logged.at, ev.subjects_of(logged)),
             *self.book.budgets_of_windows(logged.windows),
         ]
+        if len(recorded) == 1 and logged.windows:
+            held = self.book.budgets_of_windows(logged.windows)
+            current = self.charged_budgets(logged.at, ev.subjects_of(logged))
+            if not await self.counters.confirmed(
+                request_id, logged.reservation, recorded[0].position, [*current, *held]
+            ):
+                # Its gateway died between recording the admission and confirming it:
+                # the request never went upstream. Released, not charged.
+                admitted = _admitted_of(logged, recorded[0].position, held)
+                await self.release(admitted, "admission_unconfirmed")
+                report.released += 1
+                return
         if len(recorded) == 1:
             expired = ev.ReservationExpired(
                 request_id=request_id,
@@ -606,6 +656,7 @@ class Admission:
                 tags=logged.tags,
                 budget_tags=logged.budget_tags,
                 budget_subjects=logged.budget_subjects,
+                key_hash=logged.key_hash,
             )
             try:
                 [position] = await self.store.append(stream, 1, [ev.to_new(expired)])
@@ -620,6 +671,7 @@ class Admission:
                     admitted_position=recorded[0].position,
                     admitted_at=logged.at,
                     nonce=logged.reservation,
+                    mark=True,
                 )
                 log.warning("reservation_expired", request_id=request_id, charged=str(logged.estimate))
                 report.expired += 1
@@ -635,9 +687,39 @@ class Admission:
             admitted_at=logged.at,
             nonce=logged.reservation,
             swept=True,
+            mark=True,
         )
         report.settled += 1
 
 
+def _admitted_of(event: ev.RequestAdmitted, position: int, budgets: Sequence[Budget]) -> Admitted:
+    """An Admitted rebuilt from its event (for the sweeper to release it)."""
+    return Admitted(
+        event.request_id,
+        event.at,
+        event.estimate,
+        tuple(event.tags),
+        tuple(budgets),
+        position,
+        event.model,
+        None,
+        False,
+        event.reservation,
+        event.key_hash,
+    )
+
+
+def _is_tag(subject: str) -> bool:
+    return subject.startswith("tag:") and "|model:" not in subject
+
+
+def tags_of(budgets: Sequence[Budget]) -> list[str]:
+    return [b.name for b in budgets if _is_tag(b.subject)]
+
+
+def others_of(budgets: Sequence[Budget]) -> list[str]:
+    return [b.subject for b in budgets if not _is_tag(b.subject)]
+
+
 def _unlimited(budget: Budget) -> Budget:
-    return Budget(budget.subject, budget.epoch, budget.window, 2**62)
+    return replace(budget, limit_nanos=2**62)

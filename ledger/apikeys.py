@@ -204,7 +204,7 @@ def expiry(now: datetime, duration: str, field: str = "duration") -> datetime:
     return now + timedelta(seconds=d.count * seconds)
 
 
-def _decode(recorded: RecordedEvent) -> KeyEvent:
+def decode_event(recorded: RecordedEvent) -> KeyEvent:
     return _decoder.decode(tagged(recorded))
 
 
@@ -279,7 +279,7 @@ class ApiKey:
         return replace(self, version=version)
 
 
-def _from_generated(event: KeyGenerated) -> ApiKey:
+def from_generated(event: KeyGenerated) -> ApiKey:
     return ApiKey(
         key_hash=event.key_hash,
         key_prefix=event.key_prefix,
@@ -416,9 +416,9 @@ class KeyBook(FollowedCache):
         self.now = clock or (lambda: datetime.now(UTC))
 
     def apply(self, recorded: RecordedEvent) -> None:
-        event = _decode(recorded)
+        event = decode_event(recorded)
         if isinstance(event, KeyGenerated):
-            self.keys[event.key_hash] = _from_generated(event)
+            self.keys[event.key_hash] = from_generated(event)
             return
         key = self.keys.get(event.key_hash)
         if key is None:

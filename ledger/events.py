@@ -138,6 +138,7 @@ class RequestAdmitted(msgspec.Struct, frozen=True, tag=True):
     # names this admission attempt's reservation in the counters (a request id may be
     # tried again; only the attempt that holds a reservation may settle it)
     reservation: str = ""
+    key_hash: str | None = None  # the client key's hash (None: the admin key)
 
 
 class SpendRecorded(msgspec.Struct, frozen=True, tag=True):
@@ -172,6 +173,7 @@ class SpendRecorded(msgspec.Struct, frozen=True, tag=True):
     usage_clamped: bool = False
     reported_prompt_tokens: int | None = None
     reported_completion_tokens: int | None = None
+    key_hash: str | None = None
 
 
 class RequestReleased(msgspec.Struct, frozen=True, tag=True):
@@ -184,6 +186,7 @@ class RequestReleased(msgspec.Struct, frozen=True, tag=True):
     budget_tags: list[str] = []
     status: int | None = None  # the upstream's status, when it answered
     budget_subjects: list[str] = []
+    key_hash: str | None = None
 
 
 class ReservationExpired(msgspec.Struct, frozen=True, tag=True):
@@ -195,6 +198,7 @@ class ReservationExpired(msgspec.Struct, frozen=True, tag=True):
     tags: list[str] = []
     budget_tags: list[str] = []
     budget_subjects: list[str] = []
+    key_hash: str | None = None
 
 
 class RequestDenied(msgspec.Struct, frozen=True, tag=True):
@@ -216,6 +220,8 @@ class RequestDenied(msgspec.Struct, frozen=True, tag=True):
     reason: str = "budget"
     user_hash: str | None = None
     metadata: dict[str, Any] = {}
+    key_hash: str | None = None
+    subject: str | None = None  # what refused it: "tag:<name>", "key:<hash>", "user:<hash>", ...
 
 
 RequestEvent = RequestAdmitted | SpendRecorded | RequestReleased | ReservationExpired | RequestDenied

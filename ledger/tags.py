@@ -202,10 +202,6 @@ class TagState:
     updated_at: datetime | None = None
     # Windows of fixed durations are counted from here: creation or last duration change.
     anchor: datetime | None = None
-    # The stream version of the last event that changed how this tag's budget cuts time
-    # into windows (created, deleted, duration changed, budget added or removed). Counter
-    # keys carry it, so a changed definition never reuses a counter built under another.
-    budget_epoch: int = 0
     # LiteLLM's limits, recorded with the definition; the request path enforces them.
     tpm_limit: int | None = None
     rpm_limit: int | None = None
@@ -253,7 +249,6 @@ class TagState:
                 created_at=event.at,
                 updated_at=event.at,
                 anchor=event.at,
-                budget_epoch=version,
                 tpm_limit=event.tpm_limit,
                 rpm_limit=event.rpm_limit,
                 max_parallel_requests=event.max_parallel_requests,
@@ -268,17 +263,11 @@ class TagState:
                 for f in ev.TagFields.__struct_fields__
                 if getattr(event.changes, f) is not UNSET
             }
-            anchor, epoch = self.anchor, self.budget_epoch
+            anchor = self.anchor
             if "budget_duration" in updates and updates["budget_duration"] != self.budget_duration:
-                anchor, epoch = event.at, version
-            if "max_budget" in updates and (updates["max_budget"] is None) != (self.max_budget is None):
-                epoch = version  # a budget added or removed
-            return replace(
-                self, version=version, updated_at=event.at, anchor=anchor, budget_epoch=epoch, **updates
-            )
-        return TagState(
-            name=self.name, version=version, exists=False, updated_at=event.at, budget_epoch=version
-        )
+                anchor = event.at
+            return replace(self, version=version, updated_at=event.at, anchor=anchor, **updates)
+        return TagState(name=self.name, version=version, exists=False, updated_at=event.at)
 
 
 def replay(name: str, recorded: list[RecordedEvent]) -> TagState:

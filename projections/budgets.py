@@ -2,10 +2,13 @@
 
 * ``budget_charges``: one row per charge and budgeted subject.
 * ``budget_window_spend``: totals per subject and window of the definition in
-  force. When a definition changes how time is cut (its budget epoch moves),
-  the window that contains the change is summed from ``budget_charges`` once,
-  so it holds every charge admitted within it, whatever definition was in force
-  then (windows are about time, not definitions).
+  force. When a definition changes how time is cut (its epoch moves: see
+  ledger/subjects.py), every window of the new definition from the one that
+  holds the change on is summed from ``budget_charges``, so it holds every
+  charge admitted within it, whatever definition was in force then (windows are
+  about time, not definitions); a spend reset counts from its moment, plus its
+  base. Tags whose budget comes from a template are summed the first time one of
+  their charges arrives after the template changed.
 * ``budget_epochs``: the epoch applied per subject; a rebuild trusts a window
   row only under the same epoch (else it sums ``budget_charges`` itself).
 * ``open_reservations``: admissions without a terminal event.
@@ -25,13 +28,14 @@ from typing import Any
 import asyncpg
 
 from ledger import events as ev
-from ledger.counters import tag_subject
 from ledger.money import to_nanos
 from ledger.store import RecordedEvent
-from ledger.tags import TagState
+from ledger.subjects import DEFINITION_TYPES, Definitions, Spec
+from ledger.windows import LIFETIME
 from projections.runtime import Projection
 
 _REQUEST_TYPES = ("RequestAdmitted", "SpendRecorded", "ReservationExpired", "RequestReleased")
+_DEFINITIONS = frozenset(DEFINITION_TYPES)
 
 
 @dataclass(slots=True)
@@ -59,43 +63,38 @@ class _Pending:
 class BudgetWindows(Projection):
     name = "budget_windows"
     tables = ("budget_charges", "budget_window_spend", "budget_epochs", "open_reservations")
-    types = frozenset({*ev.TAG_EVENT_TYPES, *_REQUEST_TYPES})
+    types = frozenset({*DEFINITION_TYPES, *_REQUEST_TYPES})
 
     def __init__(self) -> None:
-        self.definitions: dict[str, TagState] = {}
+        self.definitions = Definitions()
+        self.epochs: dict[str, int] = {}  # budget_epochs as written (a cache of the table)
 
     async def load(self, conn: asyncpg.Connection, position: int) -> None:
-        """Tag definitions as of ``position``: which window a charge lands in depends on them."""
-        self.definitions = {}
+        """Definitions as of ``position``: which window a charge lands in depends on them."""
+        self.definitions, self.epochs = Definitions(), {}
         rows = await conn.fetch(
             "select position, stream, version, type, data::text, recorded_at from events "
             "where type = any($1::text[]) and position <= $2 order by position",
-            list(ev.TAG_EVENT_TYPES),
+            list(DEFINITION_TYPES),
             position,
         )
         for row in rows:
-            self._define(RecordedEvent(row[0], row[1], row[2], row[3], row[4], row[5]))
-
-    def _define(self, r: RecordedEvent) -> tuple[TagState, TagState | None]:
-        event = ev.decode_tag(r)
-        before = self.definitions.get(event.name)
-        state = (before or TagState(name=event.name, version=0)).apply(event, r.version)
-        self.definitions[event.name] = state
-        return state, before
+            self.definitions.apply(RecordedEvent(row[0], row[1], row[2], row[3], row[4], row[5]))
 
     async def apply(
         self, conn: asyncpg.Connection, events: list[RecordedEvent], tables: Mapping[str, str]
     ) -> None:
         pending = _Pending()
         for r in events:
-            if r.type in ev.TAG_EVENT_TYPES:
-                state, before = self._define(r)
-                if before is None or before.budget_epoch != state.budget_epoch:
-                    # Window bounds change: write what came before, then sum the
-                    # window that holds the change from the charges themselves.
+            if r.type in _DEFINITIONS:
+                subject = self.definitions.apply(r)
+                spec = self.definitions.spec(subject) if subject else None
+                if spec is not None and spec.has_budget:
+                    # Window bounds change: write what came before, then sum the windows
+                    # of the new definition from the charges themselves.
                     await _write(conn, pending, tables)
                     pending = _Pending()
-                    await _new_epoch(conn, state, state.updated_at or r.recorded_at, tables)
+                    await self._resum(conn, spec, tables)
                 continue
             e = ev.decode(r)
             if isinstance(e, ev.RequestAdmitted):
@@ -118,62 +117,82 @@ class BudgetWindows(Projection):
             nanos = to_nanos(e.cost)
             for subject in ev.subjects_of(e):
                 pending.charges.append((subject, e.admitted_at, r.position, nanos, e.cost))
-                defined = self.definitions.get(subject.removeprefix("tag:"))
-                if defined is None or not defined.has_budget or not subject.startswith("tag:"):
+                spec = self.definitions.spec(subject)
+                budget = spec.budget(e.admitted_at) if spec is not None else None
+                if spec is None or budget is None:
                     continue  # no window in force: the charge waits in budget_charges
-                window = defined.window(e.admitted_at)
-                w = pending.windows[(subject, window.start, window.end)]
+                if await self._epoch(conn, subject, tables) != spec.epoch:
+                    # a definition this view has not summed yet (a template's tag)
+                    await _write(conn, pending, tables)
+                    pending = _Pending()
+                    await self._resum(conn, spec, tables)
+                    continue  # the sum read this charge already
+                if budget.since is not None and e.admitted_at < budget.since:
+                    continue  # before a spend reset: it does not count
+                w = pending.windows[(subject, budget.window.start, budget.window.end)]
                 w.spend += e.cost
                 w.nanos += nanos
                 w.requests += 1
         await _write(conn, pending, tables)
 
+    async def _epoch(self, conn: asyncpg.Connection, subject: str, t: Mapping[str, str]) -> int | None:
+        """The epoch this view last summed ``subject`` under (cached)."""
+        if subject not in self.epochs:
+            found = await conn.fetchval(f"select epoch from {t['budget_epochs']} where subject = $1", subject)
+            if found is None:
+                return None
+            self.epochs[subject] = int(found)
+        return self.epochs[subject]
 
-async def _new_epoch(conn: asyncpg.Connection, state: TagState, at: datetime, t: Mapping[str, str]) -> None:
-    subject = tag_subject(state.name)
-    await conn.execute(
-        f"""insert into {t["budget_epochs"]} (subject, epoch) values ($1, $2)
-            on conflict (subject) do update set epoch = excluded.epoch""",
-        subject,
-        state.budget_epoch,
-    )
-    if not state.has_budget:
-        return
-    # Every window of the new definition from the one that holds the change on is
-    # summed from the charges themselves: a charge admitted after a window boundary
-    # but recorded before the change was booked under the old definition.
-    since = state.window(at).start
-    rows = await conn.fetch(
-        f"""select admitted_at, nanos, cost from {t["budget_charges"]}
-            where subject = $1 and admitted_at >= $2""",
-        subject,
-        since,
-    )
-    sums: dict[tuple[datetime, datetime], _Window] = defaultdict(_Window)
-    sums[(since, state.window(at).end)]  # the change's own window exists even when empty
-    for admitted_at, nanos, cost in rows:
-        window = state.window(admitted_at)
-        w = sums[(window.start, window.end)]
-        w.spend += cost
-        w.nanos += int(nanos)
-        w.requests += 1
-    items = list(sums.items())
-    await conn.execute(
-        f"""
-        insert into {t["budget_window_spend"]}
-            (subject, window_start, window_end, spend, spend_nanos, requests)
-        select $1, * from unnest($2::timestamptz[], $3::timestamptz[], $4::numeric[], $5::numeric[],
-                                 $6::bigint[])
-        on conflict (subject, window_start, window_end) do update set
-            spend = excluded.spend, spend_nanos = excluded.spend_nanos, requests = excluded.requests
-        """,
-        subject,
-        [k[0] for k, _ in items],
-        [k[1] for k, _ in items],
-        [v.spend for _, v in items],
-        [Decimal(v.nanos) for _, v in items],
-        [v.requests for _, v in items],
-    )
+    async def _resum(self, conn: asyncpg.Connection, spec: Spec, t: Mapping[str, str]) -> None:
+        """Sum every window of ``spec`` from the one that holds its last change on."""
+        changed = self.definitions.changed_at(spec.subject)
+        since = spec.window(changed).start if changed is not None else LIFETIME.start
+        rows = await conn.fetch(
+            f"""select admitted_at, nanos, cost from {t["budget_charges"]}
+                where subject = $1 and admitted_at >= $2""",
+            spec.subject,
+            since,
+        )
+        sums: dict[tuple[datetime, datetime], _Window] = defaultdict(_Window)
+        for admitted_at, nanos, cost in rows:
+            budget = spec.budget(admitted_at)
+            assert budget is not None
+            if budget.since is not None and admitted_at < budget.since:
+                continue  # before a spend reset: it does not count
+            w = sums[(budget.window.start, budget.window.end)]
+            w.spend += cost
+            w.nanos += int(nanos)
+            w.requests += 1
+        reset = spec.budget(spec.reset_at) if spec.reset_at is not None else None
+        if reset is not None and reset.since is not None:
+            w = sums[(reset.window.start, reset.window.end)]  # what the reset set counts
+            w.spend += spec.reset_to
+            w.nanos += reset.base_nanos
+        items = list(sums.items())
+        await conn.execute(
+            f"""
+            insert into {t["budget_window_spend"]}
+                (subject, window_start, window_end, spend, spend_nanos, requests)
+            select $1, * from unnest($2::timestamptz[], $3::timestamptz[], $4::numeric[], $5::numeric[],
+                                     $6::bigint[])
+            on conflict (subject, window_start, window_end) do update set
+                spend = excluded.spend, spend_nanos = excluded.spend_nanos, requests = excluded.requests
+            """,
+            spec.subject,
+            [k[0] for k, _ in items],
+            [k[1] for k, _ in items],
+            [v.spend for _, v in items],
+            [Decimal(v.nanos) for _, v in items],
+            [v.requests for _, v in items],
+        )
+        await conn.execute(
+            f"""insert into {t["budget_epochs"]} (subject, epoch) values ($1, $2)
+                on conflict (subject) do update set epoch = excluded.epoch""",
+            spec.subject,
+            spec.epoch,
+        )
+        self.epochs[spec.subject] = spec.epoch
 
 
 async def _write(conn: asyncpg.Connection, p: _Pending, t: Mapping[str, str]) -> None:

@@ -13,10 +13,10 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from ledger.budgets import budget_of
-from ledger.counters import Counters
+from ledger.counters import Budget, Counters
 from ledger.counters.log import window_state
-from ledger.tags import TagState
+from ledger.store import RecordedEvent
+from ledger.subjects import DEFINITION_TYPES, Definitions
 from projections.replay import _build, _create_shadow
 from projections.runtime import Projection
 
@@ -97,22 +97,35 @@ async def verify_projection(dsn: str, projection: Projection, report: Report, *,
         await conn.close()
 
 
-async def live_budgets(pool: asyncpg.Pool, now: datetime) -> list[TagState]:
-    """Tag definitions with a budget, straight from the log."""
-    from ledger import events as ev
-    from ledger.store import RecordedEvent
-
+async def definitions_from_log(pool: asyncpg.Pool) -> Definitions:
+    """Every budget definition, straight from the log."""
     rows = await pool.fetch(
         "select position, stream, version, type, data::text, recorded_at from events "
         "where type = any($1::text[]) order by position",
-        list(ev.TAG_EVENT_TYPES),
+        list(DEFINITION_TYPES),
     )
-    states: dict[str, TagState] = {}
+    definitions = Definitions()
     for r in rows:
-        event = ev.decode_tag(RecordedEvent(r[0], r[1], r[2], r[3], r[4], r[5]))
-        state = states.get(event.name) or TagState(name=event.name, version=0)
-        states[event.name] = state.apply(event, r[2])
-    return [s for s in states.values() if s.has_budget]
+        definitions.apply(RecordedEvent(r[0], r[1], r[2], r[3], r[4], r[5]))
+    return definitions
+
+
+async def live_budgets(counters: Counters, now: datetime) -> list[Budget]:
+    """The budget in force now of every subject that has a live counter in Redis
+    (found through the subjects' registries: tags, template tags, keys, end users,
+    per-model budgets) or a budget of its own."""
+    definitions = await definitions_from_log(counters.pool)
+    subjects = {s.subject for s in definitions.budgeted()}
+    async for reg in counters.redis.scan_iter(match="ledger:{*}:reg", count=1000):
+        name = reg.decode() if isinstance(reg, bytes) else str(reg)
+        subjects.add(name[len("ledger:{") : -len("}:reg")])
+    out = []
+    for subject in sorted(subjects):
+        spec = definitions.spec(subject)
+        budget = spec.budget(now) if spec is not None else None
+        if budget is not None:
+            out.append(budget)
+    return out
 
 
 async def verify_counters(counters: Counters, report: Report, now: datetime | None = None) -> None:
@@ -120,8 +133,7 @@ async def verify_counters(counters: Counters, report: Report, now: datetime | No
     spent, reserved, and which reservations. Requests in flight make a counter
     move; it is read before and after the log, and compared once it held still."""
     now = now or datetime.now(UTC)
-    for state in await live_budgets(counters.pool, now):
-        budget = budget_of(state, now)
+    for budget in await live_budgets(counters, now):
         for _ in range(20):
             before = await counters.peek(budget.key)
             if before is None:

@@ -34,7 +34,7 @@ create table budget_window_spend (
 -- trusted by a rebuild that asks for the same epoch.
 create table budget_epochs (
     subject text primary key,
-    epoch   integer not null
+    epoch   bigint  not null  -- a log position (ledger/subjects.py)
 );
 
 -- Admitted requests with no terminal event yet (as of the projection's checkpoint).

@@ -70,7 +70,7 @@ async def settle(
         r,
         "settle",
         [keys.OPEN, keys.OPEN_KEYS, *counters, *gens],
-        [rid, actual, at, admitted, 0, 0, held, nonce, at, "1" if swept else "0"],
+        [rid, actual, at, admitted, 0, 0, held, nonce, at, "1" if swept else "0", "0"],
     )
     settled = scripts.settle_reply(reply)
     assert isinstance(settled, scripts.Settled)
@@ -114,14 +114,14 @@ async def test_a_counter_from_another_server_life_counts_as_missing(r: aioredis.
     assert await reserve(r, "q", 5, 100) == scripts.Missing((0,))
     assert await confirm(r, "q", 5, 1, 100) == scripts.Missing((0,))
     # a rebuild replaces it (it is not live), under a token of this life
-    token = scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t1", ENTRY, 0]))
+    token = scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t1", ENTRY]))
     assert token is not None
     assert token.endswith(":t1")
     assert scripts.init_reply(await run(r, "init", [K1, G1], [token, 7, 0, 30, 0])) == "ok"
     assert (await state(r, K1))["spent"] == "7"
     # a token restored from another life is not one a rebuild of this life started under
     await r.hset(G1, "token", "0" * 40 + ":t9")
-    fresh = scripts.begin_reply(await run(r, "begin", [K2, G1, R1], ["t2", ENTRY, 0]))
+    fresh = scripts.begin_reply(await run(r, "begin", [K2, G1, R1], ["t2", ENTRY]))
     assert fresh is not None
     assert fresh.endswith(":t2")
 
@@ -191,7 +191,7 @@ async def test_another_attempt_under_the_same_id_is_never_touched(r: aioredis.Re
     await reserve(r, "q", 50, 100, nonce="first")
     # a second attempt's cleanup (its reserve answered dup) gives back nothing of the first
     await run(
-        r, "settle", [keys.OPEN, keys.OPEN_KEYS, K1, G1], ["q", 0, 2**62, 0, 0, 0, "1", "second", 0, "0"]
+        r, "settle", [keys.OPEN, keys.OPEN_KEYS, K1, G1], ["q", 0, 2**62, 0, 0, 0, "1", "second", 0, "0", "0"]
     )
     s = await state(r, K1)
     assert (s["reserved"], s["r:q"]) == ("50", "50|first")
@@ -244,7 +244,7 @@ async def test_a_sweeper_settle_is_a_no_op_once_the_index_no_longer_lists_the_at
 async def test_settles_and_confirms_fence_rebuilds_that_read_the_log_before_them(r: aioredis.Redis) -> None:
     """Review finding 6: a rebuild that read the log before an admission committed
     landed after the admission confirmed, when the counter alone was lost twice."""
-    token = scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t1", ENTRY, 0]))
+    token = scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t1", ENTRY]))
     assert token is not None
     # a settle on the missing counter: a rebuild that read the log before its charge is stale
     assert await settle(r, "q", 30, at=20, admitted=15, held="1") == 0
@@ -261,21 +261,21 @@ async def test_settles_and_confirms_fence_rebuilds_that_read_the_log_before_them
 
 
 async def test_a_rebuild_never_replaces_a_live_counter(r: aioredis.Redis) -> None:
-    token = scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t1", ENTRY, 0]))
+    token = scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t1", ENTRY]))
     assert token is not None
-    again = scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t2", ENTRY, 0]))
+    again = scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t2", ENTRY]))
     assert again == token  # same generation
     assert scripts.init_reply(await run(r, "init", [K1, G1], [token, 7, 5, 30, 0, "q", "5|n1"])) == "ok"
     assert scripts.init_reply(await run(r, "init", [K1, G1], [token, 0, 0, 40, 0])) == "exists"
     s = await state(r, K1)
     assert (s["spent"], s["reserved"], s["pos"], s["r:q"]) == ("7", "5", "30", "5|n1")
-    assert scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t3", ENTRY, 0])) is None  # exists
+    assert scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t3", ENTRY])) is None  # exists
     await r.flushdb()  # a FLUSHALL takes the token: a rebuild from before it is stale
     assert scripts.init_reply(await run(r, "init", [K1, G1], [token, 0, 0, 50, 0])) == "stale"
 
 
 async def test_a_rebuild_writes_every_open_reservation_and_an_expiry(r: aioredis.Redis) -> None:
-    token = scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t", ENTRY, 0]))
+    token = scripts.begin_reply(await run(r, "begin", [K1, G1, R1], ["t", ENTRY]))
     args: list[Any] = [token, 0, 3000, 30, 4102444800]  # expires in 2100
     for i in range(3000):
         args += [f"q{i}", "1|n"]
@@ -283,7 +283,7 @@ async def test_a_rebuild_writes_every_open_reservation_and_an_expiry(r: aioredis
     assert len([k for k in await r.hkeys(K1) if k.startswith(b"r:")]) == 3000
     assert await r.ttl(K1) > 0
     # an expiry already in the past (a gateway clock ahead of Redis's) keeps the key a minute
-    token2 = scripts.begin_reply(await run(r, "begin", [K2, G2, keys.registry("tag:b")], ["t", ENTRY, 0]))
+    token2 = scripts.begin_reply(await run(r, "begin", [K2, G2, keys.registry("tag:b")], ["t", ENTRY]))
     assert scripts.init_reply(await run(r, "init", [K2, G2], [token2, 0, 0, 1, 1])) == "ok"
     assert 0 < await r.ttl(K2) <= 60
 
@@ -326,7 +326,10 @@ async def test_the_registry_makes_callers_declare_every_counter_of_the_newest_de
     reply = await confirm(r, "q", 20, 10, 100, 100, counters=(old, new), regs=(R1,), at=5000)
     assert reply == scripts.Deny(1, 90, 0)  # the new definition's counter has no room
     settled = await run(
-        r, "settle", [keys.OPEN, keys.OPEN_KEYS, R1, old, G1], ["q", 5, 20, 10, 5000, 1, "1", "n1", 20, "0"]
+        r,
+        "settle",
+        [keys.OPEN, keys.OPEN_KEYS, R1, old, G1],
+        ["q", 5, 20, 10, 5000, 1, "1", "n1", 20, "0", "0"],
     )
     assert scripts.settle_reply(settled) == scripts.More(((new, "0|604800000|2|100"),))
     # a time outside every window of the newest epoch asks for nothing more

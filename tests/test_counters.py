@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 
 from ledger import events as ev
 from ledger.admission import Admission, AdmissionHooks, Admitted, BudgetExceeded, DuplicateRequest
-from ledger.budgets import BudgetBook, budget_of, rebuild_missing
+from ledger.budgets import BudgetBook, rebuild_missing
 from ledger.counters import Budget, CounterHooks, Counters, CountersUnavailable, connect_redis
 from ledger.counters.log import WindowState, window_state
 from ledger.embedded import EmbeddedRedis
@@ -42,7 +42,9 @@ from projections.budgets import BudgetWindows
 from projections.runtime import Worker
 from projections.verify import Report, verify_counters, verify_projection
 
-WED = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)  # a Wednesday
+# A Wednesday ahead of the real clock (Redis prunes what its own clock says has ended).
+_today = datetime.now(UTC).replace(hour=10, minute=0, second=0, microsecond=0)
+WED = _today + timedelta(days=9 - _today.weekday())
 
 
 class Clock:
@@ -105,9 +107,8 @@ class Gateway:
         await self.book.refresh()
 
     def budget(self, tag: str) -> Budget:
-        state = self.book.get(tag)
-        assert state is not None
-        return budget_of(state, self.admission.now())
+        [budget] = self.book.budgets_for([tag], self.admission.now())
+        return budget
 
     async def counter(self, tag: str) -> tuple[int, int]:
         found = await self.counters.peek(self.budget(tag).key)
@@ -656,7 +657,7 @@ def test_the_reservation_must_outlast_the_longest_request() -> None:
 async def test_a_settle_across_a_window_boundary_counts_in_the_admission_window(
     gateways: GatewayFactory,
 ) -> None:
-    clock = Clock(datetime(2026, 11, 25, 23, 59, 59, tzinfo=UTC))
+    clock = Clock(WED.replace(hour=23, minute=59, second=59))
     gw = await gateways(clock)
     await with_budget(gw, "t", "1", "1d")
     late = await gw.admission.admit("late", ["t"], Decimal("0.5"))
@@ -909,12 +910,12 @@ async def test_a_definition_change_stamped_before_a_boundary_counts_the_next_win
 ) -> None:
     """Finding 7: 7d -> 1d stamped Wed 23:59:59, committed after a charge admitted Thu
     00:00:01: Thursday's window row missed it, and a rebuild from it let $1.20 through."""
-    clock = Clock(datetime(2026, 11, 25, 10, 0, tzinfo=UTC))
+    clock = Clock(WED.replace(hour=10))
     gw = await gateways(clock)
     await with_budget(gw, "t", "1", "7d")
-    clock.now = datetime(2026, 11, 26, 0, 0, 1, tzinfo=UTC)
+    clock.now = WED.replace(hour=0) + timedelta(days=1, seconds=1)
     await gw.spend("r", ["t"], "0.6")
-    late = TagService(gw.store, clock=Clock(datetime(2026, 11, 25, 23, 59, 59, tzinfo=UTC)))
+    late = TagService(gw.store, clock=Clock(WED.replace(hour=23, minute=59, second=59)))
     await late.update("t", ev.TagFields(budget_duration="1d"))
     await gw.refresh()
     assert gw.store.dsn is not None

@@ -100,11 +100,11 @@ async def test_rebuild_and_sweeper_queries_never_scan_the_events_table(store: Ev
         await conn.execute("analyze")
         window = window_at(parse_duration("1d"), NOW, NOW)
         for name, sql, args in (
-            ("rebuild", WINDOW_STATE_SQL, ("tag:t1", 1, window.start, window.end, "t1")),
+            ("rebuild", WINDOW_STATE_SQL, ("tag:t1", 1, window.start, window.end, "t1", window.start, 0)),
             (
                 "rebuild (definition not applied yet)",
                 WINDOW_STATE_SQL,
-                ("tag:t1", 99, window.start, window.end, "t1"),
+                ("tag:t1", 99, window.start, window.end, "t1", window.start, 0),
             ),
             ("sweeper", EXPIRED_SQL, (NOW + timedelta(hours=1), 200)),
             ("alerts", CHARGED_BEFORE_SQL, ("tag:t1", window.start, window.end, "t1", 10**9)),
@@ -116,7 +116,9 @@ async def test_rebuild_and_sweeper_queries_never_scan_the_events_table(store: Ev
             # the 50 events of the tail (and a max()), never the 80,005 of the log
             assert sum(rows for _, rows in on_events) <= 200, (name, read)
         # and the answer is right: the view plus the tail
-        row = await conn.fetchrow(WINDOW_STATE_SQL, "tag:t1", 1, window.start, window.end, "t1")
+        row = await conn.fetchrow(
+            WINDOW_STATE_SQL, "tag:t1", 1, window.start, window.end, "t1", window.start, 0
+        )
         assert row is not None
     finally:
         await conn.close()

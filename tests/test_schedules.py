@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 
 from ledger import events as ev
 from ledger.admission import Admission, AdmissionHooks, Admitted, BudgetExceeded, DuplicateRequest
-from ledger.budgets import BudgetBook, budget_of, rebuild_missing
+from ledger.budgets import BudgetBook, rebuild_missing
 from ledger.counters import Counters, CountersUnavailable, connect_redis
 from ledger.counters.log import window_state
 from ledger.embedded import EmbeddedRedis
@@ -50,7 +50,9 @@ SCHEDULES = int(os.environ.get("LEDGER_SCHEDULES", "60"))
 ONLY_SEED = os.environ.get("LEDGER_SCHEDULE_SEED")
 STEPS = 30
 TTL = timedelta(minutes=2)
-MONDAY = datetime(2026, 11, 23, 0, 10, tzinfo=UTC)
+# A Monday ahead of the real clock: Redis prunes what its own clock says has ended.
+_today = datetime.now(UTC).replace(hour=0, minute=10, second=0, microsecond=0)
+MONDAY = _today + timedelta(days=7 - _today.weekday())
 
 
 class Clock:
@@ -213,6 +215,15 @@ async def run_schedule(w: World, seed: int) -> None:
             assert state is not None
             window = state.window(w.clock.now)
             spent = await charged_in_window(w.conn, ids, t, window.start, window.end)
+            if spent > limits[t] and os.environ.get("LEDGER_SCHEDULE_DEBUG"):
+                rows = await w.conn.fetch(
+                    "select position, stream, version, type, data::text from events "
+                    "where stream = any($1::text[]) or stream like 'tag:%' order by position",
+                    [f"request:{i}" for i in ids],
+                )
+                for row in rows:
+                    print(tuple(row))
+                print("log", w.log, "window", window, "limits", limits)
             assert spent <= limits[t], f"seed {seed}: {t} charged {spent} of {limits[t]} ({w.log[-5:]})"
 
     for step in range(STEPS):
@@ -360,14 +371,15 @@ async def run_schedule(w: World, seed: int) -> None:
     assert not open_ones, f"seed {seed}: never ended: {[r[0] for r in open_ones]}"
     # every live counter equals the log
     for t in tags:
-        state = sweeper.book.get(t)
-        assert state is not None
-        budget = budget_of(state, w.clock.now)
+        [budget] = sweeper.book.budgets_for([t], w.clock.now)
         have = await sweeper.counters.peek(budget.key)
         if have is None:
             continue
         want = await window_state(sweeper.store.pool, budget)
-        if os.environ.get("LEDGER_SCHEDULE_DEBUG") and (have.spent_nanos != want.spent_nanos):
+        if os.environ.get("LEDGER_SCHEDULE_DEBUG") and (have.spent_nanos, have.reserved_nanos) != (
+            want.spent_nanos,
+            want.reserved_nanos,
+        ):
             rows = await w.conn.fetch(
                 "select position, stream, version, type, data::text, recorded_at from events "
                 "where stream = any($1::text[]) or stream like 'tag:%' order by position",

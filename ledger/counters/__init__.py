@@ -27,7 +27,7 @@ import contextlib
 import secrets
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -223,6 +223,7 @@ class Counters:
         held: Sequence[Budget] = (),
         nonce: str = "",
         swept: bool = False,
+        mark: bool = False,
     ) -> int:
         """Charge ``actual`` and give back what the request holds.
 
@@ -235,7 +236,8 @@ class Counters:
         reservation means it was settled already. Idempotent. Returns how many
         counters were charged now. ``swept``: a sweeper settling after the
         deadline, from Redis's index: if the index no longer lists this attempt,
-        its settle ran already.
+        its settle ran already. ``mark``: the sweeper's settles leave a marker so a
+        confirm from a gateway that stalled past the deadline adds nothing back.
         """
         held_keys = {b.key for b in held}
         ordered = list({b.key: b for b in [*budgets, *held]}.values())
@@ -262,6 +264,7 @@ class Counters:
                 nonce,
                 position,  # the fence: later rebuilds must have read this charge
                 "1" if swept else "0",
+                "1" if mark else "0",
             ]
             reply = scripts.settle_reply(await self._call("settle", script_keys, args))
             if isinstance(reply, scripts.Settled):
@@ -277,7 +280,7 @@ class Counters:
         await self._call(
             "settle",
             [keys.OPEN, keys.OPEN_KEYS, *counter_keys, *(keys.generation_of(k) for k in counter_keys)],
-            [request_id, 0, NEVER, 0, 0, 0, "1" * len(counter_keys), nonce, 0, "0"],
+            [request_id, 0, NEVER, 0, 0, 0, "1" * len(counter_keys), nonce, 0, "0", "0"],
         )
 
     # ------------------------------------------------------------- read
@@ -305,6 +308,22 @@ class Counters:
         return WindowSpend(
             int(values.get(b"spent", b"0")), int(values.get(b"reserved", b"0")), int(values[b"pos"]), held
         )
+
+    async def confirmed(
+        self, request_id: str, nonce: str, admitted_position: int, budgets: Sequence[Budget]
+    ) -> bool:
+        """Whether an admission may have been confirmed (and so gone upstream): False
+        only when a live counter built before it lacks its reservation, which a
+        confirm would have put there."""
+        field = f"r:{request_id}".encode()
+        for budget in budgets:
+            values = await self._redis(self.redis.hmget(budget.key, ["pos", "run", field]))
+            if values[0] is None or values[2] is not None or int(values[0]) >= admitted_position:
+                continue
+            run = (await self._redis(self.redis.info("server")))["run_id"]
+            if values[1] is not None and values[1].decode() == run:
+                return False
+        return True
 
     async def expired(self, now: datetime, limit: int = 200) -> list[str]:
         """Request ids in Redis's index whose reservation deadline has passed."""
@@ -348,7 +367,7 @@ class Counters:
                 reply = await self._call(
                     "begin",
                     [budget.key, budget.gen_key, budget.reg_key],
-                    [secrets.token_hex(8), budget.registry_entry, _ms(datetime.now(UTC))],
+                    [secrets.token_hex(8), budget.registry_entry],
                 )
                 token = scripts.begin_reply(reply)
                 if token is None:

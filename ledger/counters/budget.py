@@ -12,10 +12,14 @@ from ledger.windows import LIFETIME, Window
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    subject: str  # what the budget is attached to: "tag:<name>"
-    epoch: int  # the definition's budget epoch (see TagState.budget_epoch)
+    subject: str  # what the budget is attached to: "tag:<name>", "key:<hash>", ... (ledger/subjects.py)
+    epoch: int  # the definition's budget epoch (ledger/subjects.py)
     window: Window
     limit_nanos: int
+    # A spend reset inside this window: charges admitted before ``since`` do not
+    # count, ``base_nanos`` counts in their place.
+    since: datetime | None = None
+    base_nanos: int = 0
     key: str = field(init=False, compare=False)  # the window counter's Redis key
     gen_key: str = field(init=False, compare=False)
     reg_key: str = field(init=False, compare=False)
@@ -26,21 +30,35 @@ class Budget:
         object.__setattr__(self, "reg_key", keys.registry(self.subject))
 
     @property
+    def counts_from(self) -> datetime:
+        """The earliest admission time this window's counter counts."""
+        return self.since if self.since is not None else self.window.start
+
+    @property
     def registry_entry(self) -> str:
-        """What the subject's registry says of this counter: window (ms), epoch, limit."""
+        """What the subject's registry says of this counter: window (ms), epoch, limit,
+        and a spend reset (since, ms; base, nanos)."""
         w = self.window
-        return f"{_ms(w.start)}|{_ms(w.end)}|{self.epoch}|{self.limit_nanos}"
+        since = _ms(self.since) if self.since is not None else 0
+        return f"{_ms(w.start)}|{_ms(w.end)}|{self.epoch}|{self.limit_nanos}|{since}|{self.base_nanos}"
 
     @classmethod
     def from_registry(cls, key: str, entry: str) -> Budget:
         parsed = keys.parse_counter(key)
-        start, end, epoch, limit = entry.split("|")
+        start, end, epoch, limit, since, base = ([*entry.split("|"), "0", "0"])[:6]
         if parsed is None or int(epoch) != parsed.epoch:
             raise ValueError(f"registry entry {entry!r} does not match counter {key!r}")
         window = Window(_from_ms(int(start)), _from_ms(int(end)))
         if window == LIFETIME:
             window = LIFETIME
-        return cls(parsed.subject, parsed.epoch, window, int(limit))
+        return cls(
+            parsed.subject,
+            parsed.epoch,
+            window,
+            int(limit),
+            _from_ms(int(since)) if int(since) else None,
+            int(base),
+        )
 
     @property
     def window_stamp(self) -> int:

@@ -18,7 +18,7 @@ import asyncpg
 
 from ledger.counters.budget import Budget
 from ledger.errors import StoreUnavailable
-from ledger.windows import Window
+from ledger.money import from_nanos
 
 PROJECTION = "budget_windows"  # the projection that maintains the views read here
 
@@ -43,15 +43,15 @@ WINDOW_STATE_SQL = (  # constant text: the tail CTEs, then this query
 mine as (
     select t.stream, t.type, t.data from tail t
     where (t.data->'budget_tags' ? $5 or t.data->'budget_subjects' ? $1)
-      and coalesce(t.data->>'admitted_at', t.data->>'at')::timestamptz >= $3
+      and coalesce(t.data->>'admitted_at', t.data->>'at')::timestamptz >= $6
       and coalesce(t.data->>'admitted_at', t.data->>'at')::timestamptz < $4
 ),
 viewed as (
     select case when (select epoch from budget_epochs where subject = $1) = $2
         then coalesce((select spend_nanos from budget_window_spend
                        where subject = $1 and window_start = $3 and window_end = $4), 0)
-        else (select coalesce(sum(nanos), 0) from budget_charges
-              where subject = $1 and admitted_at >= $3 and admitted_at < $4)
+        else $7::numeric + (select coalesce(sum(nanos), 0) from budget_charges
+              where subject = $1 and admitted_at >= $6 and admitted_at < $4)
     end as nanos
 ),
 charged as (
@@ -60,7 +60,7 @@ charged as (
 ),
 open as (
     select o.request_id as id, o.estimate_nanos as nanos, o.nonce from open_reservations o
-    where o.subjects @> array[$1] and o.at >= $3 and o.at < $4
+    where o.subjects @> array[$1] and o.at >= $6 and o.at < $4
       and not exists (select 1 from ended where ended.stream = o.stream)
     union all
     select m.data->>'request_id', ceil((m.data->>'estimate')::numeric * 1000000000),
@@ -106,14 +106,23 @@ class WindowState:
 
 
 def _tag_of(subject: str) -> str | None:
-    return subject[4:] if subject.startswith("tag:") else None
+    """The tag name a subject's charges list in ``budget_tags`` (model subjects are
+    only in ``budget_subjects``)."""
+    return subject[4:] if subject.startswith("tag:") and "|model:" not in subject else None
 
 
 async def window_state(pool: asyncpg.Pool, budget: Budget) -> WindowState:
     w = budget.window
     try:
         row = await pool.fetchrow(
-            WINDOW_STATE_SQL, budget.subject, budget.epoch, w.start, w.end, _tag_of(budget.subject)
+            WINDOW_STATE_SQL,
+            budget.subject,
+            budget.epoch,
+            w.start,
+            w.end,
+            _tag_of(budget.subject),
+            budget.counts_from,
+            budget.base_nanos,
         )
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as e:
         raise StoreUnavailable(f"cannot read the budget window from the log: {e}") from e
@@ -149,10 +158,15 @@ select
 """
 
 
-async def charged_up_to(conn: asyncpg.Connection, subject: str, window: Window, position: int) -> Decimal:
-    """USD charged to ``subject`` in ``window`` by the events up to ``position``
-    (exact, whatever definitions were in force)."""
+async def charged_up_to(conn: asyncpg.Connection, budget: Budget, position: int) -> Decimal:
+    """USD charged to a budget's window by the events up to ``position`` (exact,
+    whatever definitions were in force; a spend reset's base included)."""
     value = await conn.fetchval(
-        CHARGED_BEFORE_SQL, subject, window.start, window.end, _tag_of(subject), position
+        CHARGED_BEFORE_SQL,
+        budget.subject,
+        budget.counts_from,
+        budget.window.end,
+        _tag_of(budget.subject),
+        position,
     )
-    return Decimal(value)
+    return Decimal(value) + from_nanos(budget.base_nanos)

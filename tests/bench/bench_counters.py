@@ -165,11 +165,11 @@ async def rebuild_runs(database_url: str, redis_url: str) -> list[tuple[str, flo
         await conn.execute(
             "insert into projection_checkpoints (name) values ('budget_windows') on conflict do nothing"
         )
-        for state in book.tags.values():
+        for spec in book.definitions.budgeted():
             await conn.execute(
                 "insert into budget_epochs values ($1, $2) on conflict (subject) do update set epoch = $2",
-                f"tag:{state.name}",
-                state.budget_epoch,
+                spec.subject,
+                spec.epoch,
             )
         rows += await _boundary(store, counters, book, month.end, "fresh", "empty log")
         written = 0

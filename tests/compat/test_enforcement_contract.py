@@ -14,7 +14,7 @@ import pytest
 
 from tests.compat.conftest import LiteLLM
 
-pytestmark = pytest.mark.xfail(strict=True, reason="enforced on the request path (the lead's next step)")
+_NOT_YET = pytest.mark.xfail(strict=True, reason="enforced on the request path (the lead's next step)")
 
 
 async def _status(litellm: LiteLLM, **kw: object) -> tuple[int, dict[str, object]]:
@@ -25,6 +25,7 @@ async def _status(litellm: LiteLLM, **kw: object) -> tuple[int, dict[str, object
     return 200, {}
 
 
+@_NOT_YET
 async def test_tag_rpm_limit(litellm: LiteLLM) -> None:
     await litellm.post("/tag/new", {"name": "slow", "rpm_limit": 1})
     assert (await _status(litellm, extra_body={"metadata": {"tags": ["slow"]}}))[0] == 200
@@ -38,6 +39,7 @@ async def test_key_budget(litellm: LiteLLM) -> None:
     assert (status, error.get("type")) == (429, "budget_exceeded")
 
 
+@_NOT_YET
 async def test_key_spend_is_recorded_with_the_key(litellm: LiteLLM) -> None:
     """The request events carry the key's hash, the spend log's key_hash column
     (migration 0020) holds it, and LiteLLM's per-key views fill in."""

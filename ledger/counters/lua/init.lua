@@ -1,6 +1,7 @@
 -- Write a rebuilt counter, unless it is stale or a live counter exists:
--- * the generation token must be the one the rebuild started under (a FLUSHALL or a
---   restart since then took it: the log it read may predate changes that are gone);
+-- * the generation token must be the one the rebuild started under, in this server's
+--   life (a FLUSHALL or a restart since then took it: the log it read may predate
+--   changes that are gone);
 -- * the counter's fence must not be above the position the rebuild read (a confirm or
 --   a settle since then needs a newer read);
 -- * a live counter is never replaced (it may hold reservations whose admissions are
@@ -10,7 +11,10 @@
 --       estimate|nonce pairs of the open reservations it holds
 -- Reply: 'ok' | 'exists' | 'stale'
 local run = current_run()
-if redis.call('HGET', KEYS[2], 'token') ~= ARGV[1] then return 'stale' end
+-- (a token restored from an RDB or AOF file is the same string, but of another life)
+if redis.call('HGET', KEYS[2], 'token') ~= ARGV[1] or string.sub(ARGV[1], 1, #run + 1) ~= run .. ':' then
+  return 'stale'
+end
 if tonumber(redis.call('HGET', KEYS[2], KEYS[1]) or '0') > tonumber(ARGV[4]) then return 'stale' end
 if redis.call('HGET', KEYS[1], 'run') == run then return 'exists' end
 redis.call('DEL', KEYS[1])

@@ -36,9 +36,10 @@ local function room(spent, reserved, est, limit)
   if greater(th, tl, lh, ll) then return false, 0, 0 end
   return true, norm(lh - th, ll - tl)
 end
--- A registry entry: window start and end (ms), budget epoch, limit (nanos).
+-- A registry entry: window start and end (ms), budget epoch, limit (nanos), then a
+-- spend reset (since ms, base nanos), which this script does not need.
 local function entry(value)
-  local a, b, c, d = string.match(value, '^(-?%d+)|(-?%d+)|(%d+)|(%d+)$')
+  local a, b, c, d = string.match(value, '^(-?%d+)|(-?%d+)|(%d+)|(%d+)')
   return tonumber(a), tonumber(b), tonumber(c), d
 end
 -- Counters of the newest epoch, per registry, whose window holds `at` (ms) and that

@@ -8,7 +8,9 @@
 -- KEYS: open index (zset), open keys (hash), registries (s), counters (n), their generation hashes (n)
 -- ARGV: request id, actual, T, A (RequestAdmitted's position), admission time (ms), s,
 --       held flags ('1'/'0' per counter), nonce, fence (0: none), swept ('1': only if the
---       open index still lists this attempt — else it was settled already)
+--       open index still lists this attempt — else it was settled already), marked ('1':
+--       leave x:<id> behind, so that a confirm arriving after this settle adds nothing —
+--       the sweeper's settles, which may come before a stalled gateway's confirm)
 -- Reply: {'ok', counters charged} | {'more', key, entry...}
 local id, actual = ARGV[1], ARGV[2]
 local at, admitted, when, s, flags = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
@@ -34,6 +36,7 @@ for i = 1, n do
     -- missing (or from another life): whatever rebuilds it reads the log after this charge
   elseif est and owner == nonce then
     redis.call('HDEL', key, field)
+    if ARGV[11] == '1' then redis.call('HSET', key, settled, '1') end
     if est ~= '0' then redis.call('HINCRBY', key, 'reserved', '-' .. est) end
     if tonumber(v[1]) < at then
       redis.call('HINCRBY', key, 'spent', actual)
