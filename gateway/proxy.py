@@ -50,7 +50,8 @@ from gateway.keys import (
     USER_SECRET,
 )
 from gateway.upstreams import Upstream
-from ledger.admission import Admitted, BudgetExceeded, DuplicateRequest, Recorded
+from ledger.admission import Admitted, BudgetExceeded, DuplicateRequest, RateLimited, Recorded
+from ledger.counters.limits import SETTING, UNIT
 from ledger.errors import StoreUnavailable
 from ledger.estimate import Bound, BoundError, request_bound
 from ledger.pricing import Price, PriceBook, Tokens
@@ -292,6 +293,32 @@ def _denied(denied: BudgetExceeded, capped_by_default: bool) -> web.Response:
     )
 
 
+def _rate_limited(limited: RateLimited) -> web.Response:
+    limit = limited.limit
+    setting = SETTING[limit.kind]
+    message = (
+        f"rate limit exceeded for {describe(limit.subject)}: {setting} allows {limit.maximum} "
+        f"{UNIT[limit.kind]} ({limited.used} used); retry in {limited.retry_after_s} s"
+    )
+    body = {
+        "error": {
+            "message": message,
+            "type": "rate_limit_exceeded",
+            "param": None,
+            "code": setting,
+            "subject": describe(limit.subject),
+            "limit": limit.maximum,
+            "used": limited.used,
+            "retry_after": limited.retry_after_s,
+        }
+    }
+    # The client may retry after Retry-After (the OpenAI SDK honours it).
+    headers = {"Retry-After": str(limited.retry_after_s)}
+    return web.Response(
+        status=429, body=_encoder.encode(body), content_type="application/json", headers=headers
+    )
+
+
 async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
@@ -390,7 +417,7 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
     try:
         # Redis down: the policy (LEDGER_ON_REDIS_DOWN) is applied inside; under
         # "deny" it raises CountersUnavailable (a 503, recorded).
-        outcome: Admitted | BudgetExceeded = await admission.admit(
+        outcome: Admitted | BudgetExceeded | RateLimited = await admission.admit(
             request_id,
             attribution.tags,
             estimate,
@@ -398,6 +425,7 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
             user_hash=attribution.user_hash,
             metadata=attribution.metadata,
             key_hash=key_hash,
+            tokens=bound.prompt,
         )
     except DuplicateRequest as e:
         raise ApiError(
@@ -413,6 +441,10 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
         metrics.denials.inc()
         structlog.contextvars.bind_contextvars(denied_by=outcome.tag)
         return _denied(outcome, bound.inject is not None)
+    if isinstance(outcome, RateLimited):
+        metrics.denials.inc()
+        structlog.contextvars.bind_contextvars(limited_by=SETTING[outcome.limit.kind])
+        return _rate_limited(outcome)
     if not outcome.reserved and outcome.budgets:
         structlog.contextvars.bind_contextvars(unreserved=True)
     if outcome.budgets and bound.inject is not None:

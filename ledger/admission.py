@@ -1,7 +1,7 @@
 """Admission: reserve, then settle — the budget side of every request.
 
-1. ``admit`` checks every budget of the request in one Redis call and reserves
-   the estimate on all of them or none; the admission is appended to the log as
+1. ``admit`` checks every budget and rate limit of the request in one Redis
+   call and reserves the estimate on all of them or none; the admission is appended to the log as
    ``RequestAdmitted`` (version 1 of ``request:<id>``); then it confirms that
    every counter still holds the reservation (a counter lost and rebuilt in
    between would not) — only then may the request go on.
@@ -36,8 +36,9 @@ from typing import Any, Literal
 import structlog
 
 from ledger import events as ev
-from ledger.budgets import BudgetBook, window_ref
-from ledger.counters import Budget, Counters, CountersUnavailable, Denied
+from ledger.budgets import BudgetBook, budgets_at, limits_of, window_ref
+from ledger.counters import Budget, Counters, CountersUnavailable, Denied, Holding, Limit, Limited
+from ledger.counters.limits import SETTING
 from ledger.counters.log import expired_reservations
 from ledger.counters.scripts import Dup
 from ledger.errors import AppendOutcomeUnknown, ConcurrencyError, LedgerError, StoreError, StoreUnavailable
@@ -72,6 +73,7 @@ class Admitted:
     reserved: bool = True
     nonce: str = ""  # this attempt's reservation name (see RequestAdmitted.reservation)
     key_hash: str | None = None
+    holding: Holding | None = None  # its places in rate limits, given back when it ends
 
     def remaining_after(self, cost: Decimal) -> Decimal | None:
         """The tightest budget's room once this request is charged ``cost``."""
@@ -126,6 +128,16 @@ class BudgetExceeded:
     @property
     def reset_at(self) -> datetime | None:
         return self.budget.reset_at
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimited:
+    """Refused by a rate limit (rpm, tpm or parallel requests) of some subject."""
+
+    request_id: str
+    limit: Limit
+    used: int
+    retry_after_s: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,44 +205,66 @@ class Admission:
         user_hash: str | None = None,
         metadata: dict[str, Any] | None = None,
         key_hash: str | None = None,
-    ) -> Admitted | BudgetExceeded:
-        """Reserve, record, confirm. Raises DuplicateRequest, CountersUnavailable
-        (Redis down under the deny policy), StoreUnavailable.
+        tokens: int = 0,
+    ) -> Admitted | BudgetExceeded | RateLimited:
+        """Reserve, record, confirm. ``tokens``: the prompt's bound (counted against
+        tpm limits). Raises DuplicateRequest, CountersUnavailable (Redis down under
+        the deny policy), StoreUnavailable.
 
         Every way out before the request may go upstream gives back what was
         reserved: this attempt's nonce names its reservation, so another attempt
         under the same request id is never touched."""
         now = self.now()
         tags = list(dict.fromkeys(tags))
-        budgets = self.book.budgets_for(tags, now, key_hash=key_hash, user_hash=user_hash, model=model)
+        specs = self.book.specs_for(tags, key_hash=key_hash, user_hash=user_hash, model=model)
+        budgets = budgets_at(specs, now)
+        limits = limits_of(specs)
         estimate_nanos = to_nanos(estimate)
         deadline = now + self.reservation_ttl
         nonce = secrets.token_hex(8)
         keys = [b.key for b in budgets]
         remaining: int | None = None
         reserving = bool(budgets)
-        if budgets:
+        # What a reserve takes of the rate limits, known before it runs: an attempt
+        # that never learns its reply still gives back its parallel slots.
+        maybe = Counters.holding(request_id, nonce, limits, now, tokens) if limits else None
+        holding: Holding | None = None
+        if budgets or limits:
             try:
-                outcome = await self.counters.reserve(request_id, budgets, estimate_nanos, deadline, nonce)
+                outcome = await self.counters.reserve(
+                    request_id,
+                    budgets,
+                    estimate_nanos,
+                    deadline,
+                    nonce,
+                    limits=limits,
+                    now=now,
+                    tokens=tokens,
+                )
             except CountersUnavailable:
                 # The script may have run after the client gave up on it.
-                self._spawn(self._give_back(request_id, keys, nonce))
+                self._spawn(self._give_back(request_id, keys, nonce, maybe))
                 if self.on_redis_down != "allow":
                     await self.record_refusal(request_id, tags, model, "redis_unavailable")
                     raise
                 outcome = None
                 reserving = False
             except asyncio.CancelledError:
-                self._spawn(self._give_back(request_id, keys, nonce))
+                self._spawn(self._give_back(request_id, keys, nonce, maybe))
                 raise
             if isinstance(outcome, Denied):
                 denied = self._exceeded(request_id, outcome, estimate)
                 await self._record_denial(denied, tags, model, now, user_hash, metadata, key_hash)
                 return denied
+            if isinstance(outcome, Limited):
+                limited = RateLimited(request_id, outcome.limit, outcome.used, outcome.retry_after_s)
+                await self._record_limited(limited, tags, model, now, user_hash, metadata, key_hash)
+                return limited
             if outcome is not None:
                 if outcome.duplicate:
                     raise DuplicateRequest(request_id, " and is still in flight")
                 remaining = outcome.remaining_nanos
+                holding = outcome.holding
         event = ev.RequestAdmitted(
             request_id=request_id,
             at=now,
@@ -258,23 +292,23 @@ class Admission:
             False,
             nonce,
             key_hash,
+            holding,
         )
         stream = ev.stream_of_request(request_id)
+        given_back = keys if reserving else []
         try:
             if reserving:
                 await self.hooks.after_reserve(request_id)
             pending = await self.store.submit(stream, 0, [ev.to_new(event)])
         except BaseException:
             # Never queued (store closed, queue full, cancelled): nothing can commit it.
-            if reserving:
-                self._spawn(self._give_back(request_id, keys, nonce))
+            self._spawn(self._give_back(request_id, given_back, nonce, holding))
             raise
         try:
             [position] = await pending.wait()
         except ConcurrencyError:
             # The log has this id already (Redis had forgotten it): give the reservation back.
-            if reserving:
-                await self.counters.release_orphan(request_id, keys, nonce)
+            await self._give_back(request_id, given_back, nonce, holding)
             raise DuplicateRequest(request_id, await self._fate(stream)) from None
         except BaseException:
             # Outcome unknown (or cancelled): never silently dropped.
@@ -383,6 +417,35 @@ class Admission:
         # Denials of one request id may repeat (a client retrying): no version check.
         await self.store.append(f"denied:{denied.request_id}", None, [ev.to_new(event)])
 
+    async def _record_limited(
+        self,
+        limited: RateLimited,
+        tags: Sequence[str],
+        model: str | None,
+        now: datetime,
+        user_hash: str | None,
+        metadata: dict[str, Any] | None,
+        key_hash: str | None,
+    ) -> None:
+        subject = limited.limit.subject
+        event = ev.RequestDenied(
+            request_id=limited.request_id,
+            at=now,
+            tag=subject.removeprefix("tag:") if _is_tag(subject) else "",
+            spent=Decimal(0),
+            reserved=Decimal(0),
+            estimate=Decimal(0),
+            max_budget=Decimal(0),
+            tags=list(dict.fromkeys(tags)),
+            model=model,
+            reason=SETTING[limited.limit.kind],
+            user_hash=user_hash,
+            metadata=metadata or {},
+            key_hash=key_hash,
+            subject=subject,
+        )
+        await self.store.append(f"denied:{limited.request_id}", None, [ev.to_new(event)])
+
     # ------------------------------------------------------------- settle
 
     def charged_budgets(self, admitted_at: datetime, subjects: Sequence[str]) -> list[Budget]:
@@ -447,12 +510,23 @@ class Admission:
             charged = getattr(terminal, "cost", Decimal(0))
             log.warning("terminal_superseded", request_id=admitted.request_id, by=recorded[1].type)
             return Recorded(recorded[1].position, charged, superseded=True)
+        if admitted.holding is not None:
+            used = event.prompt_tokens + event.completion_tokens if isinstance(event, ev.SpendRecorded) else 0
+            self._spawn(self._unlimit(admitted.holding, used))
         if wait_settle:
             await self._settle(admitted, to_nanos(cost), position)
             self.unreconciled.pop(admitted.request_id, None)
         else:
             self._spawn(self._settle_retrying(admitted, to_nanos(cost), position))
         return Recorded(position, cost)
+
+    async def _unlimit(self, holding: Holding, used_tokens: int) -> None:
+        """Free the parallel slots and count the tokens (best effort: a slot frees
+        itself at the deadline; a lost token count only errs towards admitting)."""
+        try:
+            await self.counters.unlimit(holding, self.now(), used_tokens)
+        except Exception as e:
+            log.info("unlimit_failed", member=holding.member, error=f"{type(e).__name__}: {e}")
 
     async def _settle(self, admitted: Admitted, actual_nanos: int, position: int) -> int:
         return await self.counters.settle(
@@ -513,7 +587,7 @@ class Admission:
             position = 0  # ask the log below
         except (NotWritten, ConcurrencyError, StoreError):
             # Never committed (refused, rolled back, or never written).
-            await self._give_back(admitted.request_id, keys, admitted.nonce)
+            await self._give_back(admitted.request_id, keys, admitted.nonce, admitted.holding)
             return
         if position:
             await self._release_quietly(replace(admitted, position=position), "admission_unconfirmed")
@@ -528,18 +602,22 @@ class Admission:
                 continue
             mine = [r for r in recorded[:1] if ev.decode(r).reservation == admitted.nonce]  # type: ignore[union-attr]
             if not mine:
-                await self._give_back(admitted.request_id, keys, admitted.nonce)
+                await self._give_back(admitted.request_id, keys, admitted.nonce, admitted.holding)
                 return
             await self._release_quietly(replace(admitted, position=mine[0].position), "admission_unconfirmed")
             return
 
-    async def _give_back(self, request_id: str, keys: list[str], nonce: str) -> None:
-        """Release this attempt's reservation where it never reached the log (best
-        effort: the sweeper does it after the deadline otherwise)."""
-        if not keys:
-            return
+    async def _give_back(
+        self, request_id: str, keys: list[str], nonce: str, holding: Holding | None = None
+    ) -> None:
+        """Release this attempt's reservation where it never reached the log, and its
+        parallel slots (best effort: the sweeper releases the reservation after the
+        deadline otherwise, and a slot frees itself then)."""
         try:
-            await self.counters.release_orphan(request_id, keys, nonce)
+            if keys:
+                await self.counters.release_orphan(request_id, keys, nonce)
+            if holding is not None:
+                await self.counters.unlimit(holding, self.now(), None)
         except Exception as e:
             log.info("give_back_failed", request_id=request_id, error=f"{type(e).__name__}: {e}")
 

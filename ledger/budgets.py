@@ -16,10 +16,11 @@ from datetime import datetime
 import structlog
 
 from ledger import events as ev
-from ledger.counters import Budget, Counters
+from ledger.counters import Budget, Counters, Limit
+from ledger.counters.limits import limits_of as limits_from
 from ledger.follow import FollowedCache
 from ledger.store import EventStore, RecordedEvent
-from ledger.subjects import DEFINITION_TYPES, Definitions, Limits, Spec
+from ledger.subjects import DEFINITION_TYPES, Definitions, Spec
 from ledger.tags import TagState
 from ledger.windows import LIFETIME, Window
 
@@ -86,9 +87,13 @@ def budgets_at(specs: Iterable[Spec], now: datetime) -> list[Budget]:
     return [b for s in specs if (b := s.budget(now)) is not None]
 
 
-def limited(specs: Iterable[Spec]) -> list[tuple[str, Limits]]:
-    """(subject, limits) of the specs that have rate limits."""
-    return [(s.subject, s.limits) for s in specs if s.limits]
+def limits_of(specs: Iterable[Spec]) -> list[Limit]:
+    """The rate limits of these specs."""
+    return [
+        limit
+        for s in specs
+        for limit in limits_from(s.subject, s.limits.rpm, s.limits.tpm, s.limits.parallel)
+    ]
 
 
 def _window(w: ev.BudgetWindow) -> Window:

@@ -216,7 +216,8 @@ class RequestDenied(msgspec.Struct, frozen=True, tag=True):
     tags: list[str] = []
     model: str | None = None
     # "budget"; "redis_unavailable": refused because budgets could not be checked;
-    # "budget_recheck": admitted, then refused when a lost counter could not take it back
+    # "budget_recheck": admitted, then refused when a lost counter could not take it back;
+    # "rpm_limit", "tpm_limit", "max_parallel_requests": refused by that rate limit
     reason: str = "budget"
     user_hash: str | None = None
     metadata: dict[str, Any] = {}

@@ -49,7 +49,7 @@ async def reserve(
         r,
         "reserve",
         [keys.OPEN, keys.OPEN_KEYS, *counters],
-        [rid, est, 99, keys.join(list(counters)), nonce, *limits],
+        [rid, est, 99, keys.join(list(counters)), nonce, len(counters), *limits, 0, 0, ""],
     )
     return scripts.reserve_reply(reply)
 

@@ -27,7 +27,7 @@ import contextlib
 import secrets
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -36,6 +36,7 @@ from redis import exceptions as redis_errors
 
 from ledger.counters import keys, scripts
 from ledger.counters.budget import Budget, tag_subject
+from ledger.counters.limits import Holding, Limit, Limited, minute_of, retry_after
 from ledger.counters.log import WindowState, window_state
 from ledger.errors import LedgerError
 
@@ -44,6 +45,9 @@ __all__ = [
     "Counters",
     "CountersUnavailable",
     "Denied",
+    "Holding",
+    "Limit",
+    "Limited",
     "Reserved",
     "WindowSpend",
     "connect_redis",
@@ -71,6 +75,7 @@ class Reserved:
     duplicate: bool = False
     # what the tightest budget has left once this reservation is made
     remaining_nanos: int | None = None
+    holding: Holding | None = None  # the rate limits it took a place in
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,20 +133,35 @@ class Counters:
         estimate_nanos: int,
         deadline: datetime,
         nonce: str = "",
-    ) -> Reserved | Denied:
-        """All or nothing: reserve ``estimate`` on every budget, or on none. ``nonce``
-        names this admission attempt: only it can confirm, settle or give back the
-        reservation (another attempt under the same request id cannot)."""
+        *,
+        limits: Sequence[Limit] = (),
+        now: datetime | None = None,
+        tokens: int = 0,
+    ) -> Reserved | Denied | Limited:
+        """All or nothing: reserve ``estimate`` on every budget and take a place in
+        every rate limit (``tokens``: the prompt's bound, for tpm), or do neither
+        anywhere. ``nonce`` names this admission attempt: only it can confirm,
+        settle or give back the reservation (another attempt under the same
+        request id cannot)."""
+        now = now or datetime.now(UTC)
+        holding = self.holding(request_id, nonce, limits, now, tokens) if limits else None
         counter_keys = [b.key for b in budgets]
         args: list[Any] = [
             request_id,
             estimate_nanos,
-            int(deadline.timestamp() * 1000),
+            _ms(deadline),
             keys.join(counter_keys),
             nonce,
+            len(budgets),
             *(b.limit_nanos for b in budgets),
+            _ms(now),
+            tokens,
+            holding.member if holding else "",
         ]
-        script_keys = [keys.OPEN, keys.OPEN_KEYS, *counter_keys]
+        for limit in limits:
+            args += [limit.kind, limit.maximum]
+        minute = minute_of(now)
+        script_keys = [keys.OPEN, keys.OPEN_KEYS, *counter_keys, *(lim.key(minute) for lim in limits)]
         give_up = _give_up()
         while True:
             reply = scripts.reserve_reply(await self._call("reserve", script_keys, args))
@@ -149,10 +169,37 @@ class Counters:
                 break
             await self._rebuild_missing(budgets, reply, give_up)
         if isinstance(reply, scripts.Ok):
-            return Reserved(request_id, estimate_nanos, tuple(budgets), remaining_nanos=reply.room_nanos)
+            room = reply.room_nanos if budgets else None
+            return Reserved(request_id, estimate_nanos, tuple(budgets), remaining_nanos=room, holding=holding)
         if isinstance(reply, scripts.Dup):
             return Reserved(request_id, estimate_nanos, tuple(budgets), duplicate=True)
+        if isinstance(reply, scripts.OverLimit):
+            limit = limits[reply.index]
+            return Limited(limit, reply.used, retry_after(limit, now))
         return Denied(budgets[reply.index], reply.spent_nanos, reply.reserved_nanos, estimate_nanos)
+
+    @staticmethod
+    def holding(request_id: str, nonce: str, limits: Sequence[Limit], now: datetime, tokens: int) -> Holding:
+        """What a reserve with these limits takes (known before it runs, so that an
+        attempt whose reply was lost can still give back its parallel slots)."""
+        return Holding(tuple(limits), minute_of(now), tokens, f"{request_id}|{nonce}")
+
+    async def unlimit(self, holding: Holding, now: datetime, used_tokens: int | None) -> None:
+        """Give back what a request held of its rate limits: its parallel slots, and
+        for tpm its prompt bound, counting ``used_tokens`` (its actual total, None if
+        it was never counted: an attempt whose reserve may not have run) in the
+        minute that holds ``now``."""
+        script_keys: list[str] = []
+        args: list[Any] = [holding.member]
+        for limit in holding.limits:
+            if limit.kind == "parallel":
+                script_keys.append(limit.key(holding.minute))
+                args += ["zrem", 0]
+            elif limit.kind == "tpm" and used_tokens is not None:
+                script_keys += [limit.key(holding.minute), limit.key(minute_of(now))]
+                args += ["take", holding.tokens, "add", used_tokens]
+        if script_keys:
+            await self._call("unlimit", script_keys, args)
 
     async def confirm(
         self,

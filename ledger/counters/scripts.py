@@ -19,7 +19,7 @@ def source(name: str) -> str:
     return lib + "\n" + (files / f"{name}.lua").read_text()
 
 
-NAMES = ("reserve", "confirm", "settle", "begin", "init")
+NAMES = ("reserve", "confirm", "settle", "begin", "init", "unlimit")
 
 
 def _text(value: Any) -> str:
@@ -50,6 +50,12 @@ class Deny:
 
 
 @dataclass(frozen=True, slots=True)
+class OverLimit:
+    index: int  # the first rate limit that is used up
+    used: int
+
+
+@dataclass(frozen=True, slots=True)
 class Missing:
     indices: tuple[int, ...]  # counters to rebuild before trying again
 
@@ -76,12 +82,14 @@ class Confirmed:
     added: int  # counters that had lost the reservation and got it back
 
 
-def reserve_reply(reply: list[Any]) -> Ok | Deny | Missing | Dup:
+def reserve_reply(reply: list[Any]) -> Ok | Deny | OverLimit | Missing | Dup:
     verdict = _text(reply[0])
     if verdict == "ok":
         return Ok(int(reply[1]) - 1, int(reply[2]))
     if verdict == "deny":
         return Deny(int(reply[1]) - 1, int(reply[2]), int(reply[3]))
+    if verdict == "limited":
+        return OverLimit(int(reply[1]) - 1, int(reply[2]))
     if verdict == "missing":
         return Missing(_indices(reply))
     if verdict == "dup":

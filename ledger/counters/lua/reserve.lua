@@ -1,12 +1,16 @@
--- Reserve `est` on every window counter, or on none (all or nothing).
--- KEYS: open index (zset), open keys (hash), counters...
--- ARGV: request id, est, deadline ms, counter keys joined by \n, nonce, limits... (one per counter)
+-- Reserve `est` on every window counter and take a place in every rate limit, or
+-- do neither anywhere (all or nothing).
+-- KEYS: open index (zset), open keys (hash), counters (n), rate-limit keys (m)
+-- ARGV: request id, est, deadline ms, counter keys joined by \n, nonce, n,
+--       limits... (one per counter), now ms, tokens (the prompt's bound), member
+--       ("<request id>|<nonce>"), then per rate-limit key: kind, maximum
 -- Reply: {'ok', tightest index, its room left} | {'deny', i, spent, reserved}
---        | {'missing', i...} (counters to rebuild first) | {'dup'}
+--        | {'limited', j, used} | {'missing', i...} (counters to rebuild first) | {'dup'}
 local id, est, nonce = ARGV[1], ARGV[2], ARGV[5]
-if redis.call('HEXISTS', KEYS[2], id) == 1 then return {'dup'} end
+local n = tonumber(ARGV[6])
+local m = #KEYS - 2 - n
+if n > 0 and redis.call('HEXISTS', KEYS[2], id) == 1 then return {'dup'} end
 local run = current_run()
-local n = #KEYS - 2
 local field = 'r:' .. id
 local values, missing = {}, {}
 for i = 1, n do
@@ -19,14 +23,41 @@ local tight, rh, rl = 0, 0, 0
 for i = 1, n do
   local v = values[i]
   if v[5] then return {'dup'} end
-  local ok, h, l = room(v[1], v[2], est, ARGV[5 + i])
+  local ok, h, l = room(v[1], v[2], est, ARGV[6 + i])
   if not ok then return {'deny', i, v[1] or '0', v[2] or '0'} end
   if tight == 0 or greater(rh, rl, h, l) then tight, rh, rl = i, h, l end
+end
+-- Rate limits: each admits while what it counts is below its maximum.
+local now, tokens, member = tonumber(ARGV[7 + n]), ARGV[8 + n], ARGV[9 + n]
+local deadline = tonumber(ARGV[3])
+for j = 1, m do
+  local key, kind, max = KEYS[2 + n + j], ARGV[8 + n + 2 * j], tonumber(ARGV[9 + n + 2 * j])
+  local used
+  if kind == 'parallel' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)  -- slots past their deadline
+    used = redis.call('ZCARD', key)
+  else
+    used = tonumber(redis.call('GET', key) or '0')
+  end
+  if used >= max then return {'limited', j, used} end
 end
 for i = 1, n do
   redis.call('HINCRBY', KEYS[i + 2], 'reserved', est)
   redis.call('HSET', KEYS[i + 2], field, est .. '|' .. nonce)
 end
-redis.call('ZADD', KEYS[1], ARGV[3], id)
-redis.call('HSET', KEYS[2], id, nonce .. '|' .. ARGV[4])
+if n > 0 then
+  redis.call('ZADD', KEYS[1], ARGV[3], id)
+  redis.call('HSET', KEYS[2], id, nonce .. '|' .. ARGV[4])
+end
+for j = 1, m do
+  local key, kind = KEYS[2 + n + j], ARGV[8 + n + 2 * j]
+  if kind == 'parallel' then
+    redis.call('ZADD', key, deadline, member)
+    local ttl = deadline - now + 60000
+    if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+  else
+    redis.call('INCRBY', key, kind == 'rpm' and 1 or tokens)
+    if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, 120000) end
+  end
+end
 return {'ok', tight, fmt(rh, rl)}
