@@ -44,6 +44,7 @@ class _LogRow(NamedTuple):
     estimate: Decimal | None = None
     reason: str | None = None
     usage_clamped: bool = False
+    key_hash: str | None = None  # the client key's hash (not a secret)
 
 
 _LOG_COLUMNS = _LogRow._fields
@@ -89,10 +90,18 @@ def _log_row(r: RecordedEvent, e: ev.Event) -> _LogRow:
             latency_ms=e.latency_ms,
             streamed=e.streamed,
             usage_clamped=e.usage_clamped,
+            key_hash=e.key_hash,
         )
     if isinstance(e, ev.ReservationExpired):
         return _LogRow(
-            r.position, e.request_id, r.recorded_at, e.admitted_at, "expired", tags=e.tags, cost=e.cost
+            r.position,
+            e.request_id,
+            r.recorded_at,
+            e.admitted_at,
+            "expired",
+            tags=e.tags,
+            cost=e.cost,
+            key_hash=e.key_hash,
         )
     if isinstance(e, ev.RequestReleased):
         return _LogRow(
@@ -104,6 +113,7 @@ def _log_row(r: RecordedEvent, e: ev.Event) -> _LogRow:
             tags=e.tags,
             status=e.status,
             reason=e.reason,
+            key_hash=e.key_hash,
         )
     assert isinstance(e, ev.RequestDenied)
     return _LogRow(
@@ -120,6 +130,7 @@ def _log_row(r: RecordedEvent, e: ev.Event) -> _LogRow:
         denied_tag=e.tag or None,
         estimate=e.estimate,
         reason=e.reason,
+        key_hash=e.key_hash,
     )
 
 

@@ -1,20 +1,11 @@
-"""What the request path is to enforce with the settings the admin API now
-records: executable hand-over notes for the lead.
-
-Each test states the behaviour LiteLLM users expect. They are strict xfails:
-they fail today because the request path does not enforce the setting yet, and
-the moment it does they pass, the strict marker turns that into a failure, and
-whoever made them pass removes the marker. None of them can pass by accident.
-"""
+"""What the request path enforces with the settings LiteLLM's admin API records:
+each test states the behaviour a LiteLLM user expects, through the openai SDK."""
 
 from __future__ import annotations
 
 import openai
-import pytest
 
 from tests.compat.conftest import LiteLLM
-
-_NOT_YET = pytest.mark.xfail(strict=True, reason="enforced on the request path (the lead's next step)")
 
 
 async def _status(litellm: LiteLLM, **kw: object) -> tuple[int, dict[str, object]]:
@@ -25,7 +16,6 @@ async def _status(litellm: LiteLLM, **kw: object) -> tuple[int, dict[str, object
     return 200, {}
 
 
-@_NOT_YET
 async def test_tag_rpm_limit(litellm: LiteLLM) -> None:
     await litellm.post("/tag/new", {"name": "slow", "rpm_limit": 1})
     assert (await _status(litellm, extra_body={"metadata": {"tags": ["slow"]}}))[0] == 200
@@ -39,7 +29,6 @@ async def test_key_budget(litellm: LiteLLM) -> None:
     assert (status, error.get("type")) == (429, "budget_exceeded")
 
 
-@_NOT_YET
 async def test_key_spend_is_recorded_with_the_key(litellm: LiteLLM) -> None:
     """The request events carry the key's hash, the spend log's key_hash column
     (migration 0020) holds it, and LiteLLM's per-key views fill in."""
