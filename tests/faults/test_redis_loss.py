@@ -71,7 +71,7 @@ async def test_flushall_under_load_never_resets_a_budget(cluster: Cluster, repor
     url = await asyncio.to_thread(cluster.start_gateway, 0)
     budget = Decimal("0.002")
     http("POST", f"{url}/tag/new", {"name": "flushy", "max_budget": str(budget), "budget_duration": "1d"})
-    key = http("POST", f"{url}/key/generate", {})[1]["key"]
+    key = http("POST", f"{url}/key/generate", {"allowed_tags": ["*"]})[1]["key"]
     client = aioredis.Redis.from_url(cluster.redis.url)
     task = asyncio.create_task(load(url, key, 300, "flushy"))
     for _ in range(3):
@@ -94,7 +94,7 @@ async def test_redis_restart_under_load(cluster: Cluster, report: list[Row], pol
     url = await asyncio.to_thread(cluster.start_gateway, 0, on_redis_down=policy, connect_timeout_s="0.5")
     budget = Decimal("5")
     http("POST", f"{url}/tag/new", {"name": "steady", "max_budget": str(budget), "budget_duration": "1d"})
-    key = http("POST", f"{url}/key/generate", {})[1]["key"]
+    key = http("POST", f"{url}/key/generate", {"allowed_tags": ["*"]})[1]["key"]
     before = await load(url, key, 30, "steady")
     assert set(before) == {"ok"}
     port = cluster.redis.port
