@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import openai
 import pytest
 
@@ -277,3 +278,61 @@ async def test_parallel_requests_hold_across_three_gateway_processes(cluster: Cl
     assert status == 200
     for c in clients:
         await c.close()
+
+
+async def test_a_template_budget_holds_per_customer_across_three_gateway_processes(cluster: Cluster) -> None:
+    """`customer:*` gives every customer its own window counter: under 60 concurrent
+    requests over three processes, each customer gets exactly what its budget
+    reserves; an explicit tag budget overrides the template. The upstream holds
+    each answer 3 s, so every reservation is still open when the last one is
+    asked for and the arithmetic fixes the admitted count."""
+    url = cluster.url(0)
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5,
+        "metadata": {"tags": ["probe"]},
+    }
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/v1/chat/completions", json=body, headers=headers) as r,
+    ):
+        assert r.status == 200
+        rid = r.headers["x-ledger-request-id"]
+    conn = await asyncpg.connect(cluster.pg.url)
+    try:
+        raw = await conn.fetchval(
+            "select data->>'estimate' from events where type = 'RequestAdmitted' and stream = $1",
+            f"request:{rid}",
+        )
+    finally:
+        await conn.close()
+    estimate = Decimal(raw)
+    # 4.5 estimates: 4 fit, the fifth does not
+    template = {"name": "customer:*", "max_budget": str(estimate * Decimal("4.5")), "budget_duration": "30d"}
+    vip = {"name": "customer:vip", "max_budget": str(estimate * Decimal("8.5")), "budget_duration": "30d"}
+    for definition in (template, vip):
+        status, answer = http("POST", f"{url}/tag/new", definition)
+        assert status in (200, 201), answer
+    customers = ["customer:a", "customer:b", "customer:vip"]
+
+    async def one(session: aiohttp.ClientSession, i: int) -> tuple[str, int]:
+        tag = customers[i % 3]
+        payload = {**body, "metadata": {"tags": [tag]}, "mock": {"delay_ms": 3000}}
+        async with session.post(
+            f"{cluster.url(i % 3)}/v1/chat/completions", json=payload, headers=headers
+        ) as r:
+            await r.read()
+            return tag, r.status
+
+    async with aiohttp.ClientSession() as session:
+        results = await asyncio.gather(*(one(session, i) for i in range(60)))
+    admitted = {c: sum(1 for t, s in results if t == c and s == 200) for c in customers}
+    refused = {c: sum(1 for t, s in results if t == c and s == 429) for c in customers}
+    assert admitted == {"customer:a": 4, "customer:b": 4, "customer:vip": 8}, results
+    assert refused == {"customer:a": 16, "customer:b": 16, "customer:vip": 12}
+    status, info = http("GET", f"{url}/tag/info?names=customer:a,customer:vip")
+    assert status == 200
+    assert info["customer:a"]["budget_source"] == "customer:*"
+    assert info["customer:vip"].get("budget_source") is None
