@@ -92,6 +92,9 @@ class Settings:
     # Projection workers in every gateway process (one active per projection,
     # the others standing by); set false to run `ledger projections run` apart.
     run_projections: bool = True
+    # HTTP worker processes of `ledger serve`, sharing the port (SO_REUSEPORT);
+    # projection and alert workers run in the first one only.
+    workers: int = 1
     # Redis down: "deny" answers 503 (budgets cannot be checked); "allow" admits
     # and records, then rebuilds the counters from the log once Redis is back.
     on_redis_down: str = "deny"
@@ -486,6 +489,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "poll_interval_s": _float(0.01, 3600),
     "redis_max_connections": _int(1, 10_000),
     "run_projections": _bool,
+    "workers": _int(1, 64),
     "on_redis_down": _choice(("deny", "allow")),
     "key_scope_default": _choice(("own", "any")),
     "reservation_ttl_s": _float(1, 7 * 86400),
