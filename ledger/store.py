@@ -657,7 +657,11 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
             max_size=settings.pool_max_size,
             timeout=settings.connect_timeout_s,
             command_timeout=settings.statement_timeout_s,
-            server_settings={"application_name": "budget-ledger"},
+            server_settings={
+                "application_name": "budget-ledger",
+                # LEDGER_COMMIT_MODE=fast: commits return before the WAL fsync
+                "synchronous_commit": "off" if settings.commit_mode == "fast" else "on",
+            },
         )
     except _UNAVAILABLE as e:
         raise StoreUnavailable(f"cannot connect to PostgreSQL: {_describe(e)}") from e
