@@ -130,15 +130,9 @@ class WriterStats:
     last_error: str | None = field(default=None)
 
 
-_INSERT = """
-    insert into events (stream, version, type, data)
-    select s, v, t, d::jsonb
-    from unnest($1::text[], $2::int[], $3::text[], $4::text[]) as u(s, v, t, d)
-    returning position, stream, version
-"""
-_CURRENT_VERSIONS = """
-    select stream, max(version) from events where stream = any($1::text[]) group by stream
-"""
+_APPEND_BATCH = (
+    "select * from ledger_append_batch($1::text[], $2::int[], $3::int[], $4::text[], $5::text[], $6)"
+)
 _SELECT = "select position, stream, version, type, data::text, recorded_at from events"
 
 
@@ -407,43 +401,48 @@ class EventStore:
             await self.pool.release(conn)
 
     async def _write_on(self, conn: PoolConnectionProxy[asyncpg.Record], batch: list[_Append]) -> None:
-        async with conn.transaction():
-            # Invariant: every append holds this lock until commit, so the
-            # versions read below cannot change before our insert, and
-            # positions become visible in order (see sql/0001_events.sql).
-            await conn.execute("select ledger_append_lock()")
-            streams = list({item.stream for item in batch})
-            current: dict[str, int] = {r[0]: r[1] for r in await conn.fetch(_CURRENT_VERSIONS, streams)}
-            accepted: list[tuple[_Append, int]] = []  # (append, its first version)
-            rejected: list[tuple[_Append, int]] = []
-            s_col: list[str] = []
-            v_col: list[int] = []
-            t_col: list[str] = []
-            d_col: list[str] = []
-            for item in batch:
-                version = current.get(item.stream, 0)
-                if item.expected_version is not None and item.expected_version != version:
-                    rejected.append((item, version))
-                    continue
-                accepted.append((item, version + 1))
-                for event in item.events:
-                    version += 1
-                    s_col.append(item.stream)
-                    v_col.append(version)
-                    t_col.append(event.type)
-                    d_col.append(event.data.decode())
-                current[item.stream] = version
-            positions: dict[tuple[str, int], int] = {}
-            if accepted:
-                rows = await conn.fetch(_INSERT, s_col, v_col, t_col, d_col)
-                positions = {(r[1], r[2]): r[0] for r in rows}
-                # Payload: "<last position> <types,...>" so listeners that care
-                # about a few types (tag definitions) can ignore the rest.
-                payload = f"{max(positions.values())} {','.join(sorted(set(t_col)))}"
-                await conn.execute("select pg_notify($1, $2)", CHANNEL, payload[:7900])
+        # One call, one implicit transaction, one round trip: the function takes
+        # the append lock, checks versions, inserts and NOTIFYs (sql/0021).
+        types: list[str] = []
+        data: list[str] = []
+        for item in batch:
+            for event in item.events:
+                types.append(event.type)
+                data.append(event.data.decode())
+        rows = await conn.fetch(
+            _APPEND_BATCH,
+            [item.stream for item in batch],
+            [item.expected_version for item in batch],
+            [len(item.events) for item in batch],
+            types,
+            data,
+            CHANNEL,
+        )
+        positions: dict[tuple[str, int], int] = {}
+        lowest: dict[str, int] = {}  # the first version written per stream
+        refused: dict[int, int] = {}  # batch index -> the stream's current version
+        for r in rows:
+            if r[3] is None:
+                positions[(r[0], r[1])] = r[2]
+                if r[1] < lowest.get(r[0], r[1] + 1):
+                    lowest[r[0]] = r[1]
+            else:
+                refused[r[3] - 1] = r[1]
+        accepted: list[tuple[_Append, int]] = []  # (append, its first version)
+        rejected: list[tuple[_Append, int]] = []
+        next_version: dict[str, int] = {}
+        for index, item in enumerate(batch):
+            if index in refused:
+                rejected.append((item, refused[index]))
+                continue
+            # versions were given in batch order, so each accepted append's first
+            # version follows the previous accepted append on its stream
+            first = next_version.get(item.stream, lowest.get(item.stream, 1))
+            accepted.append((item, first))
+            next_version[item.stream] = first + len(item.events)
         # Committed: resolve futures only now, so nobody sees an unconfirmed write.
         self.stats.commits += 1
-        self.stats.events += len(s_col)
+        self.stats.events += len(positions)
         self.stats.appends += len(accepted)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         for item, first in accepted:
