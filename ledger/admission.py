@@ -206,6 +206,7 @@ class Admission:
         metadata: dict[str, Any] | None = None,
         key_hash: str | None = None,
         tokens: int = 0,
+        model_aliases: Sequence[str] = (),
     ) -> Admitted | BudgetExceeded | RateLimited:
         """Reserve, record, confirm. ``tokens``: the prompt's bound (counted against
         tpm limits). Raises DuplicateRequest, CountersUnavailable (Redis down under
@@ -216,7 +217,9 @@ class Admission:
         under the same request id is never touched."""
         now = self.now()
         tags = list(dict.fromkeys(tags))
-        specs = self.book.specs_for(tags, key_hash=key_hash, user_hash=user_hash, model=model)
+        specs = self.book.specs_for(
+            tags, key_hash=key_hash, user_hash=user_hash, model=model, aliases=model_aliases
+        )
         budgets = budgets_at(specs, now)
         limits = limits_of(specs)
         estimate_nanos = to_nanos(estimate)

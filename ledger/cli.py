@@ -486,6 +486,9 @@ def _dev(settings: Settings) -> int:
 
 _T = TypeVar("_T")
 _WORKER_INDEX = "LEDGER_WORKER_INDEX"  # set in the processes `_supervise` starts
+_QUICK_DEATH_S = 10.0  # a worker dying this soon after its start died "quickly"
+_QUICK_DEATHS = 3  # this many quick deaths in a row: stop everything
+_STOP_GRACE_S = 20.0  # a worker's graceful shutdown (10 s) and its pools' close
 
 
 def _run(main: Coroutine[Any, Any, _T]) -> _T:
@@ -499,13 +502,26 @@ def _run(main: Coroutine[Any, Any, _T]) -> _T:
         return runner.run(main)
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """A worker gets SIGTERM when its supervisor dies (Linux), so none is orphaned."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _supervise(settings: Settings) -> int:
     """`ledger serve --workers N`: N processes of `ledger serve` on one port
     (SO_REUSEPORT: the kernel spreads connections), each with its own pools. The
     first runs the projection and alert workers; the others only serve HTTP.
-    A worker that dies is started again; SIGINT/SIGTERM stop them all."""
+    A worker that dies is started again, with a growing delay; one that keeps
+    dying within seconds of its start stops them all (exit 1), as a single
+    `ledger serve` would. SIGINT/SIGTERM/SIGHUP stop them all."""
     stopping = False
+    failed = False
     children: dict[int, subprocess.Popen[bytes]] = {}
+    started_at: dict[int, float] = {}
+    quick_deaths: dict[int, int] = {}
 
     def start(index: int) -> None:
         env = {**os.environ, _WORKER_INDEX: str(index), "LEDGER_WORKERS": "1"}
@@ -521,39 +537,61 @@ def _supervise(settings: Settings) -> int:
             "--port",
             str(settings.port),
         ]
-        children[index] = subprocess.Popen(argv, env=env)
+        children[index] = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)
+        started_at[index] = time.monotonic()
 
-    def stop(signum: int, _frame: object) -> None:
+    def stop(_signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         for index in range(settings.workers):
             start(index)
         log.info("workers_started", workers=settings.workers, port=settings.port)
         while not stopping:
+            time.sleep(0.2)
             for index, child in list(children.items()):
                 code = child.poll()
-                if code is not None and not stopping:
-                    if code == 2:  # a usage or configuration error: restarting cannot help
-                        stop(signal.SIGTERM, None)
-                        break
-                    log.warning("worker_died_restarting", worker=index, exit_code=code)
-                    time.sleep(1.0)
+                if code is None or stopping:
+                    continue
+                quick = time.monotonic() - started_at[index] < _QUICK_DEATH_S
+                quick_deaths[index] = quick_deaths.get(index, 0) + 1 if quick else 0
+                if code == 2 or quick_deaths[index] >= _QUICK_DEATHS:
+                    # a usage or configuration error, or a worker that cannot stay
+                    # up (its database gone, say): restarting cannot help
+                    log.error("worker_failed_stopping_all", worker=index, exit_code=code)
+                    failed = stopping = True
+                    break
+                delay = min(2.0 ** quick_deaths[index], 10.0)
+                log.warning("worker_died_restarting", worker=index, exit_code=code, delay_s=delay)
+                deadline = time.monotonic() + delay
+                while not stopping and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if not stopping:
                     start(index)
-            time.sleep(0.2)
-        codes = [child.wait() for child in children.values()]
+        # Stop whatever runs now, including a worker started while the signal
+        # arrived; give each the gateway's graceful shutdown, then kill.
+        running = [child for child in children.values() if child.poll() is None]
+        for child in running:
+            child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_GRACE_S
+        codes = []  # of the workers that were running: did they stop cleanly?
+        for child in running:
+            try:
+                codes.append(child.wait(max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                codes.append(child.wait())
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         for child in children.values():
             if child.poll() is None:
                 child.kill()
-    return max(codes, default=0)
+    if failed:
+        return 1
+    return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
 
 
 async def _serve(

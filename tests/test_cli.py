@@ -396,6 +396,10 @@ async def test_serve_with_two_workers_shares_the_port_and_restarts_a_dead_worker
         else:
             raise AssertionError(f"the dead worker was not started again: {now}")
         await asyncio.to_thread(wait_ready, port, proc)
+        # a stop that arrives while a dead worker waits to be started again
+        # stops everything, the waiting worker included
+        os.kill(now[0], signal.SIGKILL)
+        await asyncio.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.to_thread(proc.communicate, timeout=60)
     finally:
@@ -404,3 +408,25 @@ async def test_serve_with_two_workers_shares_the_port_and_restarts_a_dead_worker
     assert proc.returncode == 0, err[-2000:]
     assert "worker_died_restarting" in err
     assert all(not alive(w) for w in now)
+
+
+def test_serve_workers_that_cannot_stay_up_stop_the_supervisor() -> None:
+    """A worker that dies right after each start (PostgreSQL unreachable) is not
+    restarted forever: the supervisor exits 1, as one `ledger serve` would."""
+    env = {
+        **dev_env(),
+        "LEDGER_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
+        "LEDGER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "LEDGER_ADMIN_KEY": "test-admin-key-0123456789",
+        "LEDGER_CONNECT_TIMEOUT_S": "0.5",
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "ledger.cli", "serve", "--workers", "2", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "worker_failed_stopping_all" in run.stderr

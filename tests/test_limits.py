@@ -159,6 +159,39 @@ async def test_limits_of_a_key_a_template_and_a_model(gateways: GatewayFactory) 
     assert refused.limit.subject == "tag:customer:a"
 
 
+async def test_per_model_settings_alone_are_enforced_under_either_model_name(
+    gateways: GatewayFactory,
+) -> None:
+    """Review finding: a tag, key or end user with model_max_budget and nothing
+    else had no spec, so its per-model budgets and limits were never enforced;
+    and `mock/gpt-4o-mini` (gpt-4o-mini upstream) missed a budget set under
+    `gpt-4o-mini`."""
+    clock = Clock(WED.replace(minute=10))
+    gw = await gateways(clock)
+    per_model = {"gpt-4o-mini": ev.ModelBudget(rpm_limit=1)}
+    await gw.tags.create("only-models", ev.TagFields(model_max_budget=per_model))
+    await gw.refresh()
+
+    async def go(rid: str, model: str, **kw: Any) -> Any:
+        return await gw.admission.admit(
+            rid, kw.pop("tags", ["only-models"]), Decimal("0.001"), model=model, **kw
+        )
+
+    assert isinstance(await go("m1", "gpt-4o-mini"), Admitted)
+    assert isinstance(await go("m2", "gpt-4o-mini"), RateLimited)
+    # the provider-prefixed name reaches the same upstream model: same budget
+    assert isinstance(await go("m3", "mock/gpt-4o-mini", model_aliases=("gpt-4o-mini",)), RateLimited)
+    assert isinstance(await go("m4", "gpt-4o"), Admitted)  # another model: no limit
+    # a key with a per-model budget only
+    tight = {"gpt-4o": ev.ModelBudget(max_budget=Decimal("0.0015"), budget_duration="1d")}
+    _, made = await KeyBook(gw.store).generate(settings=KeyFields(model_max_budget=tight))
+    await gw.refresh()
+    kh = made.key_hash
+    assert isinstance(await go("k1", "gpt-4o", tags=[], key_hash=kh), Admitted)
+    assert isinstance(await go("k2", "gpt-4o", tags=[], key_hash=kh), BudgetExceeded)
+    assert isinstance(await go("k3", "gpt-4o-mini", tags=[], key_hash=kh), Admitted)
+
+
 async def test_one_request_id_twice_does_not_share_a_slot(gateways: GatewayFactory) -> None:
     """Two attempts under one request id take two slots: the refused duplicate's
     give-back must not free the first attempt's slot."""
