@@ -21,6 +21,7 @@ from ledger import events as ev
 from ledger.admission import Admitted, BudgetExceeded, RateLimited
 from ledger.apikeys import KeyBook, KeyFields
 from ledger.counters.limits import minute_of
+from ledger.errors import StoreUnavailable
 from tests.faults.harness import ADMIN, Cluster, http
 from tests.test_counters import WED, Clock, Gateway, GatewayFactory, gateways, with_budget
 
@@ -190,6 +191,37 @@ async def test_per_model_settings_alone_are_enforced_under_either_model_name(
     assert isinstance(await go("k1", "gpt-4o", tags=[], key_hash=kh), Admitted)
     assert isinstance(await go("k2", "gpt-4o", tags=[], key_hash=kh), BudgetExceeded)
     assert isinstance(await go("k3", "gpt-4o-mini", tags=[], key_hash=kh), Admitted)
+
+
+async def test_a_slot_frees_when_the_record_fails_and_an_estimate_charge_keeps_its_tokens(
+    gateways: GatewayFactory,
+) -> None:
+    """Review findings: a terminal append that failed (PostgreSQL away) kept the
+    parallel slot until the reservation's deadline (15 min by default); a request
+    charged at its estimate (no usage known) counted 0 tokens against tpm."""
+    clock = Clock(WED.replace(minute=20))
+    gw = await gateways(clock)
+    await with_limits(gw, "p", max_parallel_requests=1, tpm_limit=90)
+    first = await admit(gw, "a", ["p"], tokens=60)
+    assert isinstance(first, Admitted)
+    real_append = gw.store.append
+
+    async def away(*args: Any, **kw: Any) -> Any:
+        raise StoreUnavailable("PostgreSQL went away")
+
+    gw.store.append = away  # type: ignore[method-assign]
+    with pytest.raises(StoreUnavailable):
+        await gw.admission.record_spend(first, Decimal("0.0001"))
+    gw.store.append = real_append  # type: ignore[method-assign]
+    await gw.admission.drain()
+    second = await admit(gw, "b", ["p"], tokens=30)
+    assert isinstance(second, Admitted)  # the slot came back at once
+    # charged at its estimate: the prompt's bound (30) stays counted, with a's 60
+    await gw.admission.record_spend(second, Decimal("0.0001"), usage_source="estimate")
+    await gw.admission.drain()
+    refused = await admit(gw, "c", ["p"], tokens=20)
+    assert isinstance(refused, RateLimited)
+    assert refused.limit.kind == "tpm"
 
 
 async def test_one_request_id_twice_does_not_share_a_slot(gateways: GatewayFactory) -> None:
