@@ -108,6 +108,14 @@ def _metadata_object(value: object, source: str, limits: Limits) -> dict[str, An
         return {}
     if not isinstance(value, dict):
         raise _bad(f"{source} must be a JSON object", source)
+    # The size first (one C call): a body can carry millions of tiny values that
+    # would each be walked below, holding the event loop for seconds.
+    try:
+        size = len(_encoder.encode(value))
+    except (TypeError, OverflowError):
+        size = limits.max_metadata_bytes + 1
+    if size > limits.max_metadata_bytes:
+        raise _bad(f"spend_logs_metadata is larger than {limits.max_metadata_bytes} bytes encoded", source)
     # Objects and arrays nest (LiteLLM accepts them), bounded in depth here and
     # in size once merged; every level is redacted before it is stored.
     _metadata_value(value, source.removeprefix("header "), source, 0, limits)
@@ -139,9 +147,11 @@ def attribute(
         raw = headers.get(name)
         if raw is not None:
             try:
-                parsed = msgspec.json.decode(raw.encode())
-            except msgspec.DecodeError:
-                raise _bad(f"header {name} is not valid JSON", name) from None
+                # aiohttp keeps undecodable header bytes as surrogates: give them
+                # back, and the JSON decoder refuses them as invalid UTF-8 (a 400)
+                parsed = msgspec.json.decode(raw.encode("utf-8", "surrogateescape"))
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                raise _bad(f"header {name} is not valid JSON in UTF-8", name) from None
             metadata.update(_metadata_object(parsed, f"header {name}", limits))
 
     meta_field = body.get("metadata")

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import hmac
 import io
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -684,6 +685,27 @@ async def test_malformed_attribution_is_a_400(
     assert error["param"] == param
     assert error["code"] == "invalid_attribution"
     assert await gateway.store.read_types(["RequestAdmitted"], 0, 10) == []  # nothing admitted
+
+
+async def test_a_header_that_is_not_utf8_is_a_400(gateway: Gateway) -> None:
+    """Review finding: a non-UTF-8 byte in the metadata header was a 500."""
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = json.dumps(CHAT).encode()
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: Bearer {gateway.key}\r\n".encode()
+        + b"Content-Type: application/json\r\n"
+        + b'x-ledger-spend-logs-metadata: {"k": "\xff\xfe"}\r\n'
+        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split()[1] == b"400", answer[:500]
+    assert b"x-ledger-spend-logs-metadata" in rest
 
 
 async def test_bad_bodies(gateway: Gateway) -> None:
