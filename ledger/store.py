@@ -455,17 +455,14 @@ class EventStore:
 
     # ------------------------------------------------------------ reading
 
+    async def _select(self, where: str, *args: Any) -> list[RecordedEvent]:
+        async with unavailable_as_store_error():
+            rows = await self.pool.fetch(f"{_SELECT} where {where}", *args)
+        return [_row(r) for r in rows]
+
     async def read_stream(self, stream: str, after_version: int = 0) -> list[RecordedEvent]:
         """All events of ``stream`` with version > ``after_version``, in version order."""
-        try:
-            rows = await self.pool.fetch(
-                f"{_SELECT} where stream = $1 and version > $2 order by version",
-                stream,
-                after_version,
-            )
-        except _UNAVAILABLE as e:
-            raise StoreUnavailable(f"PostgreSQL unavailable: {_describe(e)}") from e
-        return [_row(r) for r in rows]
+        return await self._select("stream = $1 and version > $2 order by version", stream, after_version)
 
     async def read_all(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         """Up to ``limit`` committed events with position > ``after``, in position order.
@@ -473,35 +470,20 @@ class EventStore:
         Never skips an event that commits late and never returns one twice: the
         append lock makes commit order equal position order.
         """
-        try:
-            rows = await self.pool.fetch(
-                f"{_SELECT} where position > $1 order by position limit $2", after, limit
-            )
-        except _UNAVAILABLE as e:
-            raise StoreUnavailable(f"PostgreSQL unavailable: {_describe(e)}") from e
-        return [_row(r) for r in rows]
+        return await self._select("position > $1 order by position limit $2", after, limit)
 
     async def read_types(
         self, types: Sequence[str], after: int = 0, limit: int = 1000
     ) -> list[RecordedEvent]:
         """Like read_all, restricted to events of the given types."""
-        try:
-            rows = await self.pool.fetch(
-                f"{_SELECT} where type = any($1::text[]) and position > $2 order by position limit $3",
-                list(types),
-                after,
-                limit,
-            )
-        except _UNAVAILABLE as e:
-            raise StoreUnavailable(f"PostgreSQL unavailable: {_describe(e)}") from e
-        return [_row(r) for r in rows]
+        return await self._select(
+            "type = any($1::text[]) and position > $2 order by position limit $3", list(types), after, limit
+        )
 
     async def head(self) -> int:
         """The position of the last committed event (0 for an empty log)."""
-        try:
+        async with unavailable_as_store_error():
             value = await self.pool.fetchval("select coalesce(max(position), 0) from events")
-        except _UNAVAILABLE as e:
-            raise StoreUnavailable(f"PostgreSQL unavailable: {_describe(e)}") from e
         return int(value)
 
     async def follow(
@@ -547,6 +529,16 @@ def _unavailable(item: _Append) -> bool:
 def _fail(item: _Append, error: BaseException) -> None:
     if not item.future.done():
         item.future.set_exception(error)
+
+
+@contextlib.asynccontextmanager
+async def unavailable_as_store_error() -> AsyncIterator[None]:
+    """Driver errors that mean "PostgreSQL is not there" become StoreUnavailable
+    (the domain's error; the HTTP layer answers it with a 503)."""
+    try:
+        yield
+    except _UNAVAILABLE as e:
+        raise StoreUnavailable(f"PostgreSQL unavailable: {_describe(e)}") from e
 
 
 def _describe(e: BaseException) -> str:
