@@ -21,7 +21,7 @@ import msgspec
 from aiohttp import web
 
 from gateway.errors import ApiError
-from gateway.keys import KEY_BOOK, STORE, USER_SECRET
+from gateway.keys import KEY_BOOK, READ_POOL, USER_SECRET
 from ledger import queries
 from ledger.apikeys import ApiKey, KeyBook, as_key_hash
 from ledger.privacy import hash_user
@@ -176,7 +176,7 @@ class TagSpend(msgspec.Struct):
 async def spend_tags(request: web.Request) -> web.Response:
     check_params(request)
     first, last = days(*date_range(request))
-    rows = await queries.spend_by_tag(request.app[STORE].pool, first, last)
+    rows = await queries.spend_by_tag(request.app[READ_POOL], first, last)
     return json_response(
         [
             TagSpend(
@@ -200,7 +200,7 @@ async def spend_users(request: web.Request) -> web.Response:
     first, last = days(*date_range(request))
     limit = int_param(request, "limit", 100, 1, 10_000)
     assert limit is not None
-    rows = await queries.spend_by_user(request.app[STORE].pool, first, last, limit)
+    rows = await queries.spend_by_user(request.app[READ_POOL], first, last, limit)
     return json_response([dict(r) for r in rows])
 
 
@@ -210,7 +210,7 @@ async def user_info(request: web.Request) -> web.Response:
     user_hash = _user_hash(request)
     if not user_hash:
         raise ApiError(400, "user (the raw id; it is hashed for the lookup) is required", param="user")
-    total, daily = await queries.user_info(request.app[STORE].pool, user_hash)
+    total, daily = await queries.user_info(request.app[READ_POOL], user_hash)
     if total is None:
         raise ApiError(404, "no spend recorded for this user", type="not_found_error", param="user")
     return json_response({**dict(total), "daily": [dict(r) for r in daily]})
@@ -227,7 +227,7 @@ async def spend_report(request: web.Request) -> web.Response:
     if interval not in queries.INTERVALS:
         raise ApiError(400, "interval must be day, week or month", param="interval")
     rows = await queries.spend_report(
-        request.app[STORE].pool, group_by=group_by, interval=interval, start=start, end=end
+        request.app[READ_POOL], group_by=group_by, interval=interval, start=start, end=end
     )
     return json_response(
         {
@@ -421,7 +421,7 @@ async def spend_logs(request: web.Request) -> web.StreamResponse:
         request_id=request.query.get("request_id"),
         key_hashes=key_filter(request, owner="user_id"),
     )
-    pool, book = request.app[STORE].pool, request.app[KEY_BOOK]
+    pool, book = request.app[READ_POOL], request.app[KEY_BOOK]
     if fmt == "json" and summarize and "start_date" in request.query and "end_date" in request.query:
         return json_response(await _summary(request, sql, args, start, end))
     if paged:
@@ -478,7 +478,7 @@ async def _summary(
     without spend are filled in from the first day with spend to the end date
     (or today, whichever is earlier)."""
     book = request.app[KEY_BOOK]
-    rows = await queries.spend_summary(request.app[STORE].pool, sql, args)
+    rows = await queries.spend_summary(request.app[READ_POOL], sql, args)
     out: dict[date, dict[str, Any]] = {}
     for r in rows:
         day = out.setdefault(r["day"], _empty_day())

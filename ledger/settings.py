@@ -66,6 +66,9 @@ class WebhookConfig:
 class Settings:
     # Servers. None means "not configured": `ledger dev` then starts embedded ones.
     database_url: str | None = None
+    # A streaming replica for spend reports and the dashboard's reads (None: the
+    # primary); the request path, admin writes and projections stay on the primary.
+    database_read_url: str | None = None
     redis_url: str | None = None
 
     # HTTP
@@ -476,6 +479,7 @@ def _secret(minimum: int) -> Callable[[str, Any], str | None]:
 
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "database_url": _url(("postgresql", "postgres"), "postgresql://"),
+    "database_read_url": _url(("postgresql", "postgres"), "postgresql://"),
     "redis_url": _url(("redis", "rediss", "unix"), "redis://"),
     "host": _host,
     "port": _int(0, 65535),

@@ -25,7 +25,7 @@ from rich.table import Table
 from ledger.budgets import BudgetBook, rebuild_missing
 from ledger.counters import Counters, connect_redis
 from ledger.settings import Settings
-from ledger.store import EventStore, create_pool
+from ledger.store import EventStore, create_pool, replica_lag
 from projections.replay import replay
 from projections.runtime import Worker, lag
 from projections.spend import PROJECTIONS, create
@@ -48,8 +48,15 @@ async def run_workers(settings: Settings) -> None:
 async def status(settings: Settings) -> int:
     assert settings.database_url is not None
     pool = await create_pool(settings)
+    replica: tuple[int, float] | None = None
     try:
         rows = await lag(pool)  # every worker with a checkpoint: views, alerts, notifiers
+        if settings.database_read_url is not None:
+            read_pool = await create_pool(settings, settings.database_read_url)
+            try:
+                replica = await replica_lag(pool, read_pool)
+            finally:
+                await read_pool.close()
     finally:
         await pool.close()
     table = Table(title="projections")
@@ -58,6 +65,8 @@ async def status(settings: Settings) -> int:
     for r in rows:
         table.add_row(r.name, str(r.position), str(r.head), str(r.events_behind), f"{r.seconds_behind:.1f}")
     console.print(table)
+    if replica is not None:
+        console.print(f"read replica: {replica[0]:,} bytes of WAL behind, {replica[1]:.1f} s")
     return 0
 
 
