@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from gateway.errors import ApiError
-from ledger.privacy import hash_user, redact
+from ledger.privacy import hash_user, redact, secret_value
 
 TAG_HEADERS = ("x-ledger-tags", "x-litellm-tags")
 METADATA_HEADERS = ("x-ledger-spend-logs-metadata", "x-litellm-spend-logs-metadata")
@@ -54,6 +54,10 @@ def _clean_tag(tag: object, source: str, limits: Limits) -> str:
     for ch in tag:
         if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
             raise _bad(f"{source} contains a tag with the control character U+{ord(ch):04X}", source)
+    if secret_value(tag):
+        # Refused, not redacted: a tag is a budget's name, and "[REDACTED]" would
+        # merge unrelated spend. The message does not repeat the tag.
+        raise _bad(f"{source} contains a tag that looks like a credential; tags are stored as sent", source)
     return tag
 
 

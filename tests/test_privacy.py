@@ -1,0 +1,106 @@
+"""Issue 11 item 5: secrets in metadata are redacted by detect-secrets' rules plus the
+key-name rule, and a tag that looks like a credential is refused, never stored."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+
+from ledger.privacy import REDACTED
+from tests.test_proxy import CHAT, Gateway, gateway
+
+__all__ = ["gateway"]  # the fixture, imported for this module
+
+# Each was stored as sent before detect-secrets' rules: (label, value)
+SECRET_SHAPES: list[tuple[str, str]] = [
+    ("bearer in free text", "retry with Authorization: Bearer abcDEF123.ghiJKL456.mno"),
+    ("postgres url with password", "postgres://admin:pw@db.internal:5432/ledger"),
+    ("basic auth", "Basic YWRtaW46aHVudGVyMg=="),
+    ("gitlab", "glpat-Ab3dEf6hIj9kLm2nOp5q"),
+    ("github fine-grained", "github_pat_11ABCDEFG0aBcDeFgHiJkLmN_0123456789abcdefABCDEF"),
+    ("github classic", "ghp_" + "aB3dE6gH9jK2mN5pQ8sT1vW4yZ7bC0eF3hI6"),
+    ("hugging face", "hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345"),
+    ("aws secret key", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+    ("aws key id", "AKIAIOSFODNN7EXAMPLE"),
+    ("azure account key", "DefaultEndpointsProtocol=https;AccountName=acme;AccountKey=" + "Zm9vYmFy" * 11),
+    ("google oauth", "ya29.a0AfH6SMBx3kLmNoPqRsTuVwXyZ0123456789"),
+    ("openai project key", "sk-proj-SECRETSECRET0123456789"),
+    ("stripe", "sk_live_" + "4eC39HqLyjWDarjtT1zdp7dc"),
+    ("slack", "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx"),
+    ("jwt", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"),
+    ("pem", "-----BEGIN RSA PRIVATE KEY-----"),
+]
+SECRET_NAMES = [
+    "passWord",
+    "dbpassword",
+    "secretkey",
+    "privatekey",
+    "openai_key",
+    "X-Auth-Token",
+    "credentials",
+]
+PLAIN: dict[str, Any] = {
+    "customer": "acme-corporation-international",
+    "order": "order-2026-000123",
+    "trace": "550e8400-e29b-41d4-a716-446655440000",
+    "commit": "f47ac10b58cc4372a5670e02b2c3d479f47ac10b",
+    "max_tokens": 40,
+    "author": "ana",
+    "note": "the bearer of this note is a person",
+}
+
+
+async def _chat(gw: Gateway, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            f"{gw.url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {gw.key}", **(headers or {})},
+        ) as r,
+    ):
+        return r.status, await r.json()
+
+
+async def test_secret_values_and_names_are_redacted_and_the_rest_kept(gateway: Gateway) -> None:
+    metadata: dict[str, Any] = {label: value for label, value in SECRET_SHAPES}
+    metadata |= {name: "an-ordinary-value" for name in SECRET_NAMES}
+    metadata |= PLAIN
+    status, body = await _chat(gateway, {**CHAT, "metadata": {"spend_logs_metadata": metadata}})
+    assert status == 200, body
+    [spend] = await gateway.spends()
+    kept = {k: v for k, v in spend.metadata.items() if v != REDACTED}
+    assert kept == PLAIN
+    assert set(spend.metadata) == set(metadata)
+
+
+@pytest.mark.parametrize(("label", "secret"), SECRET_SHAPES, ids=[label for label, _ in SECRET_SHAPES])
+@pytest.mark.parametrize("where", ["tags", "metadata.tags", "header"])
+async def test_a_tag_that_looks_like_a_secret_is_refused_and_not_stored(
+    gateway: Gateway, label: str, secret: str, where: str
+) -> None:
+    tag = secret.replace(",", ";")  # the header splits on commas
+    body: dict[str, Any] = {**CHAT}
+    headers: dict[str, str] = {}
+    if where == "tags":
+        body["tags"] = ["team:search", tag]
+    elif where == "metadata.tags":
+        body["metadata"] = {"tags": [tag]}
+    else:
+        headers["x-ledger-tags"] = f"team:search,{tag}"
+    status, answer = await _chat(gateway, body, headers)
+    assert status == 400, (label, answer)
+    assert answer["error"]["param"] == {"header": "header x-ledger-tags"}.get(where, where)
+    assert tag not in str(answer)
+    assert await gateway.spends() == []
+    assert gateway.upstream_requests() == []
+
+
+async def test_ordinary_tags_pass(gateway: Gateway) -> None:
+    tags = ["team:search", "customer:acme-corporation-international", "order-2026-000123", "run:" + "f4" * 20]
+    status, answer = await _chat(gateway, {**CHAT, "tags": tags})
+    assert status == 200, answer
+    [spend] = await gateway.spends()
+    assert set(tags) <= set(spend.tags)
