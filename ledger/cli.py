@@ -520,6 +520,13 @@ async def _serve(
                     webhook_secret=settings.webhook_secret,
                 )
             )
+        if not dev and settings.user_hash_secret is None:
+            # A dump of the database then holds both the hashes and their key.
+            log.warning(
+                "user_hash_secret_in_database",
+                message="end-user ids are hashed with a secret kept in the database; "
+                "set LEDGER_USER_HASH_SECRET or LEDGER_USER_HASH_SECRET_FILE",
+            )
         app = create_app(settings, contexts)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()

@@ -3,12 +3,28 @@ key-name rule, and a tag that looks like a credential is refused, never stored."
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from pytest_aiohttp import AiohttpServer
 
+from gateway.keys import KEY_BOOK, STORE
+from gateway.mock_upstream import create_mock_app
+from ledger import events as ev
 from ledger.privacy import REDACTED
+from ledger.settings import ProviderConfig, Settings, SettingsError
+from tests.conftest import gateway_app
 from tests.test_proxy import CHAT, Gateway, gateway
 
 __all__ = ["gateway"]  # the fixture, imported for this module
@@ -104,3 +120,105 @@ async def test_ordinary_tags_pass(gateway: Gateway) -> None:
     assert status == 200, answer
     [spend] = await gateway.spends()
     assert set(tags) <= set(spend.tags)
+
+
+# ------------------------------------------------------------------ issue 11 item 8: the user-hash secret
+
+
+def test_the_user_hash_secret_comes_from_a_file(tmp_path: Path) -> None:
+    secret_file = tmp_path / "user_hash_secret"
+    secret_file.write_text("f" * 40 + "\n")
+    env = {"LEDGER_USER_HASH_SECRET_FILE": str(secret_file)}
+    assert Settings.from_env(env).user_hash_secret == "f" * 40
+    with pytest.raises(SettingsError, match="not both"):
+        Settings.from_env({**env, "LEDGER_USER_HASH_SECRET": "g" * 40})
+    with pytest.raises(SettingsError, match="cannot be read"):
+        Settings.from_env({"LEDGER_USER_HASH_SECRET_FILE": str(tmp_path / "missing")})
+    secret_file.write_text("short\n")
+    with pytest.raises(SettingsError, match="at least 32"):
+        Settings.from_env(env)
+    secret_file.write_text("\n")
+    with pytest.raises(SettingsError, match="empty"):
+        Settings.from_env(env)
+
+
+async def test_a_gateway_with_a_file_secret_hashes_with_it_and_keeps_none_in_the_database(
+    settings: Settings, aiohttp_server: AiohttpServer, tmp_path: Path
+) -> None:
+    secret = "a-user-hash-secret-from-a-mounted-file"
+    (tmp_path / "secret").write_text(secret)
+    from_file = Settings.from_env(
+        {"LEDGER_USER_HASH_SECRET_FILE": str(tmp_path / "secret")},
+        database_url=settings.database_url,
+        redis_url=settings.redis_url,
+    )
+    mock = await aiohttp_server(create_mock_app())
+    provider = ProviderConfig("mock", str(mock.make_url("/v1")).rstrip("/"), price_provider="openai")
+    app = gateway_app(
+        dataclasses.replace(settings, user_hash_secret=from_file.user_hash_secret, providers=(provider,))
+    )
+    server = await aiohttp_server(app)
+    key, _ = await app[KEY_BOOK].generate(key_alias="t", tags=["t"])
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            server.make_url("/v1/chat/completions"),
+            json={**CHAT, "user": "ana@example.com"},
+            headers={"Authorization": f"Bearer {key}"},
+        ) as r,
+    ):
+        assert r.status == 200, await r.text()
+    [row] = await app[STORE].read_types(["SpendRecorded"], 0, 10)
+    spend = ev.decode(row)
+    assert isinstance(spend, ev.SpendRecorded)
+    assert spend.user_hash == hmac.new(secret.encode(), b"ana@example.com", hashlib.sha256).hexdigest()
+    stored = await app[STORE].pool.fetchval("select count(*) from ledger_secrets where name = 'user_hash'")
+    assert stored == 0
+
+
+def _serve_log(settings: Settings, env: dict[str, str]) -> list[dict[str, Any]]:
+    """The JSON log lines of `ledger serve` up to "listening", after which it is stopped."""
+    assert settings.database_url is not None
+    assert settings.redis_url is not None
+    full = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")},
+        "LEDGER_DATABASE_URL": settings.database_url,
+        "LEDGER_REDIS_URL": settings.redis_url,
+        "LEDGER_PORT": "0",
+        "LEDGER_ADMIN_KEY": "test-admin-key-0123456789",
+        "LEDGER_RUN_PROJECTIONS": "false",
+        "LEDGER_LOG_FORMAT": "json",
+        **env,
+    }
+    lines: list[dict[str, Any]] = []
+    with subprocess.Popen(
+        [sys.executable, "-m", "ledger.cli", "serve"],
+        env=full,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stderr is not None
+            for raw in proc.stderr:
+                lines.append(json.loads(raw))
+                if lines[-1]["event"] == "listening":  # the warning, if any, comes before
+                    break
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+    return lines
+
+
+async def test_serve_warns_when_the_user_hash_secret_is_in_the_database(
+    settings: Settings, tmp_path: Path
+) -> None:
+    warned = await asyncio.to_thread(_serve_log, settings, {})
+    [warning] = [line for line in warned if line.get("event") == "user_hash_secret_in_database"]
+    assert warning["level"] == "warning"
+    (tmp_path / "secret").write_text("s" * 40)
+    quiet = await asyncio.to_thread(
+        _serve_log, settings, {"LEDGER_USER_HASH_SECRET_FILE": str(tmp_path / "secret")}
+    )
+    assert any(line.get("event") == "listening" for line in quiet)
+    assert not any(line.get("event") == "user_hash_secret_in_database" for line in quiet)
