@@ -481,7 +481,7 @@ def _dev(settings: Settings) -> int:
 async def _serve(
     settings: Settings, *, dev: bool = False, on_listening: Callable[[], None] | None = None
 ) -> int:
-    from gateway.app import create_app  # the composition root may know every package
+    from gateway.app import create_app, server_options  # the composition root may know every package
     from gateway.keys import KEY_BOOK
     from gateway.mock_upstream import MockConfig, create_mock_app
 
@@ -528,7 +528,7 @@ async def _serve(
                 "set LEDGER_USER_HASH_SECRET or LEDGER_USER_HASH_SECRET_FILE",
             )
         app = create_app(settings, contexts)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, **server_options(settings))
         await runner.setup()
         runners.append(runner)
         site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=10)

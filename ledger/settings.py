@@ -113,6 +113,13 @@ class Settings:
     upstream_first_byte_timeout_s: float = 120.0
     upstream_total_timeout_s: float = 600.0
     max_body_bytes: int = 8 * 1024 * 1024
+    # Slow clients: a connection must deliver a whole request head within
+    # client_header_timeout_s of opening or of its previous response (so idle
+    # keep-alive connections close too; longer than a reverse proxy's own idle
+    # timeout, nginx's is 60 s, or it may reuse one just closed), and a request
+    # body within client_body_timeout_s of the head; else it is closed (408).
+    client_header_timeout_s: float = 75.0
+    client_body_timeout_s: float = 60.0
     max_response_bytes: int = 64 * 1024 * 1024
     # Attribution limits
     max_tags: int = 64
@@ -519,6 +526,8 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "upstream_first_byte_timeout_s": _float(0.1, 3600),
     "upstream_total_timeout_s": _float(0.1, 86400),
     "max_body_bytes": _int(1024, 1024**3),
+    "client_header_timeout_s": _float(0.05, 3600),
+    "client_body_timeout_s": _float(0.05, 3600),
     "max_response_bytes": _int(1024, 1024**3),
     "max_tags": _int(1, 10_000),
     "max_tag_length": _int(1, 10_000),
