@@ -40,6 +40,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check ledger gateway projections tests
 	$(BIN)/ruff format --check ledger gateway projections tests
 	$(BIN)/mypy --strict ledger gateway projections
+	$(BIN)/lint-imports --no-cache
 
 format: $(STAMP)
 	$(BIN)/ruff format ledger gateway projections tests

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import timedelta
 from typing import Any
@@ -37,7 +36,7 @@ from ledger.apikeys import KeyBook
 from ledger.budgets import BudgetBook
 from ledger.counters import Counters, connect_redis
 from ledger.errors import StoreError
-from ledger.follow import cancelling
+from ledger.loops import background, run_forever
 from ledger.pricing import PriceBook
 from ledger.privacy import stored_secret
 from ledger.queries import projection_lag
@@ -183,26 +182,16 @@ async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
     """Settle reservations whose gateway never did (crashed, cut off)."""
-    admission, interval = app[ADMISSION], app[SETTINGS].sweep_interval_s
+    admission = app[ADMISSION]
 
-    async def sweep_forever() -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                report = await admission.sweep()
-                if report.expired or report.settled or report.dropped:
-                    log.info("reservations_swept", **vars(report))
-            except Exception as e:  # a sweep that fails is retried next interval
-                if cancelling():
-                    raise asyncio.CancelledError from e
-                log.warning("sweep_failed", error=str(e))
+    async def sweep() -> None:
+        report = await admission.sweep()
+        if report.expired or report.settled or report.dropped:
+            log.info("reservations_swept", **vars(report))
 
-    task = asyncio.create_task(sweep_forever(), name="reservation-sweeper")
-    yield
-    task.cancel()
-    # Bounded: a cancellation swallowed inside a sweep (seen under load: the task
-    # sleeps on, "cancelling") must not hold the shutdown forever.
-    await asyncio.wait({task}, timeout=5)
+    loop = run_forever(sweep, app[SETTINGS].sweep_interval_s, error_event="sweep_failed")
+    async with background("reservation-sweeper", loop):
+        yield
 
 
 async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -215,24 +204,16 @@ async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _lag_ctx(app: web.Application) -> AsyncIterator[None]:
     """Keep the projection-lag gauges fresh (whichever process runs the workers)."""
+    metrics, pool = app[METRICS], app[STORE].pool
 
-    async def watch() -> None:
-        metrics, pool = app[METRICS], app[STORE].pool
-        while True:
-            try:
-                for row in await projection_lag(pool):
-                    metrics.projection_lag_events.labels(row.name).set(row.events_behind)
-                    metrics.projection_lag_seconds.labels(row.name).set(row.seconds_behind)
-            except Exception as e:  # metrics must never take the gateway down
-                if cancelling():
-                    raise asyncio.CancelledError from e
-            await asyncio.sleep(2)
+    async def refresh() -> None:
+        for row in await projection_lag(pool):
+            metrics.projection_lag_events.labels(row.name).set(row.events_behind)
+            metrics.projection_lag_seconds.labels(row.name).set(row.seconds_behind)
 
-    task = asyncio.create_task(watch(), name="projection-lag")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    # metrics must never take the gateway down: failures are not even logged
+    async with background("projection-lag", run_forever(refresh, 2.0, error_event=None)):
+        yield
 
 
 async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -241,22 +222,12 @@ async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
     admission = app[ADMISSION]
 
     async def reconcile() -> None:
-        while True:
-            await asyncio.sleep(1)
-            if not admission.unreconciled:
-                continue
-            try:
-                await app[REDIS].ping()
-                waiting = await admission.reconcile()
-            except Exception as e:  # still down: try again shortly
-                if cancelling():
-                    raise asyncio.CancelledError from e
-                log.info("reconcile_waiting", error=str(e))
-                continue
-            log.warning("counters_reconciled", waiting=waiting)
+        if not admission.unreconciled:
+            return
+        await app[REDIS].ping()  # still down: raises, and the next second tries again
+        waiting = await admission.reconcile()
+        log.warning("counters_reconciled", waiting=waiting)
 
-    task = asyncio.create_task(reconcile(), name="counter-reconcile")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    loop = run_forever(reconcile, 1.0, error_event="reconcile_waiting", level="info")
+    async with background("counter-reconcile", loop):
+        yield

@@ -384,6 +384,7 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
             key_hash=key_hash,
             user_hash=attribution.user_hash,
             model=model,
+            aliases=(upstream_model,),
         )
     )
     if price is None and (
@@ -426,6 +427,8 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
             metadata=attribution.metadata,
             key_hash=key_hash,
             tokens=bound.prompt,
+            # `openai/gpt-4o` is gpt-4o upstream: a per-model budget under either name applies
+            model_aliases=(upstream_model,),
         )
     except DuplicateRequest as e:
         raise ApiError(

@@ -206,6 +206,7 @@ class Admission:
         metadata: dict[str, Any] | None = None,
         key_hash: str | None = None,
         tokens: int = 0,
+        model_aliases: Sequence[str] = (),
     ) -> Admitted | BudgetExceeded | RateLimited:
         """Reserve, record, confirm. ``tokens``: the prompt's bound (counted against
         tpm limits). Raises DuplicateRequest, CountersUnavailable (Redis down under
@@ -216,7 +217,9 @@ class Admission:
         under the same request id is never touched."""
         now = self.now()
         tags = list(dict.fromkeys(tags))
-        specs = self.book.specs_for(tags, key_hash=key_hash, user_hash=user_hash, model=model)
+        specs = self.book.specs_for(
+            tags, key_hash=key_hash, user_hash=user_hash, model=model, aliases=model_aliases
+        )
         budgets = budgets_at(specs, now)
         limits = limits_of(specs)
         estimate_nanos = to_nanos(estimate)
@@ -505,14 +508,23 @@ class Admission:
         except ConcurrencyError:
             # The sweeper recorded it first (the reservation's deadline passed):
             # its terminal event stands and was settled by the sweeper.
+            self._free_slots(admitted, None)
             recorded = await self.store.read_stream(stream)
             terminal = ev.decode(recorded[1])
             charged = getattr(terminal, "cost", Decimal(0))
             log.warning("terminal_superseded", request_id=admitted.request_id, by=recorded[1].type)
             return Recorded(recorded[1].position, charged, superseded=True)
-        if admitted.holding is not None:
-            used = event.prompt_tokens + event.completion_tokens if isinstance(event, ev.SpendRecorded) else 0
-            self._spawn(self._unlimit(admitted.holding, used))
+        except BaseException:
+            # A slot is about concurrency, not money: whatever happened to the
+            # record, this request no longer runs (its prompt's bound stays counted).
+            self._free_slots(admitted, None)
+            raise
+        if isinstance(event, ev.RequestReleased):
+            self._free_slots(admitted, 0)
+        elif event.usage_source == "estimate":
+            self._free_slots(admitted, None)  # no usage known: the prompt's bound stays counted
+        else:
+            self._free_slots(admitted, event.prompt_tokens + event.completion_tokens)
         if wait_settle:
             await self._settle(admitted, to_nanos(cost), position)
             self.unreconciled.pop(admitted.request_id, None)
@@ -520,13 +532,25 @@ class Admission:
             self._spawn(self._settle_retrying(admitted, to_nanos(cost), position))
         return Recorded(position, cost)
 
-    async def _unlimit(self, holding: Holding, used_tokens: int) -> None:
-        """Free the parallel slots and count the tokens (best effort: a slot frees
-        itself at the deadline; a lost token count only errs towards admitting)."""
-        try:
-            await self.counters.unlimit(holding, self.now(), used_tokens)
-        except Exception as e:
-            log.info("unlimit_failed", member=holding.member, error=f"{type(e).__name__}: {e}")
+    def _free_slots(self, admitted: Admitted, used_tokens: int | None) -> None:
+        if admitted.holding is not None:
+            self._spawn(self._unlimit(admitted.holding, used_tokens))
+
+    async def _unlimit(self, holding: Holding, used_tokens: int | None) -> None:
+        """Free the parallel slots and count the tokens (``None``: keep the prompt's
+        bound counted). Retried while Redis is away; past that a slot frees itself
+        at the deadline, and a lost token count only errs towards admitting."""
+        delay = 0.1
+        for attempt in range(5):
+            try:
+                await self.counters.unlimit(holding, self.now(), used_tokens)
+                return
+            except Exception as e:
+                log.warning(
+                    "unlimit_failed", member=holding.member, attempt=attempt, error=f"{type(e).__name__}: {e}"
+                )
+                await asyncio.sleep(delay)
+                delay *= 3
 
     async def _settle(self, admitted: Admitted, actual_nanos: int, position: int) -> int:
         return await self.counters.settle(

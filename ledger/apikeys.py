@@ -347,6 +347,14 @@ def validate_fields(fields: KeyFields, current: ApiKey | None) -> KeyFields:
                 validate_name(tag, "tags")
             except TagError as e:
                 raise InvalidKey(str(e), "tags") from None
+            # a key's tags are charged on every request: a template or scope name
+            # there would charge one tag that every customer's budget shares
+            if tag == "*" or tag.endswith(":*"):
+                raise InvalidKey(
+                    f"tags are charged on every request, so {tag!r} cannot be one: a name ending "
+                    "in ':*' is a budget template (or '*' a scope); list patterns in allowed_tags",
+                    "tags",
+                )
         changes["tags"] = list(dict.fromkeys(fields.tags))
     if fields.allowed_models is not UNSET:
         models = fields.allowed_models

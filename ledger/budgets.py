@@ -10,7 +10,7 @@ counters' registry: see ledger/counters/).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 import structlog
@@ -52,8 +52,9 @@ class BudgetBook(FollowedCache):
         key_hash: str | None = None,
         user_hash: str | None = None,
         model: str | None = None,
+        aliases: Sequence[str] = (),
     ) -> list[Spec]:
-        return self.definitions.specs_for(list(tags), key_hash, user_hash, model)
+        return self.definitions.specs_for(list(tags), key_hash, user_hash, model, aliases)
 
     def budgets_for(
         self,
@@ -63,9 +64,11 @@ class BudgetBook(FollowedCache):
         key_hash: str | None = None,
         user_hash: str | None = None,
         model: str | None = None,
+        aliases: Sequence[str] = (),
     ) -> list[Budget]:
         """The budgets in force for a request at ``now`` (in the order of its specs)."""
-        return budgets_at(self.specs_for(tags, key_hash=key_hash, user_hash=user_hash, model=model), now)
+        specs = self.specs_for(tags, key_hash=key_hash, user_hash=user_hash, model=model, aliases=aliases)
+        return budgets_at(specs, now)
 
     def budgets_of_subjects(self, subjects: Iterable[str], now: datetime) -> list[Budget]:
         """The budgets in force at ``now`` for these subjects (those that still have one)."""

@@ -14,12 +14,13 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
@@ -119,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--host", help="address to listen on (LEDGER_HOST, default 127.0.0.1)")
         p.add_argument("--port", type=_port, help="port to listen on (LEDGER_PORT, default 4000)")
     dev.add_argument("--data-dir", help="where embedded servers keep data (LEDGER_DATA_DIR, default .data)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="HTTP worker processes sharing the port (LEDGER_WORKERS, default 1); "
+        "projection and alert workers run in the first",
+    )
 
     mock = sub.add_parser("mock-upstream", help="run the built-in OpenAI-compatible mock upstream")
     mock.add_argument("--host", default="127.0.0.1")
@@ -199,7 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         overrides: dict[str, Any] = {
-            k: v for k, v in vars(args).items() if k in {"host", "port", "data_dir"} and v is not None
+            k: v
+            for k, v in vars(args).items()
+            if k in {"host", "port", "data_dir", "workers"} and v is not None
         }
         if "LEDGER_LOG_FORMAT" not in os.environ and args.command not in ("serve", "mock-upstream"):
             # People read these on a terminal; machines (pipes, files) get JSON lines.
@@ -213,7 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "dev":
             return _dev(settings)
         if args.command == "serve":
-            return asyncio.run(_serve(settings))
+            if settings.workers > 1 and _WORKER_INDEX not in os.environ:
+                return _supervise(settings)
+            return _run(_serve(settings, reuse_port=_WORKER_INDEX in os.environ))
         if args.command == "migrate":
             return _migrate_cmd(settings, args)
         if args.command == "mock-upstream":
@@ -342,7 +353,7 @@ def _operate(settings: Settings, args: argparse.Namespace) -> int:
             if args.action == "status":
                 return asyncio.run(commands.status(s))
             with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(commands.run_workers(s))
+                _run(commands.run_workers(s))
             return 0
         if args.command == "replay":
             names = [args.projection] if args.projection else None
@@ -462,7 +473,7 @@ def _dev(settings: Settings) -> int:
             lock.publish(Owner(os.getpid(), "dev", url, pg_url, redis_url))
             assert settings.database_url is not None
             asyncio.run(migrate(settings.database_url))
-            asyncio.run(
+            _run(
                 _serve(
                     settings,
                     dev=True,
@@ -478,8 +489,122 @@ def _dev(settings: Settings) -> int:
     return 0
 
 
+_T = TypeVar("_T")
+_WORKER_INDEX = "LEDGER_WORKER_INDEX"  # set in the processes `_supervise` starts
+_QUICK_DEATH_S = 10.0  # a worker dying this soon after its start died "quickly"
+_QUICK_DEATHS = 3  # this many quick deaths in a row: stop everything
+_STOP_GRACE_S = 20.0  # a worker's graceful shutdown (10 s) and its pools' close
+
+
+def _run(main: Coroutine[Any, Any, _T]) -> _T:
+    """Run on uvloop where it is installed: the event loop is a large share of a
+    proxied request's CPU time."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """A worker gets SIGTERM when its supervisor dies (Linux), so none is orphaned."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _supervise(settings: Settings) -> int:
+    """`ledger serve --workers N`: N processes of `ledger serve` on one port
+    (SO_REUSEPORT: the kernel spreads connections), each with its own pools. The
+    first runs the projection and alert workers; the others only serve HTTP.
+    A worker that dies is started again, with a growing delay; one that keeps
+    dying within seconds of its start stops them all (exit 1), as a single
+    `ledger serve` would. SIGINT/SIGTERM/SIGHUP stop them all."""
+    stopping = False
+    failed = False
+    children: dict[int, subprocess.Popen[bytes]] = {}
+    started_at: dict[int, float] = {}
+    quick_deaths: dict[int, int] = {}
+
+    def start(index: int) -> None:
+        env = {**os.environ, _WORKER_INDEX: str(index), "LEDGER_WORKERS": "1"}
+        if index > 0:
+            env["LEDGER_RUN_PROJECTIONS"] = "false"
+        argv = [
+            sys.executable,
+            "-m",
+            "ledger.cli",
+            "serve",
+            "--host",
+            settings.host,
+            "--port",
+            str(settings.port),
+        ]
+        children[index] = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)
+        started_at[index] = time.monotonic()
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for index in range(settings.workers):
+            start(index)
+        log.info("workers_started", workers=settings.workers, port=settings.port)
+        while not stopping:
+            time.sleep(0.2)
+            for index, child in list(children.items()):
+                code = child.poll()
+                if code is None or stopping:
+                    continue
+                quick = time.monotonic() - started_at[index] < _QUICK_DEATH_S
+                quick_deaths[index] = quick_deaths.get(index, 0) + 1 if quick else 0
+                if code == 2 or quick_deaths[index] >= _QUICK_DEATHS:
+                    # a usage or configuration error, or a worker that cannot stay
+                    # up (its database gone, say): restarting cannot help
+                    log.error("worker_failed_stopping_all", worker=index, exit_code=code)
+                    failed = stopping = True
+                    break
+                delay = min(2.0 ** quick_deaths[index], 10.0)
+                log.warning("worker_died_restarting", worker=index, exit_code=code, delay_s=delay)
+                deadline = time.monotonic() + delay
+                while not stopping and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if not stopping:
+                    start(index)
+        # Stop whatever runs now, including a worker started while the signal
+        # arrived; give each the gateway's graceful shutdown, then kill.
+        running = [child for child in children.values() if child.poll() is None]
+        for child in running:
+            child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_GRACE_S
+        codes = []  # of the workers that were running: did they stop cleanly?
+        for child in running:
+            try:
+                codes.append(child.wait(max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                codes.append(child.wait())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for child in children.values():
+            if child.poll() is None:
+                child.kill()
+    if failed:
+        return 1
+    return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
+
+
 async def _serve(
-    settings: Settings, *, dev: bool = False, on_listening: Callable[[], None] | None = None
+    settings: Settings,
+    *,
+    dev: bool = False,
+    on_listening: Callable[[], None] | None = None,
+    reuse_port: bool = False,
 ) -> int:
     from gateway.app import create_app, server_options  # the composition root may know every package
     from gateway.keys import KEY_BOOK
@@ -531,7 +656,9 @@ async def _serve(
         runner = web.AppRunner(app, handle_signals=False, access_log=None, **server_options(settings))
         await runner.setup()
         runners.append(runner)
-        site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=10)
+        site = web.TCPSite(
+            runner, settings.host, settings.port, shutdown_timeout=10, reuse_port=reuse_port or None
+        )
         try:
             await site.start()
         except OSError as e:

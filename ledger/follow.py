@@ -11,16 +11,10 @@ import asyncio
 
 import structlog
 
+from ledger.loops import cancelling
 from ledger.store import CHANNEL, EventStore, Notifications, RecordedEvent, payload_types
 
 log = structlog.get_logger(__name__)
-
-
-def cancelling() -> bool:
-    """Whether the current task is being cancelled (asyncpg may surface a cancel
-    as a connection error; loops that swallow errors must not swallow that)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 class FollowedCache:

@@ -141,14 +141,22 @@ def secret_value(value: str) -> bool:
 
 
 def redact(metadata: dict[str, Any]) -> dict[str, Any]:
-    """A copy with every secret-looking key's value and secret-looking value replaced."""
+    """A copy with every secret-looking key's value and secret-looking value
+    replaced, at every level of nesting."""
     out: dict[str, Any] = {}
     for key, value in metadata.items():
-        if secret_key(key) or (isinstance(value, str) and secret_value(value)):
-            out[key] = REDACTED
-        else:
-            out[key] = value
+        out[key] = REDACTED if secret_key(key) else _redact_value(value)
     return out
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return REDACTED if secret_value(value) else value
+    if isinstance(value, dict):
+        return redact(value)
+    if isinstance(value, list):
+        return [_redact_value(v) for v in value]
+    return value
 
 
 def redact_text(text: str) -> str:

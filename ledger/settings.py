@@ -92,6 +92,14 @@ class Settings:
     # Projection workers in every gateway process (one active per projection,
     # the others standing by); set false to run `ledger projections run` apart.
     run_projections: bool = True
+    # "durable": an append is acknowledged once its commit is on disk (fsync).
+    # "fast": once PostgreSQL has it in memory (synchronous_commit=off): a crash
+    # of the database host may lose the last few hundred ms of events, which the
+    # sweeper then charges at their estimates; a gateway crash loses nothing.
+    commit_mode: str = "durable"
+    # HTTP worker processes of `ledger serve`, sharing the port (SO_REUSEPORT);
+    # projection and alert workers run in the first one only.
+    workers: int = 1
     # Redis down: "deny" answers 503 (budgets cannot be checked); "allow" admits
     # and records, then rebuilds the counters from the log once Redis is back.
     on_redis_down: str = "deny"
@@ -517,6 +525,8 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "poll_interval_s": _float(0.01, 3600),
     "redis_max_connections": _int(1, 10_000),
     "run_projections": _bool,
+    "workers": _int(1, 64),
+    "commit_mode": _choice(("durable", "fast")),
     "on_redis_down": _choice(("deny", "allow")),
     "key_scope_default": _choice(("own", "any")),
     "reservation_ttl_s": _float(1, 7 * 86400),

@@ -130,15 +130,9 @@ class WriterStats:
     last_error: str | None = field(default=None)
 
 
-_INSERT = """
-    insert into events (stream, version, type, data)
-    select s, v, t, d::jsonb
-    from unnest($1::text[], $2::int[], $3::text[], $4::text[]) as u(s, v, t, d)
-    returning position, stream, version
-"""
-_CURRENT_VERSIONS = """
-    select stream, max(version) from events where stream = any($1::text[]) group by stream
-"""
+_APPEND_BATCH = (
+    "select * from ledger_append_batch($1::text[], $2::int[], $3::int[], $4::text[], $5::text[], $6)"
+)
 _SELECT = "select position, stream, version, type, data::text, recorded_at from events"
 
 
@@ -407,43 +401,48 @@ class EventStore:
             await self.pool.release(conn)
 
     async def _write_on(self, conn: PoolConnectionProxy[asyncpg.Record], batch: list[_Append]) -> None:
-        async with conn.transaction():
-            # Invariant: every append holds this lock until commit, so the
-            # versions read below cannot change before our insert, and
-            # positions become visible in order (see sql/0001_events.sql).
-            await conn.execute("select ledger_append_lock()")
-            streams = list({item.stream for item in batch})
-            current: dict[str, int] = {r[0]: r[1] for r in await conn.fetch(_CURRENT_VERSIONS, streams)}
-            accepted: list[tuple[_Append, int]] = []  # (append, its first version)
-            rejected: list[tuple[_Append, int]] = []
-            s_col: list[str] = []
-            v_col: list[int] = []
-            t_col: list[str] = []
-            d_col: list[str] = []
-            for item in batch:
-                version = current.get(item.stream, 0)
-                if item.expected_version is not None and item.expected_version != version:
-                    rejected.append((item, version))
-                    continue
-                accepted.append((item, version + 1))
-                for event in item.events:
-                    version += 1
-                    s_col.append(item.stream)
-                    v_col.append(version)
-                    t_col.append(event.type)
-                    d_col.append(event.data.decode())
-                current[item.stream] = version
-            positions: dict[tuple[str, int], int] = {}
-            if accepted:
-                rows = await conn.fetch(_INSERT, s_col, v_col, t_col, d_col)
-                positions = {(r[1], r[2]): r[0] for r in rows}
-                # Payload: "<last position> <types,...>" so listeners that care
-                # about a few types (tag definitions) can ignore the rest.
-                payload = f"{max(positions.values())} {','.join(sorted(set(t_col)))}"
-                await conn.execute("select pg_notify($1, $2)", CHANNEL, payload[:7900])
+        # One call, one implicit transaction, one round trip: the function takes
+        # the append lock, checks versions, inserts and NOTIFYs (sql/0021).
+        types: list[str] = []
+        data: list[str] = []
+        for item in batch:
+            for event in item.events:
+                types.append(event.type)
+                data.append(event.data.decode())
+        rows = await conn.fetch(
+            _APPEND_BATCH,
+            [item.stream for item in batch],
+            [item.expected_version for item in batch],
+            [len(item.events) for item in batch],
+            types,
+            data,
+            CHANNEL,
+        )
+        positions: dict[tuple[str, int], int] = {}
+        lowest: dict[str, int] = {}  # the first version written per stream
+        refused: dict[int, int] = {}  # batch index -> the stream's current version
+        for r in rows:
+            if r[3] is None:
+                positions[(r[0], r[1])] = r[2]
+                if r[1] < lowest.get(r[0], r[1] + 1):
+                    lowest[r[0]] = r[1]
+            else:
+                refused[r[3] - 1] = r[1]
+        accepted: list[tuple[_Append, int]] = []  # (append, its first version)
+        rejected: list[tuple[_Append, int]] = []
+        next_version: dict[str, int] = {}
+        for index, item in enumerate(batch):
+            if index in refused:
+                rejected.append((item, refused[index]))
+                continue
+            # versions were given in batch order, so each accepted append's first
+            # version follows the previous accepted append on its stream
+            first = next_version.get(item.stream, lowest.get(item.stream, 1))
+            accepted.append((item, first))
+            next_version[item.stream] = first + len(item.events)
         # Committed: resolve futures only now, so nobody sees an unconfirmed write.
         self.stats.commits += 1
-        self.stats.events += len(s_col)
+        self.stats.events += len(positions)
         self.stats.appends += len(accepted)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         for item, first in accepted:
@@ -456,17 +455,14 @@ class EventStore:
 
     # ------------------------------------------------------------ reading
 
+    async def _select(self, where: str, *args: Any) -> list[RecordedEvent]:
+        async with unavailable_as_store_error():
+            rows = await self.pool.fetch(f"{_SELECT} where {where}", *args)
+        return [_row(r) for r in rows]
+
     async def read_stream(self, stream: str, after_version: int = 0) -> list[RecordedEvent]:
         """All events of ``stream`` with version > ``after_version``, in version order."""
-        try:
-            rows = await self.pool.fetch(
-                f"{_SELECT} where stream = $1 and version > $2 order by version",
-                stream,
-                after_version,
-            )
-        except _UNAVAILABLE as e:
-            raise StoreUnavailable(f"PostgreSQL unavailable: {_describe(e)}") from e
-        return [_row(r) for r in rows]
+        return await self._select("stream = $1 and version > $2 order by version", stream, after_version)
 
     async def read_all(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         """Up to ``limit`` committed events with position > ``after``, in position order.
@@ -474,35 +470,20 @@ class EventStore:
         Never skips an event that commits late and never returns one twice: the
         append lock makes commit order equal position order.
         """
-        try:
-            rows = await self.pool.fetch(
-                f"{_SELECT} where position > $1 order by position limit $2", after, limit
-            )
-        except _UNAVAILABLE as e:
-            raise StoreUnavailable(f"PostgreSQL unavailable: {_describe(e)}") from e
-        return [_row(r) for r in rows]
+        return await self._select("position > $1 order by position limit $2", after, limit)
 
     async def read_types(
         self, types: Sequence[str], after: int = 0, limit: int = 1000
     ) -> list[RecordedEvent]:
         """Like read_all, restricted to events of the given types."""
-        try:
-            rows = await self.pool.fetch(
-                f"{_SELECT} where type = any($1::text[]) and position > $2 order by position limit $3",
-                list(types),
-                after,
-                limit,
-            )
-        except _UNAVAILABLE as e:
-            raise StoreUnavailable(f"PostgreSQL unavailable: {_describe(e)}") from e
-        return [_row(r) for r in rows]
+        return await self._select(
+            "type = any($1::text[]) and position > $2 order by position limit $3", list(types), after, limit
+        )
 
     async def head(self) -> int:
         """The position of the last committed event (0 for an empty log)."""
-        try:
+        async with unavailable_as_store_error():
             value = await self.pool.fetchval("select coalesce(max(position), 0) from events")
-        except _UNAVAILABLE as e:
-            raise StoreUnavailable(f"PostgreSQL unavailable: {_describe(e)}") from e
         return int(value)
 
     async def follow(
@@ -548,6 +529,16 @@ def _unavailable(item: _Append) -> bool:
 def _fail(item: _Append, error: BaseException) -> None:
     if not item.future.done():
         item.future.set_exception(error)
+
+
+@contextlib.asynccontextmanager
+async def unavailable_as_store_error() -> AsyncIterator[None]:
+    """Driver errors that mean "PostgreSQL is not there" become StoreUnavailable
+    (the domain's error; the HTTP layer answers it with a 503)."""
+    try:
+        yield
+    except _UNAVAILABLE as e:
+        raise StoreUnavailable(f"PostgreSQL unavailable: {_describe(e)}") from e
 
 
 def _describe(e: BaseException) -> str:
@@ -657,7 +648,11 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
             max_size=settings.pool_max_size,
             timeout=settings.connect_timeout_s,
             command_timeout=settings.statement_timeout_s,
-            server_settings={"application_name": "budget-ledger"},
+            server_settings={
+                "application_name": "budget-ledger",
+                # LEDGER_COMMIT_MODE=fast: commits return before the WAL fsync
+                "synchronous_commit": "off" if settings.commit_mode == "fast" else "on",
+            },
         )
     except _UNAVAILABLE as e:
         raise StoreUnavailable(f"cannot connect to PostgreSQL: {_describe(e)}") from e

@@ -23,6 +23,7 @@ worker and ``verify`` all read definitions through :class:`Definitions`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
@@ -239,7 +240,12 @@ class Definitions:
         """What is in force for a tag: its own definition, else its template's."""
         own = self.tags.get(name)
         src = self._sources.get(TAG + name, _Source())
-        if own is not None and own.exists and (own.max_budget is not None or _limits(own)):
+        # a definition with per-model budgets only is in force too (its models')
+        if (
+            own is not None
+            and own.exists
+            and (own.max_budget is not None or _limits(own) or own.model_max_budget)
+        ):
             return _spec(TAG + name, f"tag {name!r}", src.epoch, own, own.anchor, None)
         template = self.template_of(name)
         if template is None:
@@ -257,7 +263,7 @@ class Definitions:
         src = self._sources.get(KEY + key_hash, _Source())
         label = f"API key {key.key_alias!r}" if key.key_alias else f"API key {key.key_prefix}…"
         spec = _spec(KEY + key_hash, label, src.epoch, key, key.anchor or key.created_at, None)
-        return spec if spec.has_budget or spec.limits else None
+        return spec if spec.has_budget or spec.limits or key.model_max_budget else None
 
     def user(self, user_hash: str) -> Spec | None:
         user = self.users.get(user_hash)
@@ -265,7 +271,7 @@ class Definitions:
             return None
         src = self._sources.get(USER + user_hash, _Source())
         spec = _spec(USER + user_hash, "end user", src.epoch, user, user.anchor, None)
-        return spec if spec.has_budget or spec.limits else None
+        return spec if spec.has_budget or spec.limits or user.model_max_budget else None
 
     def blocked(self, user_hash: str | None) -> bool:
         user = self.users.get(user_hash) if user_hash else None
@@ -277,8 +283,11 @@ class Definitions:
         key_hash: str | None = None,
         user_hash: str | None = None,
         model: str | None = None,
+        aliases: Sequence[str] = (),
     ) -> list[Spec]:
-        """Every budget and limit a request with these attributes answers to."""
+        """Every budget and limit a request with these attributes answers to.
+        ``aliases``: other names of the model (the upstream's, for a request that
+        said ``openai/gpt-4o``): a per-model budget under any of them applies."""
         out: list[Spec] = []
         owners: list[tuple[Spec, TagState | ApiKey | CustomerState]] = []
         for name in dict.fromkeys(tags):
@@ -293,10 +302,12 @@ class Definitions:
             out.append(spec)
             owners.append((spec, self.users[user_hash]))
         if model is not None:
+            names = list(dict.fromkeys([model, *aliases]))
             for parent, owner in owners:
-                per_model = (owner.model_max_budget or {}).get(model)
-                if per_model is not None:
-                    out.append(self._model_spec(parent, owner, model, per_model))
+                for name in names:
+                    per_model = (owner.model_max_budget or {}).get(name)
+                    if per_model is not None:
+                        out.append(self._model_spec(parent, owner, name, per_model))
         return out
 
     def _model_spec(

@@ -23,7 +23,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from ledger.follow import cancelling
+from ledger.loops import cancelling
 from ledger.queries import projection_lag
 from ledger.settings import WebhookConfig
 from ledger.store import CHANNEL, EventStore, Notifications, RecordedEvent

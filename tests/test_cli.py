@@ -347,3 +347,86 @@ async def test_report_counts_each_request_once_and_marks_unpriced_models(gateway
     dropped = await asyncio.to_thread(ledger, "asof", "drop", "asof_20990101000000", env=env)
     assert dropped.returncode == 0, dropped.stderr
     assert "no asof_* schemas" in (await asyncio.to_thread(ledger, "asof", "list", env=env)).stdout
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                stat = Path(f"/proc/{p}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(p))
+    return sorted(out)
+
+
+async def test_serve_with_two_workers_shares_the_port_and_restarts_a_dead_worker(
+    database_url: str, redis_url: str
+) -> None:
+    port = free_port()
+    env = {
+        **dev_env(),
+        "LEDGER_DATABASE_URL": database_url,
+        "LEDGER_REDIS_URL": redis_url,
+        "LEDGER_ADMIN_KEY": "test-admin-key-0123456789",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ledger.cli", "serve", "--workers", "2", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        await asyncio.to_thread(wait_ready, port, proc)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        # only the first worker runs the projection and alert workers
+        environs = [Path(f"/proc/{w}/environ").read_bytes().split(b"\0") for w in workers]
+        assert sum(b"LEDGER_RUN_PROJECTIONS=false" in e for e in environs) == 1
+        os.kill(workers[1], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = _children(proc.pid)
+            if len(now) == 2 and workers[1] not in now:
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError(f"the dead worker was not started again: {now}")
+        await asyncio.to_thread(wait_ready, port, proc)
+        # a stop that arrives while a dead worker waits to be started again
+        # stops everything, the waiting worker included
+        os.kill(now[0], signal.SIGKILL)
+        await asyncio.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "worker_died_restarting" in err
+    assert all(not alive(w) for w in now)
+
+
+def test_serve_workers_that_cannot_stay_up_stop_the_supervisor() -> None:
+    """A worker that dies right after each start (PostgreSQL unreachable) is not
+    restarted forever: the supervisor exits 1, as one `ledger serve` would."""
+    env = {
+        **dev_env(),
+        "LEDGER_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
+        "LEDGER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "LEDGER_ADMIN_KEY": "test-admin-key-0123456789",
+        "LEDGER_CONNECT_TIMEOUT_S": "0.5",
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "ledger.cli", "serve", "--workers", "2", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "worker_failed_stopping_all" in run.stderr

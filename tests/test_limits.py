@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import openai
 import pytest
 
@@ -20,6 +21,7 @@ from ledger import events as ev
 from ledger.admission import Admitted, BudgetExceeded, RateLimited
 from ledger.apikeys import KeyBook, KeyFields
 from ledger.counters.limits import minute_of
+from ledger.errors import StoreUnavailable
 from tests.faults.harness import ADMIN, Cluster, http
 from tests.test_counters import WED, Clock, Gateway, GatewayFactory, gateways, with_budget
 
@@ -158,6 +160,70 @@ async def test_limits_of_a_key_a_template_and_a_model(gateways: GatewayFactory) 
     assert refused.limit.subject == "tag:customer:a"
 
 
+async def test_per_model_settings_alone_are_enforced_under_either_model_name(
+    gateways: GatewayFactory,
+) -> None:
+    """Review finding: a tag, key or end user with model_max_budget and nothing
+    else had no spec, so its per-model budgets and limits were never enforced;
+    and `mock/gpt-4o-mini` (gpt-4o-mini upstream) missed a budget set under
+    `gpt-4o-mini`."""
+    clock = Clock(WED.replace(minute=10))
+    gw = await gateways(clock)
+    per_model = {"gpt-4o-mini": ev.ModelBudget(rpm_limit=1)}
+    await gw.tags.create("only-models", ev.TagFields(model_max_budget=per_model))
+    await gw.refresh()
+
+    async def go(rid: str, model: str, **kw: Any) -> Any:
+        return await gw.admission.admit(
+            rid, kw.pop("tags", ["only-models"]), Decimal("0.001"), model=model, **kw
+        )
+
+    assert isinstance(await go("m1", "gpt-4o-mini"), Admitted)
+    assert isinstance(await go("m2", "gpt-4o-mini"), RateLimited)
+    # the provider-prefixed name reaches the same upstream model: same budget
+    assert isinstance(await go("m3", "mock/gpt-4o-mini", model_aliases=("gpt-4o-mini",)), RateLimited)
+    assert isinstance(await go("m4", "gpt-4o"), Admitted)  # another model: no limit
+    # a key with a per-model budget only
+    tight = {"gpt-4o": ev.ModelBudget(max_budget=Decimal("0.0015"), budget_duration="1d")}
+    _, made = await KeyBook(gw.store).generate(settings=KeyFields(model_max_budget=tight))
+    await gw.refresh()
+    kh = made.key_hash
+    assert isinstance(await go("k1", "gpt-4o", tags=[], key_hash=kh), Admitted)
+    assert isinstance(await go("k2", "gpt-4o", tags=[], key_hash=kh), BudgetExceeded)
+    assert isinstance(await go("k3", "gpt-4o-mini", tags=[], key_hash=kh), Admitted)
+
+
+async def test_a_slot_frees_when_the_record_fails_and_an_estimate_charge_keeps_its_tokens(
+    gateways: GatewayFactory,
+) -> None:
+    """Review findings: a terminal append that failed (PostgreSQL away) kept the
+    parallel slot until the reservation's deadline (15 min by default); a request
+    charged at its estimate (no usage known) counted 0 tokens against tpm."""
+    clock = Clock(WED.replace(minute=20))
+    gw = await gateways(clock)
+    await with_limits(gw, "p", max_parallel_requests=1, tpm_limit=90)
+    first = await admit(gw, "a", ["p"], tokens=60)
+    assert isinstance(first, Admitted)
+    real_append = gw.store.append
+
+    async def away(*args: Any, **kw: Any) -> Any:
+        raise StoreUnavailable("PostgreSQL went away")
+
+    gw.store.append = away  # type: ignore[method-assign]
+    with pytest.raises(StoreUnavailable):
+        await gw.admission.record_spend(first, Decimal("0.0001"))
+    gw.store.append = real_append  # type: ignore[method-assign]
+    await gw.admission.drain()
+    second = await admit(gw, "b", ["p"], tokens=30)
+    assert isinstance(second, Admitted)  # the slot came back at once
+    # charged at its estimate: the prompt's bound (30) stays counted, with a's 60
+    await gw.admission.record_spend(second, Decimal("0.0001"), usage_source="estimate")
+    await gw.admission.drain()
+    refused = await admit(gw, "c", ["p"], tokens=20)
+    assert isinstance(refused, RateLimited)
+    assert refused.limit.kind == "tpm"
+
+
 async def test_one_request_id_twice_does_not_share_a_slot(gateways: GatewayFactory) -> None:
     """Two attempts under one request id take two slots: the refused duplicate's
     give-back must not free the first attempt's slot."""
@@ -277,3 +343,61 @@ async def test_parallel_requests_hold_across_three_gateway_processes(cluster: Cl
     assert status == 200
     for c in clients:
         await c.close()
+
+
+async def test_a_template_budget_holds_per_customer_across_three_gateway_processes(cluster: Cluster) -> None:
+    """`customer:*` gives every customer its own window counter: under 60 concurrent
+    requests over three processes, each customer gets exactly what its budget
+    reserves; an explicit tag budget overrides the template. The upstream holds
+    each answer 3 s, so every reservation is still open when the last one is
+    asked for and the arithmetic fixes the admitted count."""
+    url = cluster.url(0)
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5,
+        "metadata": {"tags": ["probe"]},
+    }
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/v1/chat/completions", json=body, headers=headers) as r,
+    ):
+        assert r.status == 200
+        rid = r.headers["x-ledger-request-id"]
+    conn = await asyncpg.connect(cluster.pg.url)
+    try:
+        raw = await conn.fetchval(
+            "select data->>'estimate' from events where type = 'RequestAdmitted' and stream = $1",
+            f"request:{rid}",
+        )
+    finally:
+        await conn.close()
+    estimate = Decimal(raw)
+    # 4.5 estimates: 4 fit, the fifth does not
+    template = {"name": "customer:*", "max_budget": str(estimate * Decimal("4.5")), "budget_duration": "30d"}
+    vip = {"name": "customer:vip", "max_budget": str(estimate * Decimal("8.5")), "budget_duration": "30d"}
+    for definition in (template, vip):
+        status, answer = http("POST", f"{url}/tag/new", definition)
+        assert status in (200, 201), answer
+    customers = ["customer:a", "customer:b", "customer:vip"]
+
+    async def one(session: aiohttp.ClientSession, i: int) -> tuple[str, int]:
+        tag = customers[i % 3]
+        payload = {**body, "metadata": {"tags": [tag]}, "mock": {"delay_ms": 3000}}
+        async with session.post(
+            f"{cluster.url(i % 3)}/v1/chat/completions", json=payload, headers=headers
+        ) as r:
+            await r.read()
+            return tag, r.status
+
+    async with aiohttp.ClientSession() as session:
+        results = await asyncio.gather(*(one(session, i) for i in range(60)))
+    admitted = {c: sum(1 for t, s in results if t == c and s == 200) for c in customers}
+    refused = {c: sum(1 for t, s in results if t == c and s == 429) for c in customers}
+    assert admitted == {"customer:a": 4, "customer:b": 4, "customer:vip": 8}, results
+    assert refused == {"customer:a": 16, "customer:b": 16, "customer:vip": 12}
+    status, info = http("GET", f"{url}/tag/info?names=customer:a,customer:vip")
+    assert status == 200
+    assert info["customer:a"]["budget_source"] == "customer:*"
+    assert info["customer:vip"].get("budget_source") is None

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import hmac
 import io
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -193,6 +194,45 @@ async def test_every_attribution_source_lands_in_spend_recorded(gateway: Gateway
     assert sent["messages"] == [{"role": "user", "content": "hello"}]
     headers = {k.lower() for k in gateway.upstream_requests()[-1]["headers"]}
     assert not any(h.startswith(("x-ledger", "x-litellm")) for h in headers)
+
+
+async def test_litellm_shapes_string_tags_and_nested_metadata_redacted_at_every_level(
+    gateway: Gateway,
+) -> None:
+    """LiteLLM accepts `metadata.tags` as one comma-separated string and nested
+    spend_logs_metadata; a secret two levels down is redacted like one at the top."""
+    body = {
+        **CHAT,
+        "metadata": {
+            "tags": "team:search, app:bot",
+            "spend_logs_metadata": {
+                "order": {"id": 7, "lines": [{"sku": "a"}, {"token": "t0p-s3cret"}]},
+                "auth": {"key": "x"},
+                "notes": ["ok", "Bearer abc.def.ghi"],
+            },
+        },
+    }
+    async with aiohttp.ClientSession() as http:
+        r = await http.post(
+            f"{gateway.url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {gateway.key}"},
+        )
+        assert r.status == 200, await r.text()
+        request_id = r.headers["x-ledger-request-id"]
+    events = await gateway.request_events(request_id)
+    spend = events[-1]
+    assert isinstance(spend, ev.SpendRecorded)
+    assert spend.tags == ["key-tag", "team:search", "app:bot"]
+    assert spend.metadata == {
+        "order": {"id": 7, "lines": [{"sku": "a"}, {"token": "[REDACTED]"}]},
+        "auth": "[REDACTED]",
+        "notes": ["ok", "[REDACTED]"],
+    }
+    rows = await gateway.store.read_stream(f"request:{request_id}")
+    stored = " ".join(r.data for r in rows)
+    assert "t0p-s3cret" not in stored
+    assert "Bearer" not in stored
 
 
 async def test_other_metadata_keys_pass_upstream(gateway: Gateway) -> None:
@@ -578,17 +618,19 @@ async def test_authentication(gateway: Gateway) -> None:
 
 
 BAD_ATTRIBUTION: list[tuple[str, dict[str, Any], dict[str, str], str]] = [
-    ("tags not a list", {"tags": "a,b"}, {}, "tags"),
+    ("tags not a list", {"tags": 5}, {}, "tags"),
+    ("template name as a tag", {"tags": ["customer:*"]}, {}, "tags"),
+    ("key scope wildcard as a tag", {}, {"x-ledger-tags": "a,*"}, "header x-ledger-tags"),
     ("tag not a string", {"tags": ["a", 3]}, {}, "tags"),
-    ("metadata.tags not a list", {"metadata": {"tags": "a"}}, {}, "metadata.tags"),
+    ("metadata.tags not a list", {"metadata": {"tags": {"a": 1}}}, {}, "metadata.tags"),
     ("empty tag", {"tags": ["  "]}, {}, "tags"),
     ("NUL in tag", {"tags": ["a\x00b"]}, {}, "tags"),
     ("tag too long", {"tags": ["x" * 257]}, {}, "tags"),
     ("too many tags", {"tags": [f"t{i}" for i in range(65)]}, {}, "tags"),
     ("metadata not an object", {"metadata": "x"}, {}, "metadata"),
     (
-        "nested metadata value",
-        {"metadata": {"spend_logs_metadata": {"a": {"b": 1}}}},
+        "metadata nested too deep",
+        {"metadata": {"spend_logs_metadata": {"a": {"b": {"c": {"d": {"e": 1}}}}}}},
         {},
         "metadata.spend_logs_metadata",
     ),
@@ -643,6 +685,27 @@ async def test_malformed_attribution_is_a_400(
     assert error["param"] == param
     assert error["code"] == "invalid_attribution"
     assert await gateway.store.read_types(["RequestAdmitted"], 0, 10) == []  # nothing admitted
+
+
+async def test_a_header_that_is_not_utf8_is_a_400(gateway: Gateway) -> None:
+    """Review finding: a non-UTF-8 byte in the metadata header was a 500."""
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = json.dumps(CHAT).encode()
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: Bearer {gateway.key}\r\n".encode()
+        + b"Content-Type: application/json\r\n"
+        + b'x-ledger-spend-logs-metadata: {"k": "\xff\xfe"}\r\n'
+        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split()[1] == b"400", answer[:500]
+    assert b"x-ledger-spend-logs-metadata" in rest
 
 
 async def test_bad_bodies(gateway: Gateway) -> None:

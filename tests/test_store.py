@@ -258,3 +258,19 @@ async def test_unstorable_event_fails_only_its_caller(store: EventStore) -> None
     assert await store.read_stream("nul-1") == []
     with pytest.raises(InvalidEvent):
         await store.append("nul\x00stream", 0, [fine])
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("durable", "on"), ("fast", "off")])
+async def test_commit_mode_decides_whether_an_append_waits_for_the_fsync(
+    database_url: str, mode: str, expected: str
+) -> None:
+    """LEDGER_COMMIT_MODE=fast acknowledges appends before the WAL fsync on every
+    connection of the store's pool; the default waits for it."""
+    store = await EventStore.open(Settings.from_dsn(database_url, pool_max_size=3, commit_mode=mode))
+    try:
+        await store.append("commit-mode", 0, [ev(1)])
+        assert [msgspec.json.decode(e.data) for e in await store.read_stream("commit-mode")] == [{"i": 1}]
+        async with store.pool.acquire() as conn:
+            assert await conn.fetchval("show synchronous_commit") == expected
+    finally:
+        await store.close()

@@ -227,6 +227,9 @@ function budgetBar(tag, st) {
 
 function why(d) {
   if (d.reason === "redis_unavailable") return "budgets could not be checked (Redis unavailable)";
+  if (["rpm_limit", "tpm_limit", "max_parallel_requests"].includes(d.reason)) {
+    return "rate limit reached: " + d.reason + (d.subject ? " of " + d.subject : "");
+  }
   if (d.max_budget === null || d.max_budget === undefined) return d.reason || "—";
   const inFlight = Number(d.reserved) > 0 ? " (+" + money(d.reserved) + " in flight)" : "";
   return money(d.spent) + " spent" + inFlight + " + up to " + money(d.estimate) + " for this request > "

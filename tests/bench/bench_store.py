@@ -35,17 +35,17 @@ PAYLOAD = msgspec.json.encode(
 )
 
 
-async def _reset(url: str) -> None:
+async def _reset(url: str) -> str:
+    """A fresh, migrated database of the benchmark's own (events refuse TRUNCATE)."""
     conn = await asyncpg.connect(url)
     try:
-        # events refuses TRUNCATE; the benchmark owns this database, so drop and re-migrate.
-        await conn.execute("drop table if exists events, schema_migrations cascade")
-        await conn.execute("drop function if exists ledger_append_lock() cascade")
-        await conn.execute("drop function if exists events_take_append_lock() cascade")
-        await conn.execute("drop function if exists events_refuse_change() cascade")
+        await conn.execute("drop database if exists ledger_bench with (force)")
+        await conn.execute("create database ledger_bench")
     finally:
         await conn.close()
-    await migrate(url)
+    bench_url = url.rsplit("/", 1)[0] + "/ledger_bench"
+    await migrate(bench_url)
+    return bench_url
 
 
 async def _throughput(
@@ -86,8 +86,8 @@ async def run(url: str, repeats: int = 3) -> list[tuple[str, float]]:
     ):
         group, single = [], []
         for _ in range(repeats):
-            await _reset(url)
-            store = await EventStore.open(Settings.from_dsn(url, pool_max_size=20))
+            bench_url = await _reset(url)
+            store = await EventStore.open(Settings.from_dsn(bench_url, pool_max_size=20))
             try:
                 group.append(await _throughput(store, concurrency, group_total, store.append))
                 single.append(await _throughput(store, concurrency, single_total, store.append_now))
@@ -98,7 +98,7 @@ async def run(url: str, repeats: int = 3) -> list[tuple[str, float]]:
         rows.append((f"append, one commit per event, concurrency {concurrency} (events/s)", s))
         rows.append((f"ratio group/single at concurrency {concurrency}", g / s))
     scans = []
-    store = await EventStore.open(Settings.from_dsn(url))
+    store = await EventStore.open(Settings.from_dsn(bench_url))
     try:
         for _ in range(repeats):
             n, rate = await _scan(store)

@@ -191,6 +191,8 @@ async def test_caller_chosen_key_keeps_an_old_litellm_key_working(litellm: LiteL
         ({"max_budget": 1, "soft_budget": 2}, 422, "soft_budget"),
         ({"models": ["a"], "allowed_models": ["b"]}, 422, "models"),
         ({"tpm_limit": -5}, 422, "tpm_limit"),
+        ({"tags": ["customer:*"]}, 422, "tags"),  # a template name is no tag to charge
+        ({"tags": ["*"]}, 422, "tags"),
         ({"what": 1}, 400, "what"),
     ],
 )
