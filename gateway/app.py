@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import timedelta
+from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway import activity, admin, customers, dashboard, health, keys_api, openapi, proxy, spend, ui
 from gateway.auth import authenticate
+from gateway.errors import ApiError
 from gateway.keys import (
     ADMISSION,
     BUDGET_BOOK,
@@ -48,10 +52,58 @@ CleanupContext = Callable[[web.Application], AsyncIterator[None]]
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
+def server_options(settings: Settings) -> dict[str, Any]:
+    """What the HTTP server (an AppRunner) needs beyond the app: aiohttp closes a
+    connection that has no complete request head when its keep-alive timer runs
+    out, counted from the connection's opening and from each response's end, so
+    that timer is the header timeout and the idle timeout at once."""
+    return {
+        "keepalive_timeout": settings.client_header_timeout_s,
+        # how long a refused request's unread body is drained before closing
+        "lingering_time": min(10.0, settings.client_body_timeout_s),
+    }
+
+
+@web.middleware
+async def body_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request body must arrive within client_body_timeout_s of its head: when
+    it has not, the handler's next read fails with a 408 and the connection is
+    closed (aiohttp itself has no body timeout)."""
+    if not request.body_exists:
+        return await handler(request)
+    timeout = request.app[SETTINGS].client_body_timeout_s
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        if not request.content.is_eof():
+            expired = True
+            log.info("client_body_timeout", path=request.path, timeout_s=timeout)
+            request.content.set_exception(
+                ApiError(
+                    408,
+                    f"the request body did not arrive within {timeout:g} s",
+                    code="request_timeout",
+                    headers={"Connection": "close"},
+                )
+            )
+
+    timer = asyncio.get_running_loop().call_later(timeout, expire)
+    try:
+        response = await handler(request)
+    finally:
+        timer.cancel()
+    if expired:
+        response.force_close()
+    return response
+
+
 def create_app(settings: Settings, contexts: Sequence[CleanupContext] = ()) -> web.Application:
     if settings.database_url is None or settings.redis_url is None:
         raise StoreError("the gateway needs LEDGER_DATABASE_URL and LEDGER_REDIS_URL")
-    app = web.Application(middlewares=[request_context, errors, authenticate], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=[body_deadline, request_context, errors, authenticate], client_max_size=MAX_BODY_BYTES
+    )
     app[SETTINGS] = settings
     # Opened in this order, closed in reverse: the store drains its writer
     # before the pool closes; Redis closes after nothing can use it.

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from gateway.errors import ApiError
-from ledger.privacy import hash_user, redact
+from ledger.privacy import hash_user, redact, secret_value
 from ledger.subjects import TEMPLATE_SUFFIX
 
 TAG_HEADERS = ("x-ledger-tags", "x-litellm-tags")
@@ -56,6 +56,10 @@ def _clean_tag(tag: object, source: str, limits: Limits) -> str:
     for ch in tag:
         if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
             raise _bad(f"{source} contains a tag with the control character U+{ord(ch):04X}", source)
+    if secret_value(tag):
+        # Refused, not redacted: a tag is a budget's name, and "[REDACTED]" would
+        # merge unrelated spend. The message does not repeat the tag.
+        raise _bad(f"{source} contains a tag that looks like a credential; tags are stored as sent", source)
     # A definition named `customer:*` is a budget template; a request naming it
     # literally would be charged to one tag that every customer's budget shares.
     if tag == "*" or tag.endswith(TEMPLATE_SUFFIX):

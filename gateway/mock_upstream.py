@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import math
 import time
 import uuid
@@ -54,6 +55,9 @@ class MockConfig:
     chunk_delay_ms: float = 0.0
     fail_status: int | None = None
     api_key: str | None = None  # when set, requests must carry it
+    # /mock/requests shows raw prompts and ``user`` ids: only to this bearer key,
+    # and to nobody when it is unset.
+    admin_key: str | None = None
 
 
 REQUESTS: web.AppKey[deque[dict[str, Any]]] = web.AppKey("requests")
@@ -294,7 +298,16 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def recorded(request: web.Request) -> web.Response:
-    """The last requests received (for demos and tests)."""
+    """The last requests received (for demos and tests), to the admin key only."""
+    admin_key = request.app[CONFIG].admin_key
+    if admin_key is None:
+        return _error(404, "mock upstream: /mock/requests is off (no admin key configured)")
+    sent = request.headers.get("Authorization", "")
+    given = hashlib.sha256(sent.removeprefix("Bearer ").encode()).digest()
+    if not sent.startswith("Bearer ") or not hmac.compare_digest(
+        given, hashlib.sha256(admin_key.encode()).digest()
+    ):
+        return _error(401, "mock upstream: /mock/requests needs the admin key")
     seen: deque[dict[str, Any]] = request.app[REQUESTS]
     return web.Response(body=_encoder.encode([*seen]), content_type="application/json")
 

@@ -134,6 +134,11 @@ def _parser() -> argparse.ArgumentParser:
     mock.add_argument("--chunk-delay-ms", type=float, default=0.0, help="wait between stream chunks")
     mock.add_argument("--fail-status", type=int, help="answer every request with this status")
     mock.add_argument("--api-key", help="require this bearer key")
+    mock.add_argument(
+        "--admin-key",
+        default=os.environ.get("LEDGER_ADMIN_KEY"),
+        help="the bearer key /mock/requests asks for (default: LEDGER_ADMIN_KEY; none: it is off)",
+    )
 
     mig = sub.add_parser("migrate", help="apply pending SQL migrations")
     ops = [mig]
@@ -383,7 +388,7 @@ def _asof(settings: Settings, args: argparse.Namespace) -> int:
 def _mock_upstream(args: argparse.Namespace) -> int:
     from gateway.mock_upstream import MockConfig, create_mock_app
 
-    config = MockConfig(args.delay_ms, args.chunk_delay_ms, args.fail_status, args.api_key)
+    config = MockConfig(args.delay_ms, args.chunk_delay_ms, args.fail_status, args.api_key, args.admin_key)
     print(f"mock upstream on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
     web.run_app(create_mock_app(config), host=args.host, port=args.port, print=None, access_log=None)
     return 0
@@ -601,9 +606,9 @@ async def _serve(
     on_listening: Callable[[], None] | None = None,
     reuse_port: bool = False,
 ) -> int:
-    from gateway.app import create_app  # the composition root may know every package
+    from gateway.app import create_app, server_options  # the composition root may know every package
     from gateway.keys import KEY_BOOK
-    from gateway.mock_upstream import create_mock_app
+    from gateway.mock_upstream import MockConfig, create_mock_app
 
     if settings.database_url is None or settings.redis_url is None:
         raise SettingsError("`ledger serve` needs LEDGER_DATABASE_URL and LEDGER_REDIS_URL")
@@ -615,7 +620,11 @@ async def _serve(
     try:
         if dev and not settings.providers:
             # No provider configured: serve the built-in mock upstream next to the gateway.
-            mock = web.AppRunner(create_mock_app(), handle_signals=False, access_log=None)
+            mock = web.AppRunner(
+                create_mock_app(MockConfig(admin_key=settings.admin_key)),
+                handle_signals=False,
+                access_log=None,
+            )
             await mock.setup()
             runners.append(mock)
             mock_site = web.TCPSite(mock, "127.0.0.1", 0)
@@ -636,8 +645,15 @@ async def _serve(
                     webhook_secret=settings.webhook_secret,
                 )
             )
+        if not dev and settings.user_hash_secret is None:
+            # A dump of the database then holds both the hashes and their key.
+            log.warning(
+                "user_hash_secret_in_database",
+                message="end-user ids are hashed with a secret kept in the database; "
+                "set LEDGER_USER_HASH_SECRET or LEDGER_USER_HASH_SECRET_FILE",
+            )
         app = create_app(settings, contexts)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, **server_options(settings))
         await runner.setup()
         runners.append(runner)
         site = web.TCPSite(

@@ -124,14 +124,24 @@ class Settings:
     upstream_first_byte_timeout_s: float = 120.0
     upstream_total_timeout_s: float = 600.0
     max_body_bytes: int = 8 * 1024 * 1024
+    # Slow clients: a connection must deliver a whole request head within
+    # client_header_timeout_s of opening or of its previous response (so idle
+    # keep-alive connections close too; longer than a reverse proxy's own idle
+    # timeout, nginx's is 60 s, or it may reuse one just closed), and a request
+    # body within client_body_timeout_s of the head; else it is closed (408).
+    client_header_timeout_s: float = 75.0
+    client_body_timeout_s: float = 60.0
     max_response_bytes: int = 64 * 1024 * 1024
     # Attribution limits
     max_tags: int = 64
     max_tag_length: int = 256
     max_metadata_bytes: int = 16 * 1024
-    # End-user ids are stored as HMAC-SHA256 with this secret (>= 32 chars).
-    # Unset: a secret generated once and kept in the database is used.
+    # End-user ids are stored as HMAC-SHA256 with this secret (>= 32 chars), or
+    # with the contents of user_hash_secret_file (a mounted secret), so that a
+    # database dump alone cannot confirm a guessed e-mail. Unset: a secret
+    # generated once and kept in the database (`ledger serve` warns).
     user_hash_secret: str | None = None
+    user_hash_secret_file: Path | None = field(default=None, compare=False)
     # Pricing: "auto" denies unpriced models only for requests with a budgeted
     # tag; "deny" always; "allow" records cost 0 flagged as unpriced.
     unpriced_policy: str = "auto"
@@ -176,6 +186,7 @@ class Settings:
             if name not in _PARSERS:
                 raise SettingsError(f"unknown setting {name!r}")
             values[name] = _parse(name, f"--{name.replace('_', '-')}", value)
+        _secret_file(values, "user_hash_secret", "user_hash_secret_file", 32)
         settings = cls(**values)
         settings.validate()
         return settings
@@ -467,6 +478,26 @@ def _webhooks(label: str, raw: Any) -> tuple[WebhookConfig, ...]:
     return tuple(out)
 
 
+def _secret_file(values: dict[str, Any], name: str, file_name: str, minimum: int) -> None:
+    """Fill ``values[name]`` from the file ``values[file_name]`` names (trailing
+    newline dropped); naming both is an error, as one would silently win."""
+    path = values.get(file_name)
+    if path is None:
+        return
+    var, file_var = ENV_PREFIX + name.upper(), ENV_PREFIX + file_name.upper()
+    if values.get(name) is not None:
+        raise SettingsError(f"set {var} or {file_var}, not both")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingsError(
+            f"{file_var} names {str(path)!r}, which cannot be read: {type(e).__name__}"
+        ) from None
+    values[name] = _secret(minimum)(f"the contents of {file_var}", raw)
+    if values[name] is None:
+        raise SettingsError(f"{file_var} names {str(path)!r}, which is empty")
+
+
 def _secret(minimum: int) -> Callable[[str, Any], str | None]:
     def parse(label: str, raw: Any) -> str | None:
         value = _optional_text(label, raw)
@@ -509,11 +540,14 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "upstream_first_byte_timeout_s": _float(0.1, 3600),
     "upstream_total_timeout_s": _float(0.1, 86400),
     "max_body_bytes": _int(1024, 1024**3),
+    "client_header_timeout_s": _float(0.05, 3600),
+    "client_body_timeout_s": _float(0.05, 3600),
     "max_response_bytes": _int(1024, 1024**3),
     "max_tags": _int(1, 10_000),
     "max_tag_length": _int(1, 10_000),
     "max_metadata_bytes": _int(64, 1024**2),
     "user_hash_secret": _secret(32),
+    "user_hash_secret_file": _path,
     "unpriced_policy": _choice(("auto", "deny", "allow")),
     "default_max_tokens": _int(1, 10_000_000),
     "image_token_bound": _int(1, 1_000_000),

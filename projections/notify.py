@@ -1,9 +1,13 @@
 """Alert delivery: one worker per webhook, each with its own checkpoint.
 
 A worker posts every alert after its checkpoint to its webhook (JSON, or a
-Slack-compatible ``{"text": ...}``), signed with ``X-Ledger-Signature:
-sha256=<HMAC-SHA256 of the body>``, retrying with exponential backoff and
-jitter up to ``max_attempts``; every attempt's outcome is an event. Because
+Slack-compatible ``{"text": ...}``), signed Stripe-style with
+``X-Ledger-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of "<t>." + body>``
+(a receiver refuses a t older than ``SIGNATURE_TOLERANCE_S``, so a captured
+delivery cannot be replayed later), retrying with exponential backoff and
+jitter up to ``max_attempts``; every attempt's outcome is an event. Redirects
+are never followed: a 3xx is a failed attempt (a redirect would re-send the
+signed body wherever the receiver, or whoever controls it, points). Because
 each webhook has its own worker and checkpoint, a dead or hanging endpoint only
 ever delays itself. After a crash a worker starts again at its checkpoint (an
 alert whose success was not yet recorded may be posted twice: receivers get
@@ -16,6 +20,7 @@ import asyncio
 import hashlib
 import hmac
 import random
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -68,8 +73,16 @@ def payload(alert: ev.AlertEvent, alert_id: int, fmt: str) -> dict[str, Any]:
     return {"text": text, "alert": body} if fmt == "slack" else body
 
 
-def sign(secret: bytes, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+SIGNATURE_HEADER = "X-Ledger-Signature"
+# How old a signature's t may be when the receiver checks it (Stripe's default);
+# documented in the README with the verification snippet.
+SIGNATURE_TOLERANCE_S = 300
+
+
+def sign(secret: bytes, body: bytes, at: int) -> str:
+    """The signature header's value for ``body`` sent at unix time ``at``."""
+    mac = hmac.new(secret, f"{at}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={at},v1={mac}"
 
 
 class Notifier(Projection):
@@ -103,12 +116,20 @@ class Notifier(Projection):
         if any(isinstance(d, ev.AlertDelivered) for d in done):
             return  # delivered before a crash moved the checkpoint
         body = _encoder.encode(payload(alert, position, self.webhook.format))
-        headers = {"Content-Type": "application/json", "X-Ledger-Signature": sign(self.secret, body)}
         for attempt in range(1, self.webhook.max_attempts + 1):
+            # signed afresh for each attempt, so a late retry is inside the tolerance
+            headers = {
+                "Content-Type": "application/json",
+                SIGNATURE_HEADER: sign(self.secret, body, int(time.time())),
+            }
             try:
-                async with session.post(self.webhook.url, data=body, headers=headers) as resp:
+                async with session.post(
+                    self.webhook.url, data=body, headers=headers, allow_redirects=False
+                ) as resp:
                     status = resp.status
                 error = f"HTTP {status}"
+                if 300 <= status < 400:
+                    error += " (a redirect, not followed)"
             except (aiohttp.ClientError, TimeoutError) as e:
                 status, error = 0, f"{type(e).__name__}: {e}"
             if 200 <= status < 300:

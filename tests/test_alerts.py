@@ -201,7 +201,9 @@ async def test_webhook_delivery_signed_retried_and_isolated(
     # three times on the first, then got each exactly once
     assert len(flaky.received) == 2
     for body, signature in flaky.received:
-        assert signature == "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+        at = signature.split(",")[0].removeprefix("t=")
+        expected = hmac.new(secret, f"{at}.".encode() + body, hashlib.sha256).hexdigest()
+        assert signature == f"t={at},v1={expected}"
     payloads = [msgspec.json.decode(body) for body, _ in flaky.received]
     threshold = next(p for p in payloads if p["alert"]["type"] == "threshold")
     assert "hooked reached 50%" in threshold["text"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import io
 import json
@@ -15,10 +16,12 @@ import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pytest_aiohttp import AiohttpServer
 
 from gateway.attribution import Limits, attribute
 from gateway.auth import same_secret
 from gateway.errors import ApiError
+from gateway.mock_upstream import MockConfig, create_mock_app
 from ledger.embedded import EmbeddedPostgres
 from ledger.privacy import REDACTED, secret_value
 from tests.faults.conftest import Row
@@ -258,3 +261,83 @@ def test_no_raw_secret_or_user_id_in_the_database_or_logs(cluster: Cluster, repo
     assert REDACTED in dump
     assert "SpendRecorded" in dump
     report.append(Row("privacy: dump + logs grep", len(emails), len(emails), "0 raw secrets", 0, 0, 0))
+
+
+# ------------------------------------------------------------------ issue 11 item 11: admin dates and cursors
+
+_DATED = [
+    "/spend/tags",
+    "/spend/users",
+    "/spend/logs",
+    "/spend/report",
+    "/tag/daily/activity",
+    "/user/daily/activity",
+    "/customer/daily/activity",
+    "/end_user/daily/activity",
+    "/global/spend/report",
+    "/tag/list",
+    "/ui/api/overview",
+]
+_BIG_CURSOR = base64.urlsafe_b64encode(b"2026-01-01T00:00:00+00:00|" + b"9" * 40).decode()
+_HOSTILE_QUERIES: list[tuple[str, dict[str, str], str]] = [
+    *[(p, {"start_date": "2026-01-01", "end_date": "9999-12-31"}, "end_date") for p in _DATED],
+    *[
+        (p, {"start_date": "0001-01-01T00:00:00+14:00", "end_date": "2026-01-01"}, "start_date")
+        for p in _DATED
+    ],
+    *[(p, {"start_date": "0001-01-01", "end_date": "0001-01-01"}, "*") for p in _DATED],
+    ("/ui/api/tag", {"name": "t", "start_date": "2026-01-01", "end_date": "9999-12-31"}, "end_date"),
+    ("/ui/api/tag", {"name": "t", "start_date": "0001-01-01T00:00:00+14:00"}, "start_date"),
+    ("/spend/logs", {"cursor": _BIG_CURSOR, "limit": "10"}, "cursor"),
+    ("/spend/logs", {"cursor": base64.urlsafe_b64encode(b"0001-01-01T00:00:00+14:00|1").decode()}, "cursor"),
+    ("/spend/logs", {"limit": "9" * 40}, "limit"),
+    ("/tag/daily/activity", {"page": "9" * 40}, "page"),
+    ("/key/list", {"page": "9" * 40}, "page"),
+    ("/alerts", {"limit": "9" * 40}, "limit"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "query", "param"), _HOSTILE_QUERIES, ids=[f"{p}-{'&'.join(q)}" for p, q, _ in _HOSTILE_QUERIES]
+)
+async def test_admin_dates_and_cursors_out_of_range_are_400_or_answered(
+    gateway: Gateway, path: str, query: dict[str, str], param: str
+) -> None:
+    """Issue 11 item 11: end_date=9999-12-31, an oversized cursor position and
+    0001-01-01T00:00:00+14:00 were 500s. Every such query is either answered (an empty
+    range is a fine answer) or refused with a 400 naming the parameter; never a 500."""
+    admin = "test-admin-key-0123456789"
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{gateway.url}{path}", params=query, headers={"Authorization": f"Bearer {admin}"}) as r,
+    ):
+        body = await r.json()
+    assert r.status in (200, 400), (r.status, body)
+    if r.status == 400:
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert param == "*" or body["error"]["param"] == param, body
+
+
+async def test_mock_requests_needs_the_admin_key(aiohttp_server: AiohttpServer) -> None:
+    """Issue 11 item 11: the dev mock's /mock/requests served raw user ids and prompts
+    to anyone. It answers only to the admin key, and not at all when none is set."""
+    admin = "test-admin-key-0123456789"
+    body = {**CHAT, "user": "ana@example.com"}
+    on = await aiohttp_server(create_mock_app(MockConfig(admin_key=admin)))
+    off = await aiohttp_server(create_mock_app())
+    async with aiohttp.ClientSession() as s:
+        for server in (on, off):
+            async with s.post(server.make_url("/v1/chat/completions"), json=body) as r:
+                assert r.status == 200
+        statuses = {}
+        for label, server, headers in (
+            ("no key", on, {}),
+            ("wrong key", on, {"Authorization": "Bearer not-the-admin-key"}),
+            ("admin key", on, {"Authorization": f"Bearer {admin}"}),
+            ("none configured", off, {"Authorization": f"Bearer {admin}"}),
+        ):
+            async with s.get(server.make_url("/mock/requests"), headers=headers) as r:
+                statuses[label] = r.status
+                text = await r.text()
+                assert ("ana@example.com" in text) == (label == "admin key"), label
+    assert statuses == {"no key": 401, "wrong key": 401, "admin key": 200, "none configured": 404}
