@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults.facts import Facts
 from tests.faults.harness import Cluster
 
 
@@ -20,6 +21,16 @@ class Row:
     lost: int
     duplicates: int
     errors_5xx: int
+
+    @classmethod
+    def measured(
+        cls, scenario: str, requests: int, facts: Facts, spend_vs_budget: str, errors_5xx: int
+    ) -> Row:
+        """A row whose admitted, lost and dups figures are what the log says
+        (tests/faults/facts.py), never a number the scenario wrote itself."""
+        return cls(
+            scenario, requests, facts.admitted, spend_vs_budget, len(facts.lost), len(facts.dups), errors_5xx
+        )
 
 
 REPORT: list[Row] = []
