@@ -63,7 +63,8 @@ async def test_no_overshoot_across_four_gateway_processes(cluster: Cluster, repo
     assert facts.peak <= budget, f"committed {facts.peak} of {budget}"
     assert facts.charged == 50 * ESTIMATE
     assert facts.denied == results.count("denied") == 350
-    assert facts.lost == [] and facts.dups == []
+    assert facts.lost == []
+    assert facts.dups == []
     await verify(cluster)
     report.append(
         Row.measured(
