@@ -84,6 +84,7 @@ async def ledger_facts(
     terminals: Counter[str] = Counter()
     charges: Counter[str] = Counter()
     rid_of: dict[str, str] = {}
+    spent_ids: set[str] = set()
     admitted_streams: set[str] = set()
     held: dict[str, Decimal] = {}  # stream -> estimate still reserved on the tag
     committed = Decimal(0)
@@ -118,13 +119,15 @@ async def ledger_facts(
                     committed += Decimal(r["cost"])
             if kind == "SpendRecorded":
                 facts.spends += 1
+                spent_ids.add(rid_of.get(stream, r["rid"]))
             elif kind == "ReservationExpired":
                 facts.expired += 1
             else:
                 facts.released += 1
             committed -= held.pop(stream, Decimal(0))
-    charged_ids = {rid_of.get(s, s.removeprefix("request:")) for s in charges}
-    lost = {rid for rid in answered if rid not in charged_ids}
+    # An answered request's charge is its SpendRecorded: one swept at its estimate
+    # instead had its recording lost (and was overcharged).
+    lost = {rid for rid in answered if rid not in spent_ids}
     lost |= {rid_of[s] for s in admitted_streams if terminals[s] == 0}
     facts.lost = sorted(lost)
     facts.dups = sorted(
