@@ -46,6 +46,7 @@ class Facts:
     lost: list[str] = field(default_factory=list)
     dups: list[str] = field(default_factory=list)
     denied: int = 0  # RequestDenied for budget reasons (on the tag)
+    refused_redis_down: int = 0  # RequestDenied because budgets could not be checked
 
 
 async def _open_admissions(conn: asyncpg.Connection) -> int:
@@ -94,6 +95,7 @@ async def ledger_facts(
         if kind == "RequestDenied":
             if (tag is None or r["denied_tag"] == tag) and r["reason"] in ("budget", "budget_recheck"):
                 facts.denied += 1
+            facts.refused_redis_down += r["reason"] == "redis_unavailable"
             continue
         tags = set(_json_list(r["budget_tags"]))
         if kind == "RequestAdmitted":
@@ -143,7 +145,7 @@ def _json_list(value: object) -> list[str]:
     return [str(x) for x in parsed] if isinstance(parsed, list) else []
 
 
-async def caught_up(pg_url: str, timeout: float = 30) -> None:
+async def caught_up(pg_url: str, timeout: float = 60) -> None:
     """Every projection has read the whole log (so views can be compared with it)."""
     conn = await asyncpg.connect(pg_url)
     try:
@@ -156,7 +158,9 @@ async def caught_up(pg_url: str, timeout: float = 30) -> None:
             known = await conn.fetchval("select count(*) from projection_checkpoints")
             if behind == 0 and known > 0:
                 return
-            assert time.monotonic() < deadline, "projections did not catch up"
+            if time.monotonic() > deadline:
+                rows = await conn.fetch("select * from projection_checkpoints")
+                raise AssertionError(f"projections did not catch up to {head}: {[tuple(r) for r in rows]}")
             await asyncio.sleep(0.1)
     finally:
         await conn.close()
