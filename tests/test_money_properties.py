@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
@@ -33,7 +34,7 @@ from pytest_aiohttp import AiohttpServer
 
 from gateway.mock_upstream import create_mock_app
 from ledger import events as ev
-from ledger.estimate import CHAT, COMPLETIONS, request_bound
+from ledger.estimate import CHAT, COMPLETIONS, image_token_bound, request_bound
 from ledger.pricing import Price, PriceBook, Tokens
 from ledger.settings import PriceOverride, ProviderConfig, Settings
 from ledger.store import EventStore
@@ -314,3 +315,57 @@ async def test_the_gateway_reserves_the_upper_bound(dear_cache_gateway: str, set
     dear = Price("dear-cache", "mock", Decimal("1"), Decimal("2"), Decimal("10"))
     all_cached = dear.cost(Tokens(bound.prompt, bound.completion, bound.prompt))
     assert admitted.estimate == all_cached  # the prompt priced at its dearest rate
+
+
+# ------------------------------------------------------------- images (bug e)
+
+TILE_COSTS = {"gpt-4o": (85, 170), "gpt-4o-mini": (2833, 5667), "gpt-4.1": (85, 170), "o3": (75, 150)}
+PATCH_MULTIPLIERS = {"gpt-4.1-mini": 1.62, "gpt-4.1-nano": 2.46, "o4-mini": 1.72}
+
+
+def tile_tokens(width: int, height: int, detail: str, base: int, per_tile: int) -> int:
+    """OpenAI's documented image cost for tile-counted models."""
+    if detail == "low":
+        return base
+    scale = min(1.0, 2048 / max(width, height))
+    w, h = width * scale, height * scale
+    scale = min(1.0, 768 / min(w, h))  # the short side down to 768 px (never up)
+    w, h = w * scale, h * scale
+    return base + per_tile * math.ceil(w / 512) * math.ceil(h / 512)
+
+
+def patch_tokens(width: int, height: int, multiplier: float) -> int:
+    """OpenAI's documented image cost for patch-counted models (at most 1536 patches)."""
+    patches = math.ceil(width / 32) * math.ceil(height / 32)
+    if patches > 1536:
+        shrink = math.sqrt(32 * 32 * 1536 / (width * height))
+        w, h = width * shrink, height * shrink
+        shrink *= min(math.floor(w / 32) / (w / 32), math.floor(h / 32) / (h / 32))
+        patches = math.ceil(width * shrink / 32) * math.ceil(height * shrink / 32)
+    return math.ceil(min(patches, 1536) * multiplier)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    width=st.integers(1, 20_000),
+    height=st.integers(1, 20_000),
+    detail=st.sampled_from(["low", "high"]),
+    provider_prefix=st.sampled_from(["", "openai/"]),
+)
+def test_an_image_never_costs_more_tokens_than_its_bound(
+    width: int, height: int, detail: str, provider_prefix: str
+) -> None:
+    for model, (base, per_tile) in TILE_COSTS.items():
+        tokens = tile_tokens(width, height, detail, base, per_tile)
+        assert tokens <= image_token_bound(provider_prefix + model, 2000), (model, width, height)
+    for model, multiplier in PATCH_MULTIPLIERS.items():
+        tokens = patch_tokens(width, height, multiplier)
+        assert tokens <= image_token_bound(provider_prefix + model, 2000), (model, width, height)
+
+
+def test_an_inline_pdf_counts_an_image_per_page() -> None:
+    """A PDF's pages are read as images too: its bytes alone do not bound it."""
+    pdf = {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,AAAA"}}
+    body: dict[str, Any] = {"model": "gpt-4o", "messages": [{"role": "user", "content": [pdf]}]}
+    bound = request_bound(CHAT, body, default_cap=10, image_tokens=2000)
+    assert bound.prompt >= 100 * image_token_bound("gpt-4o", 2000)
