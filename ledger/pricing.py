@@ -169,12 +169,6 @@ def _flat(value: Any) -> Decimal | None:
     return value if isinstance(value, Decimal) else None
 
 
-# Prices the flat path applies itself; a price with any other component (a
-# per-request fee, say) goes through genai-prices' own calculation. Cache writes
-# are not in the usage an upstream reports, so they cost nothing either way.
-_FLAT_FIELDS = {"input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok", "cache_write_1h_mtok"}
-
-
 def _from_database(provider: str | None, model: str) -> Price | None:
     try:
         found = calc_price(Usage(input_tokens=0, output_tokens=0), model_ref=model, provider_id=provider)
@@ -186,7 +180,9 @@ def _from_database(provider: str | None, model: str) -> Price | None:
     mp = found.model_price
     inp, out, cached = _flat(mp.input_mtok), _flat(mp.output_mtok), _flat(mp.cache_read_mtok)
     tiered = (mp.input_mtok is not None and inp is None) or (mp.output_mtok is not None and out is None)
-    others = {k for k, v in vars(mp).items() if v is not None} - _FLAT_FIELDS
-    if tiered or others or inp is None or out is None:
+    # A per-request fee is the one component the usage we pass genai-prices can
+    # charge beyond tokens: such prices go through its own calculation.
+    fee = getattr(mp, "requests_kcount", None) is not None
+    if tiered or fee or inp is None or out is None:
         return Price(model, provider, None, None, None, engine=mp)
     return Price(model, provider, inp, out, cached)
