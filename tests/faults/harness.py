@@ -60,8 +60,11 @@ class Cluster:
     env: dict[str, str] = field(default_factory=dict)
     _mock: subprocess.Popen[bytes] | None = None
 
-    def start(self, **settings: str) -> Cluster:
-        self.pg = EmbeddedPostgres(self.root / "pg", settings=FAST_PG).start()
+    def start(self, *, durable: bool = False, **settings: str) -> Cluster:
+        """``durable``: PostgreSQL as shipped (fsync on), for benchmarks; fault
+        scenarios trade durability for speed (their crashes are processes, not
+        power cuts)."""
+        self.pg = EmbeddedPostgres(self.root / "pg", settings={} if durable else FAST_PG).start()
         self.redis = EmbeddedRedis(self.root / "redis").start()
         self.mock_port = free_port()
         self._mock = subprocess.Popen(
