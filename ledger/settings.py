@@ -253,7 +253,8 @@ def redact_url(url: str) -> str:
 def _read_config_file(path: Path) -> dict[str, Any]:
     var = f"{ENV_PREFIX}CONFIG"
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        # Decimal, not float: prices in the file are money and must stay exact.
+        raw = tomllib.loads(path.read_text(encoding="utf-8"), parse_float=Decimal)
     except FileNotFoundError:
         raise SettingsError(f"{var} names {str(path)!r}, which does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -381,7 +382,7 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def _json_list(label: str, raw: Any) -> list[Any]:
     if isinstance(raw, str):
         try:
-            raw = json.loads(raw)
+            raw = json.loads(raw, parse_float=Decimal)  # prices stay exact
         except json.JSONDecodeError as e:
             raise SettingsError(f"{label} is not valid JSON: {e}") from None
     if not isinstance(raw, list) or not all(isinstance(x, dict) for x in raw):

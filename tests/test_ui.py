@@ -259,6 +259,14 @@ async def test_dashboard_with_traffic(gateway: Gateway, browser: Any) -> None:
     denial = page.locator("#denials tbody tr").first
     assert "team:tight" in await denial.inner_text()
     assert "for this request > $0.00005 budget" in await denial.inner_text()
+    # every alert the API lists is rendered, in its order, with its tag and words
+    # (catches an alerts table left empty or stale: planted once, renderAlerts skipped)
+    alerts = await api(gw, "/alerts?limit=20")
+    rows = await page.locator("#alerts tbody tr").all_inner_texts()
+    assert len(rows) == len(alerts) > 0
+    for row, alert in zip(rows, alerts, strict=True):
+        assert alert["tag"] in row
+        assert alert["description"] in row
     assert await page.locator("#alerts tbody tr", has_text="team:tight").count() >= 1
     assert "UTC" in await tab.text("#alerts tbody tr td >> nth=0")
     assert await page.locator("#users tbody tr").count() == 3
