@@ -23,7 +23,7 @@ from aiohttp import web
 
 from gateway.errors import ApiError
 from gateway.keys import KEY_BOOK, STORE, USER_SECRET
-from ledger import queries, reports
+from ledger import focus, queries, reports
 from ledger.apikeys import ApiKey, KeyBook, as_key_hash
 from ledger.privacy import hash_user
 
@@ -54,6 +54,7 @@ _KNOWN = {
         "summarize",
     },
     "/spend/report": {"start_date", "end_date", "group_by", "interval", "allocation", "format"},
+    "/spend/export": {"start_date", "end_date", "format"},
     "/user/info": {"user", "user_hash"},
 }
 
@@ -270,6 +271,37 @@ def _report_csv(report: reports.Report) -> web.Response:
         content_type="text/csv",
         headers={"Content-Disposition": f'attachment; filename="spend-report-{name}.csv"'},
     )
+
+
+@routes.get("/spend/export")
+async def spend_export(request: web.Request) -> web.StreamResponse:
+    """The period's charges as a FOCUS 1.2 CSV dataset (ledger/focus.py), streamed."""
+    check_params(request)
+    start, end = date_range(request)
+    if request.query.get("format") != "focus":
+        raise ApiError(400, "format must be focus (a FOCUS 1.2 CSV dataset)", param="format")
+    pool = request.app[STORE].pool
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/csv; charset=utf-8",
+            "Content-Disposition": 'attachment; filename="focus.csv"',
+        }
+    )
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        dims = await focus.dimensions(conn, start, end)
+        await response.prepare(request)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(focus.header(dims))
+        async for values in focus.rows(conn, start, end, dims):
+            writer.writerow(values)
+            if buffer.tell() > 64 * 1024:
+                await response.write(buffer.getvalue().encode())
+                buffer.seek(0)
+                buffer.truncate()
+        await response.write(buffer.getvalue().encode())
+    await response.write_eof()
+    return response
 
 
 # ------------------------------------------------------------------ spend logs

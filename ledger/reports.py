@@ -7,14 +7,18 @@ with the period of equal length just before (trends).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
+from rich.table import Table
 
 from ledger import queries
+from ledger.settings import Settings
+from ledger.store import create_pool
 
 _EARLIEST = datetime(1, 1, 2, tzinfo=UTC)  # a previous period cannot start before year 1
 
@@ -149,3 +153,75 @@ def period_before(start: datetime, end: datetime) -> tuple[datetime, datetime] |
     if start - _EARLIEST <= length:
         return None
     return start - length, start
+
+
+def _signed(value: Decimal | None, suffix: str = "") -> str:
+    if value is None:
+        return "—"
+    return f"{'+' if value > 0 else ''}{format(value, 'f')}{suffix}"
+
+
+def table(report: Report, *, compare: bool, label: str) -> Table:
+    """One row per group with its exact spend (a dimension's rows add up to the
+    total line); with ``compare``, the previous period and the change."""
+    q = report.query
+    how = f", {q.allocation} allocation" if q.dimension is not None else ""
+    out = Table(title=f"spend by {q.group_by}{how}, {label}")
+    out.add_column(q.group_by)
+    out.add_column("spend (USD)", justify="right")
+    out.add_column("requests", justify="right")
+    if compare:
+        out.add_column("previous (USD)", justify="right")
+        out.add_column("change (USD)", justify="right")
+        out.add_column("change", justify="right")
+    for g in report.groups:
+        if g.spend == 0 and g.requests == 0 and not compare:
+            continue
+        cells = [g.group if g.group is not None else "(none)", format(g.spend, "f"), str(g.requests)]
+        if compare:
+            previous = None if g.previous_spend is None else format(g.previous_spend, "f")
+            cells += [previous or "—", _signed(g.change), _signed(g.change_pct, "%")]
+        out.add_row(*cells)
+    out.add_section()
+    total = ["total", format(report.total, "f"), ""]
+    if compare:
+        prev = report.previous_total
+        total += [
+            "—" if prev is None else format(prev, "f"),
+            _signed(None if prev is None else report.total - prev),
+            _signed(None if prev is None else _pct(report.total, prev), "%"),
+        ]
+    out.add_row(*total)
+    notes = []
+    if q.dimension is not None and q.allocation == "split":
+        notes.append("split: each request's cost divided among its values; the rows sum to the total")
+    elif q.group_by.startswith("tag"):
+        notes.append("full: a request counts in full under each of its tags; rows overlap")
+    if compare and report.previous_start is not None:
+        notes.append(
+            f"previous: the same length just before, from {report.previous_start:%Y-%m-%d %H:%M} UTC"
+        )
+    out.caption = "\n".join(notes) or None
+    return out
+
+
+async def report_command(
+    settings: Settings, by: str, since: str, allocation: str | None, compare: bool
+) -> int:
+    """`ledger report` with a tag dimension, an allocation or --compare."""
+    from projections.commands import console, parse_since
+
+    span = parse_since(since, datetime.now(UTC))
+    try:
+        q = make_query(by, allocation, "day", span.start, span.end)
+    except ReportError as e:
+        print(f"ledger: --{'by' if e.param == 'group_by' else e.param}: {e}", file=sys.stderr)
+        return 2
+    pool = await create_pool(settings)
+    try:
+        report = await build(pool, q)
+    finally:
+        await pool.close()
+    label = f"{span.start:%Y-%m-%d %H:%M} .. {span.end:%Y-%m-%d %H:%M} UTC ({span.label})"
+    console.print(table(report, compare=compare, label=label))
+    return 0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import dataclasses
 import io
 import itertools
+import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -20,12 +22,14 @@ from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpClient
 
 from gateway.keys import ADMISSION, STORE
+from ledger import focus
 from ledger.admission import Admitted
 from ledger.allocation import UNTAGGED, allocate, split
 from ledger.settings import Settings
 from projections.replay import replay
 from projections.spend import create
 from tests.conftest import gateway_app, projected
+from tests.test_cli import ledger, table_rows
 
 ADMIN = "test-admin-key-0123456789"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -229,3 +233,67 @@ async def test_bad_report_parameters_are_400s(client: TestClient, query: str, pa
     body = await r.json()
     assert r.status == 400, body
     assert body["error"]["param"] == param
+
+
+# ------------------------------------------------------------------ FOCUS export and the CLI
+
+
+async def test_focus_export_sums_to_the_report_and_carries_tags_and_splits(
+    client: TestClient, app: web.Application, database_url: str
+) -> None:
+    start = await db_now(app)
+    await charge(app, Decimal("0.000000010"), ["team:a", "team:b", "team:c", "vip"], metadata={"order": 7})
+    await charge(app, Decimal("0.3"), ["team:a", "app:x"], metadata={"customer": "=cmd"})
+    await charge(app, Decimal("0.007"), [])
+    await projected(app)
+    end = await db_now(app) + timedelta(seconds=1)
+    span = f"start_date={q(start)}&end_date={q(end)}"
+    r = await client.get(f"/spend/export?format=focus&{span}", headers=AUTH)
+    assert r.status == 200, await r.text()
+    assert r.headers["Content-Type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(await r.text())))
+    assert len(rows) == 3
+    assert set(focus.MANDATORY) <= set(rows[0])
+    assert {"x_Split_team", "x_Split_app"} <= set(rows[0])
+    billed = sum((Decimal(row["BilledCost"]) for row in rows), Decimal(0))
+    assert billed == Decimal(str((await report(client, f"group_by=tag:team&{span}"))["total"]))
+    assert billed == Decimal("0.307000010")
+    for row in rows:
+        assert row["BilledCost"] == row["EffectiveCost"] == row["ListCost"] == row["ContractedCost"]
+        assert (row["BillingCurrency"], row["ChargeCategory"], row["ServiceName"]) == ("USD", "Usage", "m")
+        assert row["BillingPeriodStart"] < row["ChargePeriodStart"] < row["ChargePeriodEnd"]
+        assert row["ChargePeriodEnd"] <= row["BillingPeriodEnd"]
+        assert row["PricingUnit"] == "Tokens"
+    first = next(row for row in rows if row["BilledCost"] == "0.000000010")
+    assert json.loads(first["Tags"]) == {"team": "a,b,c", "vip": "", "metadata.order": "7"}
+    assert json.loads(first["x_Split_team"]) == {"a": "0.000000004", "b": "0.000000003", "c": "0.000000003"}
+    assert json.loads(first["x_Split_app"]) == {UNTAGGED: "0.000000010"}
+    second = next(row for row in rows if row["BilledCost"] == "0.3")
+    assert json.loads(second["Tags"])["metadata.customer"] == "=cmd"  # JSON inside: not a formula cell
+    # each dimension's split columns sum to the same total
+    for column in ("x_Split_team", "x_Split_app"):
+        shares = [Decimal(v) for row in rows for v in json.loads(row[column]).values()]
+        assert sum(shares, Decimal(0)) == billed
+
+    bad = await client.get(f"/spend/export?format=parquet&{span}", headers=AUTH)
+    assert bad.status == 400
+    assert (await bad.json())["error"]["param"] == "format"
+
+    # the CLI writes the same dataset, and reports a dimension with trends
+    env = {"LEDGER_DATABASE_URL": database_url}
+    out = await asyncio.to_thread(ledger, "export", "--focus", "--since", "1d", env=env)
+    assert out.returncode == 0, out.stderr
+    cli_rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert sorted(row["BilledCost"] for row in cli_rows) == sorted(row["BilledCost"] for row in rows)
+    shown = await asyncio.to_thread(
+        ledger, "report", "--by", "tag:team", "--since", "1d", "--compare", env=env
+    )
+    assert shown.returncode == 0, shown.stderr
+    table = table_rows(shown.stdout)
+    assert table["a"][:2] == ["0.300000004", "2"]
+    assert table[UNTAGGED][:2] == ["0.007", "1"]
+    assert table["total"][0] == "0.307000010"
+    assert table["a"][2:] == ["0", "+0.300000004", "—"]  # nothing the day before: no percentage
+    assert "rows sum to the total" in shown.stdout
+    bad_by = await asyncio.to_thread(ledger, "report", "--by", "tag:", env=env)
+    assert bad_by.returncode == 2
