@@ -260,7 +260,7 @@ def test_help_and_usage_errors() -> None:
     for args, fragment in [
         (("replay", "--projection", "nope"), "argument --projection: invalid choice: 'nope'"),
         (("replay", "--until", "yesterday"), "argument --until: must be an ISO 8601 timestamp"),
-        (("report", "--by", "colour"), "argument --by: must be tag, tag:<dimension>, user, model or metadata.<key>"),
+        (("report", "--by", "colour"), "argument --by: must be tag, tag:<dimension>, user, model"),
         (("report", "--since", "3x"), "argument --since: must be a number of days, weeks or hours"),
         (("report", "--since", "999h"), "(at most 168h)"),
         (("dev", "--port", "99999"), "argument --port: must be a port number"),
