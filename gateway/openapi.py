@@ -81,8 +81,11 @@ def _ref(kind: type) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{kind.__name__}"}
 
 
-def _csv_only(op: dict[str, Any]) -> dict[str, Any]:
-    op["responses"]["200"]["content"] = {"text/csv": {"schema": {"type": "string"}}}
+def _file_op(op: dict[str, Any]) -> dict[str, Any]:
+    op["responses"]["200"]["content"] = {
+        "text/csv": {"schema": {"type": "string"}},
+        "application/vnd.apache.parquet": {"schema": {"type": "string", "format": "binary"}},
+    }
     return op
 
 
@@ -264,12 +267,12 @@ def build() -> dict[str, Any]:
             )
         },
         "/spend/export": {
-            "get": _csv_only(
+            "get": _file_op(
                 _op(
-                    "The period's charges as a FOCUS 1.2 dataset (CSV)",
+                    "The period's charges as a FOCUS 1.2 dataset (CSV, or Parquet with file=parquet)",
                     "200",
                     {"type": "string"},
-                    params=[*_DATES, ("format", "focus")],
+                    params=[*_DATES, ("format", "focus"), ("file", "csv|parquet")],
                 )
             )
         },

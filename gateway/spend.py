@@ -54,7 +54,7 @@ _KNOWN = {
         "summarize",
     },
     "/spend/report": {"start_date", "end_date", "group_by", "interval", "allocation", "format"},
-    "/spend/export": {"start_date", "end_date", "format"},
+    "/spend/export": {"start_date", "end_date", "format", "file"},
     "/user/info": {"user", "user_hash"},
 }
 
@@ -275,12 +275,29 @@ def _report_csv(report: reports.Report) -> web.Response:
 
 @routes.get("/spend/export")
 async def spend_export(request: web.Request) -> web.StreamResponse:
-    """The period's charges as a FOCUS 1.2 CSV dataset (ledger/focus.py), streamed."""
+    """The period's charges as a FOCUS 1.2 dataset (ledger/focus.py): CSV, streamed,
+    or Parquet (``file=parquet``, built in memory: pyarrow writes whole row groups)."""
     check_params(request)
     start, end = date_range(request)
     if request.query.get("format") != "focus":
-        raise ApiError(400, "format must be focus (a FOCUS 1.2 CSV dataset)", param="format")
+        raise ApiError(400, "format must be focus (a FOCUS 1.2 dataset)", param="format")
+    kind = request.query.get("file", "csv")
+    if kind not in ("csv", "parquet"):
+        raise ApiError(400, "file must be csv or parquet", param="file")
     pool = request.app[STORE].pool
+    if kind == "parquet":
+        if not focus.parquet_available():
+            raise ApiError(
+                400, "Parquet needs pyarrow on the gateway; file=csv works without it", param="file"
+            )
+        body = io.BytesIO()
+        async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            await focus.write_parquet(conn, start, end, body)
+        return web.Response(
+            body=body.getvalue(),
+            content_type="application/vnd.apache.parquet",
+            headers={"Content-Disposition": 'attachment; filename="focus.parquet"'},
+        )
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/csv; charset=utf-8",
@@ -294,7 +311,7 @@ async def spend_export(request: web.Request) -> web.StreamResponse:
         writer = csv.writer(buffer)
         writer.writerow(focus.header(dims))
         async for values in focus.rows(conn, start, end, dims):
-            writer.writerow(values)
+            writer.writerow([focus.cell(v) for v in values])
             if buffer.tell() > 64 * 1024:
                 await response.write(buffer.getvalue().encode())
                 buffer.seek(0)

@@ -196,6 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     when.add_argument("--month", type=_month, help="a calendar month, YYYY-MM (UTC), e.g. last month's bill")
     when.add_argument("--since", type=_since, help="how far back, as for report: Nd, Nw or Nh (default 30d)")
     exp.add_argument("--output", "-o", default="-", help="a file to write (default -: standard output)")
+    exp.add_argument("--parquet", action="store_true", help="write Parquet (needs --output and pyarrow)")
     ops.append(exp)
     cnt = sub.add_parser("counters", help="budget counters in Redis")
     cnt.add_argument("action", choices=("rebuild",))
@@ -400,11 +401,15 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
     else:
         span = parse_since(args.since or "30d", datetime.now(UTC))
         start, end = span.start, span.end
+    if args.parquet and args.output == "-":
+        raise UsageError("export --parquet needs --output FILE (Parquet is binary)")
     if args.output == "-":
         count = asyncio.run(focus.write_csv(settings, start, end, sys.stdout))
     else:
-        with open(args.output, "w", newline="", encoding="utf-8") as out:
-            count = asyncio.run(focus.write_csv(settings, start, end, out))
+        try:
+            count = asyncio.run(focus.write_file(settings, start, end, args.output, parquet=args.parquet))
+        except focus.ParquetUnavailable as e:
+            raise UsageError(str(e)) from None
     print(f"{count} charges from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC", file=sys.stderr)
     return 0
 

@@ -85,6 +85,8 @@ def header(dimensions: Sequence[str]) -> list[str]:
 
 
 def cell(value: Any) -> str:
+    if isinstance(value, datetime):
+        return _iso(value)
     text = "" if value is None else format(value, "f") if isinstance(value, Decimal) else str(value)
     # Neutralised with a leading quote, which spreadsheets show as text.
     return "'" + text if text.startswith(_FORMULA_START) else text
@@ -117,7 +119,8 @@ def focus_tags(tags: list[str], metadata: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def row(r: asyncpg.Record, dimensions: Sequence[str]) -> list[str]:
+def row(r: asyncpg.Record, dimensions: Sequence[str]) -> list[Any]:
+    """One charge's values, in header order: Decimals, ints, datetimes, strings, None."""
     cost = Decimal(r["cost"])
     at: datetime = r["recorded_at"]
     hour = at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
@@ -143,13 +146,13 @@ def row(r: asyncpg.Record, dimensions: Sequence[str]) -> list[str]:
         ACCOUNT,
         ACCOUNT,
         "USD",
-        _iso(period_end),
-        _iso(period_start),
+        period_end,
+        period_start,
         "Usage",  # ChargeCategory
         None,  # ChargeClass: not a correction
         description,
-        _iso(hour + timedelta(hours=1)),
-        _iso(hour),
+        hour + timedelta(hours=1),
+        hour,
         cost,  # ContractedCost
         cost,  # EffectiveCost
         provider,  # InvoiceIssuerName
@@ -170,14 +173,14 @@ def row(r: asyncpg.Record, dimensions: Sequence[str]) -> list[str]:
         _json.encode(focus_tags(tags, metadata)).decode(),
         r["request_id"],
         model,
-        r["prompt_tokens"],
-        r["completion_tokens"],
+        int(r["prompt_tokens"]),
+        int(r["completion_tokens"]),
         r["user_hash"],
         r["key_hash"],
         r["kind"],
         *splits,
     ]
-    return [cell(v) for v in values]
+    return values
 
 
 async def dimensions(conn: Conn, start: datetime, end: datetime) -> list[str]:
@@ -203,6 +206,20 @@ async def rows(conn: Conn, start: datetime, end: datetime, dims: Sequence[str]) 
         yield row(r, dims)
 
 
+async def write_file(settings: Settings, start: datetime, end: datetime, path: str, *, parquet: bool) -> int:
+    """`ledger export --focus -o PATH`: CSV or Parquet; returns the rows written."""
+    if parquet:
+        _arrow()  # refused before anything is read
+        pool = await create_pool(settings)
+        try:
+            async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+                return await write_parquet(conn, start, end, path)
+        finally:
+            await pool.close()
+    with open(path, "w", newline="", encoding="utf-8") as out:  # noqa: ASYNC230 - a CLI's one file
+        return await write_csv(settings, start, end, out)
+
+
 async def write_csv(settings: Settings, start: datetime, end: datetime, out: TextIO) -> int:
     """`ledger export --focus`: the dataset as CSV to ``out``; returns the rows written."""
     pool = await create_pool(settings)
@@ -213,7 +230,7 @@ async def write_csv(settings: Settings, start: datetime, end: datetime, out: Tex
             writer = csv.writer(out)
             writer.writerow(header(dims))
             async for values in rows(conn, start, end, dims):
-                writer.writerow(values)
+                writer.writerow([cell(v) for v in values])
                 count += 1
     finally:
         await pool.close()
@@ -224,3 +241,73 @@ def month_bounds(raw: str) -> tuple[datetime, datetime]:
     """``2026-10`` -> its first instant and the next month's, in UTC."""
     start = datetime.strptime(raw, "%Y-%m").replace(tzinfo=UTC)
     return _month(start)
+
+
+# ------------------------------------------------------------------ Parquet
+
+_MONEY = {"BilledCost", "ContractedCost", "EffectiveCost", "ListCost"}
+_TIMES = {"BillingPeriodEnd", "BillingPeriodStart", "ChargePeriodEnd", "ChargePeriodStart"}
+_COUNTS = {"PricingQuantity", "ConsumedQuantity", "x_InputTokens", "x_OutputTokens"}
+_BATCH = 10_000
+
+
+class ParquetUnavailable(RuntimeError):
+    """pyarrow is not installed (it is the ``parquet`` extra)."""
+
+
+def _arrow() -> Any:
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise ParquetUnavailable(
+            "Parquet needs pyarrow: pip install 'budget-ledger[parquet]' (CSV works without it)"
+        ) from None
+    return pyarrow
+
+
+def parquet_available() -> bool:
+    try:
+        _arrow()
+    except ParquetUnavailable:
+        return False
+    return True
+
+
+def _schema(pa: Any, columns: list[str]) -> Any:
+    def kind(name: str) -> Any:
+        if name in _MONEY:
+            # exact: 18 decimal places hold every recorded cost (prices per token times tokens)
+            return pa.decimal128(38, 18)
+        if name in _TIMES:
+            return pa.timestamp("ms", tz="UTC")
+        if name in _COUNTS:
+            return pa.int64()
+        return pa.string()
+
+    return pa.schema([pa.field(name, kind(name), nullable=True) for name in columns])
+
+
+async def write_parquet(conn: Conn, start: datetime, end: datetime, sink: Any) -> int:
+    """The dataset as Parquet to ``sink`` (a path or a binary file); returns the rows
+    written. Call inside a transaction (a cursor)."""
+    pa = _arrow()
+    dims = await dimensions(conn, start, end)
+    columns = header(dims)
+    schema = _schema(pa, columns)
+    count = 0
+    with pa.parquet.ParquetWriter(sink, schema) as writer:
+        batch: list[list[Any]] = []
+
+        def flush() -> None:
+            arrays = [list(col) for col in zip(*batch, strict=True)] if batch else [[] for _ in columns]
+            writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+            batch.clear()
+
+        async for values in rows(conn, start, end, dims):
+            batch.append(values)
+            count += 1
+            if len(batch) >= _BATCH:
+                flush()
+        flush()
+    return count

@@ -10,10 +10,12 @@ import itertools
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import asyncpg
+import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -239,7 +241,7 @@ async def test_bad_report_parameters_are_400s(client: TestClient, query: str, pa
 
 
 async def test_focus_export_sums_to_the_report_and_carries_tags_and_splits(
-    client: TestClient, app: web.Application, database_url: str
+    client: TestClient, app: web.Application, database_url: str, tmp_path: Path
 ) -> None:
     start = await db_now(app)
     await charge(app, Decimal("0.000000010"), ["team:a", "team:b", "team:c", "vip"], metadata={"order": 7})
@@ -279,12 +281,31 @@ async def test_focus_export_sums_to_the_report_and_carries_tags_and_splits(
     assert bad.status == 400
     assert (await bad.json())["error"]["param"] == "format"
 
+    # the same dataset as Parquet: typed columns, exact decimals
+    r = await client.get(f"/spend/export?format=focus&file=parquet&{span}", headers=AUTH)
+    assert r.status == 200, await r.text()
+    table = pq.read_table(io.BytesIO(await r.read()))
+    assert table.num_rows == 3
+    assert str(table.schema.field("BilledCost").type) == "decimal128(38, 18)"
+    assert str(table.schema.field("ChargePeriodStart").type) == "timestamp[ms, tz=UTC]"
+    assert sum(table.column("BilledCost").to_pylist(), Decimal(0)) == billed
+    assert sorted(table.column("x_Split_team").to_pylist()) == sorted(row["x_Split_team"] for row in rows)
+    bad = await client.get(f"/spend/export?format=focus&file=xlsx&{span}", headers=AUTH)
+    assert (bad.status, (await bad.json())["error"]["param"]) == (400, "file")
+
     # the CLI writes the same dataset, and reports a dimension with trends
     env = {"LEDGER_DATABASE_URL": database_url}
     out = await asyncio.to_thread(ledger, "export", "--focus", "--since", "1d", env=env)
     assert out.returncode == 0, out.stderr
     cli_rows = list(csv.DictReader(io.StringIO(out.stdout)))
     assert sorted(row["BilledCost"] for row in cli_rows) == sorted(row["BilledCost"] for row in rows)
+    path = tmp_path / "focus.parquet"
+    out = await asyncio.to_thread(
+        ledger, "export", "--focus", "--parquet", "--since", "1d", "-o", str(path), env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert sum(pq.read_table(path).column("BilledCost").to_pylist(), Decimal(0)) == billed
+    assert "3 charges" in out.stderr
     shown = await asyncio.to_thread(
         ledger, "report", "--by", "tag:team", "--since", "1d", "--compare", env=env
     )
