@@ -9,6 +9,8 @@ from typing import Any
 
 import asyncpg
 
+from ledger.allocation import UNTAGGED, valid_dimension
+
 
 @dataclass(frozen=True, slots=True)
 class TagTotals:
@@ -61,8 +63,6 @@ ALLOCATIONS = ("split", "full")
 
 def dimension_group(group_by: str) -> str | None:
     """``tag:team`` -> "team" (a tag dimension); None for any other grouping."""
-    from ledger.allocation import valid_dimension
-
     if not group_by.startswith("tag:"):
         return None
     name = group_by.removeprefix("tag:")
@@ -80,8 +80,6 @@ async def dimension_report(
     ``full`` counts the full cost under each value. Requests and tokens count a
     request under each of its values either way.
     """
-    from ledger.allocation import UNTAGGED
-
     assert allocation in ALLOCATIONS
     assert interval in INTERVALS
     args: list[Any] = [start, end, UNTAGGED]
