@@ -5,11 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from ledger.allocation import UNTAGGED, valid_dimension
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    # A pool, or one connection (several queries in one snapshot).
+    Reader = asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy[asyncpg.Record]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +42,7 @@ def valid_group(group_by: str) -> bool:
 
 
 async def spend_report(
-    pool: asyncpg.Pool, *, group_by: str, interval: str, start: Any, end: Any
+    pool: Reader, *, group_by: str, interval: str, start: Any, end: Any
 ) -> list[asyncpg.Record]:
     """Spend per group and period (day, ISO week or month) between two instants."""
     assert valid_group(group_by)
@@ -70,7 +76,7 @@ def dimension_group(group_by: str) -> str | None:
 
 
 async def dimension_report(
-    pool: asyncpg.Pool, *, dimension: str, allocation: str, interval: str, start: Any, end: Any
+    pool: Reader, *, dimension: str, allocation: str, interval: str, start: Any, end: Any
 ) -> list[asyncpg.Record]:
     """Spend per value of a tag dimension (``dimension`` "" is every tag) and period.
 
@@ -115,7 +121,7 @@ async def dimension_report(
     return await pool.fetch(sql, *args)
 
 
-async def total_spend(pool: asyncpg.Pool, start: Any, end: Any) -> Decimal:
+async def total_spend(pool: Reader, start: Any, end: Any) -> Decimal:
     """Charged spend between two instants, each request once: what a bill totals."""
     value = await pool.fetchval(
         f"select coalesce(sum(cost), 0) from spend_logs where {_CHARGED} "  # noqa: S608

@@ -83,7 +83,7 @@ class Report:
     previous_total: Decimal | None
 
 
-async def _rows(pool: asyncpg.Pool, q: Query, start: datetime, end: datetime) -> list[dict[str, Any]]:
+async def _rows(pool: queries.Reader, q: Query, start: datetime, end: datetime) -> list[dict[str, Any]]:
     if q.dimension is not None:
         records = await queries.dimension_report(
             pool, dimension=q.dimension, allocation=q.allocation, interval=q.interval, start=start, end=end
@@ -120,6 +120,13 @@ def _pct(now: Decimal, before: Decimal) -> Decimal | None:
 
 
 async def build(pool: asyncpg.Pool, q: Query) -> Report:
+    """The report, its total and the period before, all from one snapshot of the
+    views (so the rows add up to the total even while the projections write)."""
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        return await _build(conn, q)
+
+
+async def _build(pool: queries.Reader, q: Query) -> Report:
     rows = await _rows(pool, q, q.start, q.end)
     total = await queries.total_spend(pool, q.start, q.end)
     previous = period_before(q.start, q.end)
