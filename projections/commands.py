@@ -22,6 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from ledger import reports
 from ledger.budgets import BudgetBook, rebuild_missing
 from ledger.counters import Counters, connect_redis
 from ledger.settings import Settings
@@ -418,4 +419,24 @@ async def report(settings: Settings, by: str, since: str) -> int:
         )
     table.caption = "\n".join(notes) or None
     console.print(table)
+    return 0
+
+
+async def report_command(
+    settings: Settings, by: str, since: str, allocation: str | None, compare: bool
+) -> int:
+    """`ledger report` with a tag dimension, an allocation or --compare."""
+    span = parse_since(since, datetime.now(UTC))
+    try:
+        q = reports.make_query(by, allocation, "day", span.start, span.end)
+    except reports.ReportError as e:
+        print(f"ledger: --{'by' if e.param == 'group_by' else e.param}: {e}", file=sys.stderr)
+        return 2
+    pool = await create_pool(settings)
+    try:
+        report = await reports.build(pool, q)
+    finally:
+        await pool.close()
+    label = f"{span.start:%Y-%m-%d %H:%M} .. {span.end:%Y-%m-%d %H:%M} UTC ({span.label})"
+    console.print(reports.table(report, compare=compare, label=label))
     return 0

@@ -271,6 +271,17 @@ async def test_dashboard_with_traffic(gateway: Gateway, browser: Any) -> None:
     assert "UTC" in await tab.text("#alerts tbody tr td >> nth=0")
     assert await page.locator("#users tbody tr").count() == 3
     assert "cust-0" in await tab.text("#meta tbody")
+    # the bill by team: the split rows the API gives, each against the period before, one biggest mover
+    bill = await api(
+        gw, f"/spend/report?group_by=tag:team&interval=month&start_date={start}&end_date={today}"
+    )
+    charged = [g for g in bill["groups"] if Decimal(str(g["spend"])) != 0]
+    assert {g["group"] for g in charged} >= {"search", "ads", "tight"}
+    assert sum(Decimal(str(g["spend"])) for g in bill["groups"]) == Decimal(str(bill["total"]))
+    assert await page.locator("#bill tbody tr").count() == len(charged)
+    search_row = await page.locator("#bill tbody tr", has_text="search").inner_text()
+    assert money(Decimal(str(next(g for g in charged if g["group"] == "search")["spend"]))) in search_row
+    assert await page.locator("#bill .mover").count() == 1
     await tab.shot("dashboard.png")
 
     # per tag, with the overlap said out loud
