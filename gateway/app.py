@@ -203,7 +203,7 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
     async def sweep() -> None:
         report = await admission.sweep()
         if report.expired or report.settled or report.dropped:
-            log.info("reservations_swept", **vars(report))
+            log.info("reservations_swept", **dataclasses.asdict(report))
 
     loop = run_forever(sweep, app[SETTINGS].sweep_interval_s, error_event="sweep_failed")
     async with background("reservation-sweeper", loop):

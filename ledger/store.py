@@ -34,6 +34,7 @@ from ledger.errors import (
     StoreOverloaded,
     StoreUnavailable,
 )
+from ledger.loops import cancelling
 from ledger.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -585,8 +586,9 @@ class Notifications:
     async def __aexit__(self, *exc: object) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: a cancellation the driver turned into a connection error
+            # must not keep its owner (a projection worker) here forever.
+            await asyncio.wait({self._task}, timeout=5)
         await self._release()
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
@@ -623,6 +625,8 @@ class Notifications:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                if cancelling():  # asyncpg may surface a cancel as a connection error
+                    raise asyncio.CancelledError from e
                 log.warning("listen_failed", channel=self._channel, error=_describe(e))
             await self._release()
             await asyncio.sleep(delay)
