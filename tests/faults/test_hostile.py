@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 import io
 import json
 import subprocess
+from decimal import Decimal
 from typing import Any
 from unittest import mock
 
@@ -21,9 +23,15 @@ from pytest_aiohttp import AiohttpServer
 from gateway.attribution import Limits, attribute
 from gateway.auth import same_secret
 from gateway.errors import ApiError
+from gateway.keys import BUDGET_BOOK, KEY_BOOK, SETTINGS, STORE, TAGS
 from gateway.mock_upstream import MockConfig, create_mock_app
+from ledger import events as ev
+from ledger.apikeys import KeyFields
 from ledger.embedded import EmbeddedPostgres
 from ledger.privacy import REDACTED, secret_value
+from ledger.settings import PriceOverride, ProviderConfig, Settings
+from projections import commands
+from tests.conftest import gateway_app, projected
 from tests.faults.conftest import Row
 from tests.faults.harness import ADMIN, Cluster, http
 from tests.test_proxy import CHAT, Gateway, gateway
@@ -341,3 +349,93 @@ async def test_mock_requests_needs_the_admin_key(aiohttp_server: AiohttpServer) 
                 text = await r.text()
                 assert ("ana@example.com" in text) == (label == "admin key"), label
     assert statuses == {"no key": 401, "wrong key": 401, "admin key": 200, "none configured": 404}
+
+
+# ------------------------------------------------------------------ issue 11 items 1 and 6: no poison events
+
+# The largest value the gateway admits for every field that reaches an event, in
+# 4-byte characters where characters are allowed, so view keys get the most bytes.
+WIDE = "\U0001f4b8"  # a 4-byte character (category So, admitted in tags and models)
+LONGEST_MODEL = WIDE * 256
+LONGEST_TAGS = [f"{i:02d}" + WIDE * 254 for i in range(62)]  # with a key's and a budget's: 64
+BUDGETED_TAGS = [f"b{i}" + WIDE * 126 for i in range(2)]  # definitions are at most 128 characters
+LONGEST_KEY_TAG = "k" + WIDE * 127  # a key's bound tags are at most 128 characters
+# `user` has no bound of its own (only its hash is stored); half a MiB keeps the body
+# the gateway forwards under aiohttp's 1 MiB warning, an error under this suite's -W error.
+LONGEST_USER = "u" * (512 * 1024)
+
+
+def _largest_metadata() -> dict[str, Any]:
+    """As many bytes of metadata as the limit admits (16 KiB encoded), with keys of 256."""
+    metadata: dict[str, Any] = {}
+    for i in range(100):
+        candidate = {**metadata, f"{i:03d}" + "k" * 253: "v" * 200}
+        if len(json.dumps(candidate, ensure_ascii=False).encode()) > 16 * 1024 - 64:
+            break
+        metadata = candidate
+    return metadata
+
+
+async def test_the_largest_admissible_values_pass_every_projection_and_replay(
+    settings: Settings, aiohttp_server: AiohttpServer
+) -> None:
+    """Issue 11 item 1: a 3,000-character model stopped spend_rollups for good. Every
+    field at the largest size the gateway admits goes through every view, live and in
+    `ledger replay`, and every view advances to the head of the log."""
+    mock = await aiohttp_server(create_mock_app())
+    provider = ProviderConfig("mock", str(mock.make_url("/v1")).rstrip("/"), price_provider="openai")
+    price = PriceOverride(LONGEST_MODEL, Decimal(1), Decimal(2))
+    app = gateway_app(dataclasses.replace(settings, providers=(provider,), price_overrides=(price,)))
+    server = await aiohttp_server(app)
+    key, _ = await app[KEY_BOOK].generate(
+        key_alias="wide", tags=[LONGEST_KEY_TAG], settings=KeyFields(allowed_tags=["*"])
+    )
+    for tag, budget in zip(BUDGETED_TAGS, ("100", "0.0000001"), strict=True):
+        await app[TAGS].create(tag, ev.TagFields(max_budget=Decimal(budget), budget_duration="1d"))
+    await app[BUDGET_BOOK].refresh()
+    metadata = _largest_metadata()
+    body = {
+        "model": LONGEST_MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "user": LONGEST_USER,
+        "metadata": {"spend_logs_metadata": metadata},
+    }
+    headers = {"Authorization": f"Bearer {key}", "x-request-id": "r" * 128}
+    statuses = []
+    async with aiohttp.ClientSession() as s:
+        for budgeted, request_id in zip(BUDGETED_TAGS, ("a" * 128, "d" * 128), strict=True):
+            headers["x-request-id"] = request_id
+            tags = [budgeted, *LONGEST_TAGS]
+            async with s.post(
+                server.make_url("/v1/chat/completions"),
+                data=io.BytesIO(json.dumps({**body, "tags": tags}).encode()),
+                headers={**headers, "Content-Type": "application/json"},
+            ) as r:
+                statuses.append(r.status)
+    assert statuses == [200, 429]  # one charged, one refused by the tiny budget
+    await projected(app)
+    pool = app[STORE].pool
+
+    async def views() -> dict[str, int]:
+        return {
+            "spend_logs": await pool.fetchval(
+                "select count(*) from spend_logs where model = $1", LONGEST_MODEL
+            ),
+            "tag_daily_spend": await pool.fetchval(
+                "select count(*) from tag_daily_spend where model = $1", LONGEST_MODEL
+            ),
+            "user_spend": await pool.fetchval("select count(*) from user_spend"),
+            "budget_window_spend": await pool.fetchval(
+                "select count(*) from budget_window_spend where subject like $1", "%" + BUDGETED_TAGS[0]
+            ),
+        }
+
+    live = await views()
+    assert live == {"spend_logs": 2, "tag_daily_spend": 64, "user_spend": 1, "budget_window_spend": 1}
+    head = await pool.fetchval("select max(position) from events")
+    for name in ("spend_logs", "spend_rollups", "budget_windows"):
+        assert await commands.replay_command(app[SETTINGS], [name], None) == 0
+    assert await views() == live
+    checkpoints = dict(await pool.fetch("select name, position from projection_checkpoints"))
+    assert checkpoints
+    assert all(p == head for p in checkpoints.values()), (head, checkpoints)
