@@ -210,6 +210,7 @@ async def _lag_ctx(app: web.Application) -> AsyncIterator[None]:
         for row in await projection_lag(pool):
             metrics.projection_lag_events.labels(row.name).set(row.events_behind)
             metrics.projection_lag_seconds.labels(row.name).set(row.seconds_behind)
+            metrics.projection_failing.labels(row.name).set(1 if row.failing_since else 0)
 
     # metrics must never take the gateway down: failures are not even logged
     async with background("projection-lag", run_forever(refresh, 2.0, error_event=None)):

@@ -8,12 +8,15 @@ import dataclasses
 import hmac
 import io
 import json
+import secrets
 import subprocess
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 from unittest import mock
 
 import aiohttp
+import msgspec
 import openai
 import pytest
 from hypothesis import given, settings
@@ -439,3 +442,66 @@ async def test_the_largest_admissible_values_pass_every_projection_and_replay(
     checkpoints = dict(await pool.fetch("select name, position from projection_checkpoints"))
     assert checkpoints
     assert all(p == head for p in checkpoints.values()), (head, checkpoints)
+
+
+async def test_a_projection_that_cannot_apply_an_event_says_so_loudly(
+    settings: Settings, aiohttp_server: AiohttpServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 11 item 1: a projection that met an event it could not apply retried it every
+    1.6 s forever, its checkpoint still, with nothing but log lines to show. Now
+    `projections status` (exit 1), /health/ready ("degraded") and /metrics name it, and
+    all three clear once the batch applies."""
+    app = gateway_app(
+        dataclasses.replace(settings, poll_interval_s=0.1, admin_key="test-admin-key-0123456789")
+    )
+    server = await aiohttp_server(app)
+    pool = app[STORE].pool
+    # What an older gateway, without the 256-character bound, could have written:
+    # a model name too long for the daily rollup's primary key (random: PostgreSQL
+    # would compress "mmm..." to fit).
+    model = secrets.token_hex(1500)
+    poison = ev.SpendRecorded(
+        request_id="poison", admitted_at=datetime.now(UTC), cost=Decimal(0), tags=["t"], model=model
+    )
+    await pool.execute(
+        "insert into events (stream, version, type, data) values ('request:poison', 1, $1, $2::jsonb)",
+        "SpendRecorded",
+        msgspec.json.encode(poison).decode(),
+    )
+    admin = {"Authorization": "Bearer test-admin-key-0123456789"}
+
+    async def observed() -> tuple[dict[str, Any], str, int]:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(server.make_url("/health/ready")) as r:
+                ready = await r.json()
+                assert r.status == 200, ready  # a stuck view does not take the gateway out
+            async with s.get(server.make_url("/metrics"), headers=admin) as r:
+                metrics = await r.text()
+        return ready, metrics, await commands.status(app[SETTINGS])
+
+    failing = 'ledger_projection_failing{projection="spend_rollups"} 1.0'
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        ready, metrics, exit_code = await observed()
+        if failing in metrics and ready["status"] == "degraded":
+            break
+        assert asyncio.get_running_loop().time() < deadline, (ready, metrics[-2000:])
+        await asyncio.sleep(0.2)
+    assert "spend_rollups failing since" in ready["projections"]
+    assert "index row" in ready["projections"]  # the database's own reason
+    assert exit_code == 1
+    assert "FAILING" in capsys.readouterr().out  # rich wraps the rest of the cell
+    # the operator repairs the log (here: removes the event); everything clears
+    async with pool.acquire() as conn:
+        await conn.execute("alter table events disable trigger events_append_only")
+        await conn.execute("delete from events where stream = 'request:poison'")
+        await conn.execute("alter table events enable trigger events_append_only")
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        ready, metrics, exit_code = await observed()
+        if ready["status"] == "ok" and failing not in metrics and exit_code == 0:
+            break
+        assert asyncio.get_running_loop().time() < deadline, (ready, metrics[-2000:])
+        await asyncio.sleep(0.2)
+    assert ready["projections"] == "ok"
+    assert 'ledger_projection_failing{projection="spend_rollups"} 0.0' in metrics
