@@ -37,6 +37,7 @@ from projections import commands
 from tests.conftest import gateway_app, projected
 from tests.faults.conftest import Row
 from tests.faults.harness import ADMIN, Cluster, http
+from tests.test_privacy import SECRET_SHAPES
 from tests.test_proxy import CHAT, Gateway, gateway
 
 pytestmark = pytest.mark.faults
@@ -167,7 +168,33 @@ async def test_named_attacks(gateway: Gateway) -> None:
             f"{gw.url}/tag/list?api_key={admin}", headers={"Authorization": f"Bearer {admin}"}
         ) as r:
             results["admin key in query string"] = r.status
+    # issue 11: credentials as tags, an over-long model, out-of-range dates and cursors
+    results["credential as a tag"], _ = await post(
+        gw, "/v1/chat/completions", json_body={**CHAT, "tags": ["sk-proj-SECRETSECRET0123456789"]}
+    )
+    results["credential in x-ledger-tags"], _ = await post(
+        gw, "/v1/chat/completions", json_body=CHAT, headers={"x-ledger-tags": "glpat-Ab3dEf6hIj9kLm2nOp5q"}
+    )
+    results["257-character model"], _ = await post(
+        gw, "/v1/chat/completions", json_body={**CHAT, "model": "m" * 257}
+    )
+    async with aiohttp.ClientSession() as s:
+        for label, query in (
+            ("end_date 9999-12-31", {"end_date": "9999-12-31"}),
+            ("start_date year 1 at +14:00", {"start_date": "0001-01-01T00:00:00+14:00"}),
+            ("cursor past bigint", {"cursor": _BIG_CURSOR}),
+        ):
+            async with s.get(
+                f"{gw.url}/spend/logs", params=query, headers={"Authorization": f"Bearer {admin}"}
+            ) as r:
+                results[label] = r.status
     assert results == {
+        "credential as a tag": 400,
+        "credential in x-ledger-tags": 400,
+        "257-character model": 400,
+        "end_date 9999-12-31": 200,
+        "start_date year 1 at +14:00": 400,
+        "cursor past bigint": 400,
         "oversize body": 413,
         "oversize header": 400,
         "deeply nested JSON": 400,
@@ -254,6 +281,25 @@ def test_no_raw_secret_or_user_id_in_the_database_or_logs(cluster: Cluster, repo
                 )
             },
         )
+    # issue 11 item 5: the shapes detect-secrets' rules catch, in metadata (redacted)
+    # and as tags (refused: never stored, never logged), and a secret-named key
+    shapes = [value for _, value in SECRET_SHAPES]
+    for i, shape in enumerate(shapes):
+        sdk.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={
+                "metadata": {"spend_logs_metadata": {f"note{i}": shape, "dbpassword": "plain-but-named"}}
+            },
+        )
+        for where in (
+            {"extra_body": {"tags": [shape]}},
+            {"extra_headers": {"x-ledger-tags": shape.replace(",", ";")}},
+        ):
+            with pytest.raises(openai.BadRequestError):
+                sdk.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], **where
+                )
     sdk.close()
     asyncio.run(asyncio.sleep(2.5))  # views catch up
     dump = subprocess.run(
@@ -266,12 +312,14 @@ def test_no_raw_secret_or_user_id_in_the_database_or_logs(cluster: Cluster, repo
     assert ADMIN not in logs
     assert key not in logs
     assert key not in dump
-    for needle in [*emails, *secrets_sent, "SECRETSECRET", "hunter2"]:
+    for needle in [*emails, *secrets_sent, "SECRETSECRET", "hunter2", *shapes, "plain-but-named"]:
         assert needle not in dump, f"{needle!r} is in the database dump"
         assert needle not in logs, f"{needle!r} is in the logs"
     assert REDACTED in dump
     assert "SpendRecorded" in dump
-    report.append(Row("privacy: dump + logs grep", len(emails), len(emails), "0 raw secrets", 0, 0, 0))
+    sent = len(emails) + 3 * len(shapes)
+    admitted = len(emails) + len(shapes)
+    report.append(Row("privacy: dump + logs grep", sent, admitted, "0 raw secrets", 0, 0, 0))
 
 
 # ------------------------------------------------------------------ issue 11 item 11: admin dates and cursors
