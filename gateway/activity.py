@@ -22,7 +22,7 @@ import msgspec
 from aiohttp import web
 
 from gateway.errors import ApiError
-from gateway.keys import KEY_BOOK, STORE, USER_SECRET
+from gateway.keys import KEY_BOOK, READ_POOL, USER_SECRET
 from gateway.spend import check_params, date_range, int_param, json_response, key_filter
 from ledger import queries
 from ledger.apikeys import KeyBook
@@ -142,7 +142,7 @@ async def _activity(request: web.Request, entity: str, ids: list[str] | None) ->
     assert page is not None
     assert size is not None
     rows = await queries.daily_activity(
-        request.app[STORE].pool,
+        request.app[READ_POOL],
         entity=entity,
         ids=ids,
         start=start,
@@ -281,7 +281,7 @@ async def global_spend_report(request: web.Request) -> web.Response:
         keys = sorted(in_team if keys is None else set(keys) & in_team)
     customer = request.query.get("customer_id")
     user_hash = hash_user(customer, request.app[USER_SECRET]) if customer else None
-    pool = request.app[STORE].pool
+    pool = request.app[READ_POOL]
     if group_by == "api_key" or request.query.get("api_key") or request.query.get("internal_user_id"):
         rows = await queries.report_rows(
             pool, by="key", start=start, end=end, key_hashes=keys, user_hash=user_hash

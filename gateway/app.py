@@ -21,6 +21,7 @@ from gateway.keys import (
     KEY_BOOK,
     METRICS,
     PRICES,
+    READ_POOL,
     REDIS,
     SETTINGS,
     STORE,
@@ -41,7 +42,7 @@ from ledger.pricing import PriceBook
 from ledger.privacy import stored_secret
 from ledger.queries import projection_lag
 from ledger.settings import Settings
-from ledger.store import EventStore
+from ledger.store import EventStore, create_pool, replica_lag
 from ledger.tags import TagService
 
 log = structlog.get_logger("gateway")
@@ -108,6 +109,7 @@ def create_app(settings: Settings, contexts: Sequence[CleanupContext] = ()) -> w
     # before the pool closes; Redis closes after nothing can use it.
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_read_pool_ctx)
     app.cleanup_ctx.append(_budgets_ctx)
     app.cleanup_ctx.append(_sweeper_ctx)
     app.cleanup_ctx.append(_upstreams_ctx)
@@ -135,6 +137,20 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     yield
     await store.close()
+
+
+async def _read_pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Reads of reports and the dashboard go to the replica when one is set, so
+    heavy reports never compete with the request path's commits."""
+    settings = app[SETTINGS]
+    if settings.database_read_url is None:
+        app[READ_POOL] = app[STORE].pool
+        yield
+        return
+    pool = await create_pool(settings, settings.database_read_url)
+    app[READ_POOL] = pool
+    yield
+    await pool.close()
 
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -211,6 +227,10 @@ async def _lag_ctx(app: web.Application) -> AsyncIterator[None]:
             metrics.projection_lag_events.labels(row.name).set(row.events_behind)
             metrics.projection_lag_seconds.labels(row.name).set(row.seconds_behind)
             metrics.projection_failing.labels(row.name).set(1 if row.failing_since else 0)
+        if app[READ_POOL] is not pool:
+            behind, seconds = await replica_lag(pool, app[READ_POOL])
+            metrics.replica_lag_bytes.set(behind)
+            metrics.replica_lag_seconds.set(seconds)
 
     # metrics must never take the gateway down: failures are not even logged
     async with background("projection-lag", run_forever(refresh, 2.0, error_event=None)):

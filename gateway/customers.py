@@ -31,7 +31,7 @@ from gateway.admin import (
     refuse_unsupported,
 )
 from gateway.errors import ApiError
-from gateway.keys import CUSTOMER_BOOK, REQUEST_ID, SETTINGS, STORE, USER_SECRET
+from gateway.keys import CUSTOMER_BOOK, READ_POOL, REQUEST_ID, SETTINGS, STORE, USER_SECRET
 from ledger import events as ev
 from ledger.customers import (
     CustomerBook,
@@ -158,7 +158,7 @@ async def view(request: web.Request, state: CustomerState, user_id: str | None =
     now = datetime.now(UTC)
     window = state.window(now)
     spent = await spend_of(
-        request.app[STORE].pool,
+        request.app[READ_POOL],
         column="user_hash",
         value=state.user_hash,
         window_start=window.start,

@@ -17,7 +17,7 @@ import msgspec
 from aiohttp import web
 
 from gateway.errors import ApiError
-from gateway.keys import STORE, TAGS
+from gateway.keys import READ_POOL, TAGS
 from ledger import queries
 
 routes = web.RouteTableDef()
@@ -207,7 +207,7 @@ async def overview(request: web.Request) -> web.Response:
     _check_params(request)
     now = request.app[TAGS].now()
     start, end = _days(request, now)
-    pool = request.app[STORE].pool
+    pool = request.app[READ_POOL]
     first, last = _midnight(start), _midnight(end + timedelta(days=1))
     month = _month_start(now)
     last_month = _month_start(month - timedelta(days=1))
@@ -265,7 +265,7 @@ async def tag_detail(request: web.Request) -> web.Response:
         raise ApiError(400, "name must be a tag name of 1 to 256 characters", param="name")
     now = request.app[TAGS].now()
     start, end = _days(request, now)
-    pool = request.app[STORE].pool
+    pool = request.app[READ_POOL]
     first, last = _midnight(start), _midnight(end + timedelta(days=1))
 
     def groups(rows: list[Any]) -> list[Group]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncpg
 import redis.asyncio as redis
 from aiohttp import web
 
@@ -19,6 +20,9 @@ from ledger.tags import TagService
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", EventStore)
+# Where spend reports and the dashboard read: the replica of
+# LEDGER_DATABASE_READ_URL, else the store's own pool (the primary).
+READ_POOL = web.AppKey("read_pool", asyncpg.Pool)
 REDIS = web.AppKey("redis", redis.Redis)
 COUNTERS = web.AppKey("counters", Counters)
 BUDGET_BOOK = web.AppKey("budget_book", BudgetBook)

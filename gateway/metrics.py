@@ -30,6 +30,8 @@ class Metrics:
     projection_lag_events: Gauge
     projection_lag_seconds: Gauge
     projection_failing: Gauge
+    replica_lag_bytes: Gauge
+    replica_lag_seconds: Gauge
 
 
 def create_metrics(queue_depth: Callable[[], float]) -> Metrics:
@@ -79,6 +81,16 @@ def create_metrics(queue_depth: Callable[[], float]) -> Metrics:
             "ledger_projection_failing",
             "1 while a projection cannot apply its next batch (see `ledger projections status`)",
             ["projection"],
+            registry=registry,
+        ),
+        replica_lag_bytes=Gauge(
+            "ledger_replica_lag_bytes",
+            "WAL the read replica (LEDGER_DATABASE_READ_URL) has not replayed yet",
+            registry=registry,
+        ),
+        replica_lag_seconds=Gauge(
+            "ledger_replica_lag_seconds",
+            "Age of the read replica's last replayed commit while it is behind (0: caught up)",
             registry=registry,
         ),
     )

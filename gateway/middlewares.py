@@ -15,6 +15,7 @@ from gateway.keys import REQUEST_ID
 from ledger.admission import DuplicateRequest
 from ledger.counters import CountersUnavailable
 from ledger.errors import ConcurrencyError, InvalidEvent, StoreUnavailable
+from ledger.store import is_unavailable
 from ledger.tags import TagError
 
 log = structlog.get_logger("gateway")
@@ -115,6 +116,14 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             type="service_unavailable",
             code="store_unavailable",
         )
-    except Exception:
+    except Exception as e:
+        if is_unavailable(e):  # a read (reports, the dashboard) met a database that is away
+            log.warning("database_unavailable", path=request.path, error=f"{type(e).__name__}: {e}")
+            return error_response(
+                503,
+                "the database is unavailable; nothing was changed, retry later",
+                type="service_unavailable",
+                code="database_unavailable",
+            )
         log.exception("unhandled_error", method=request.method, path=request.path)
         return error_response(500, "internal error", type="internal_error")

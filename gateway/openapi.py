@@ -81,6 +81,14 @@ def _ref(kind: type) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{kind.__name__}"}
 
 
+def _file_op(op: dict[str, Any]) -> dict[str, Any]:
+    op["responses"]["200"]["content"] = {
+        "text/csv": {"schema": {"type": "string"}},
+        "application/vnd.apache.parquet": {"schema": {"type": "string", "format": "binary"}},
+    }
+    return op
+
+
 def _op(
     summary: str,
     ok: str,
@@ -245,14 +253,27 @@ def build() -> dict[str, Any]:
         },
         "/spend/report": {
             "get": _op(
-                "Spend per group and period",
+                "Spend per group and period; per group, the change against the period before",
                 "200",
                 {"type": "object"},
+                csv=True,
                 params=[
                     *_DATES,
-                    ("group_by", "tag|user|model|metadata.<key>"),
+                    ("group_by", "tag|tag:<dimension>|user|model|metadata.<key>"),
+                    ("allocation", "split|full (split: the rows of a tag dimension sum to the total)"),
                     ("interval", "day|week|month"),
+                    ("format", "json|csv"),
                 ],
+            )
+        },
+        "/spend/export": {
+            "get": _file_op(
+                _op(
+                    "The period's charges as a FOCUS 1.2 dataset (CSV, or Parquet with file=parquet)",
+                    "200",
+                    {"type": "string"},
+                    params=[*_DATES, ("format", "focus"), ("file", "csv|parquet")],
+                )
             )
         },
         "/global/spend/report": {

@@ -409,7 +409,7 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
         )
     except BoundError as e:
         raise ApiError(400, str(e), param=e.field, code="invalid_value") from None
-    estimate = price.cost(Tokens(bound.prompt, bound.completion)) if price is not None else Decimal(0)
+    estimate = price.upper_bound(Tokens(bound.prompt, bound.completion)) if price is not None else Decimal(0)
 
     request_id = _scoped_request_id(request, key)
     structlog.contextvars.bind_contextvars(model=model, tags=attribution.tags)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import re
 from collections import defaultdict
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -21,8 +22,8 @@ import msgspec
 from aiohttp import web
 
 from gateway.errors import ApiError
-from gateway.keys import KEY_BOOK, STORE, USER_SECRET
-from ledger import queries
+from gateway.keys import KEY_BOOK, READ_POOL, USER_SECRET
+from ledger import focus, queries, reports
 from ledger.apikeys import ApiKey, KeyBook, as_key_hash
 from ledger.privacy import hash_user
 
@@ -52,7 +53,8 @@ _KNOWN = {
         "request_id",
         "summarize",
     },
-    "/spend/report": {"start_date", "end_date", "group_by", "interval"},
+    "/spend/report": {"start_date", "end_date", "group_by", "interval", "allocation", "format"},
+    "/spend/export": {"start_date", "end_date", "format", "file"},
     "/user/info": {"user", "user_hash"},
 }
 
@@ -176,7 +178,7 @@ class TagSpend(msgspec.Struct):
 async def spend_tags(request: web.Request) -> web.Response:
     check_params(request)
     first, last = days(*date_range(request))
-    rows = await queries.spend_by_tag(request.app[STORE].pool, first, last)
+    rows = await queries.spend_by_tag(request.app[READ_POOL], first, last)
     return json_response(
         [
             TagSpend(
@@ -200,7 +202,7 @@ async def spend_users(request: web.Request) -> web.Response:
     first, last = days(*date_range(request))
     limit = int_param(request, "limit", 100, 1, 10_000)
     assert limit is not None
-    rows = await queries.spend_by_user(request.app[STORE].pool, first, last, limit)
+    rows = await queries.spend_by_user(request.app[READ_POOL], first, last, limit)
     return json_response([dict(r) for r in rows])
 
 
@@ -210,7 +212,7 @@ async def user_info(request: web.Request) -> web.Response:
     user_hash = _user_hash(request)
     if not user_hash:
         raise ApiError(400, "user (the raw id; it is hashed for the lookup) is required", param="user")
-    total, daily = await queries.user_info(request.app[STORE].pool, user_hash)
+    total, daily = await queries.user_info(request.app[READ_POOL], user_hash)
     if total is None:
         raise ApiError(404, "no spend recorded for this user", type="not_found_error", param="user")
     return json_response({**dict(total), "daily": [dict(r) for r in daily]})
@@ -218,24 +220,105 @@ async def user_info(request: web.Request) -> web.Response:
 
 @routes.get("/spend/report")
 async def spend_report(request: web.Request) -> web.Response:
+    """Spend per group and period. ``group_by=tag:<dimension>`` groups by a tag
+    dimension, split by default (its rows sum to ``total``); ``groups`` compares
+    each group with the period of equal length just before."""
     check_params(request)
     start, end = date_range(request)
-    group_by = request.query.get("group_by", "tag")
-    if not queries.valid_group(group_by):
-        raise ApiError(400, "group_by must be tag, user, model or metadata.<key>", param="group_by")
-    interval = request.query.get("interval", "day")
-    if interval not in queries.INTERVALS:
-        raise ApiError(400, "interval must be day, week or month", param="interval")
-    rows = await queries.spend_report(
-        request.app[STORE].pool, group_by=group_by, interval=interval, start=start, end=end
-    )
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise ApiError(400, "format must be json or csv", param="format")
+    try:
+        q = reports.make_query(
+            request.query.get("group_by", "tag"),
+            request.query.get("allocation"),
+            request.query.get("interval", "day"),
+            start,
+            end,
+        )
+    except reports.ReportError as e:
+        raise ApiError(400, str(e), param=e.param) from None
+    report = await reports.build(request.app[READ_POOL], q)
+    if fmt == "csv":
+        return _report_csv(report)
     return json_response(
         {
-            "group_by": group_by,
-            "interval": interval,
-            "rows": [{"group": r["grp"], **{k: v for k, v in r.items() if k != "grp"}} for r in rows],
+            "group_by": q.group_by,
+            "interval": q.interval,
+            "allocation": q.allocation,
+            "total": report.total,
+            "previous_start": report.previous_start,
+            "previous_total": report.previous_total,
+            "rows": report.rows,
+            "groups": report.groups,
         }
     )
+
+
+_REPORT_CSV = ("group", "period", "spend", "requests", "prompt_tokens", "completion_tokens")
+
+
+def _report_csv(report: reports.Report) -> web.Response:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(_REPORT_CSV)
+    for r in report.rows:
+        writer.writerow([csv_cell(r[k]) for k in _REPORT_CSV])
+    # the group_by may hold any metadata key: only safe characters reach the header
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", report.query.group_by)[:80]
+    return web.Response(
+        text=out.getvalue(),
+        content_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="spend-report-{name}.csv"'},
+    )
+
+
+@routes.get("/spend/export")
+async def spend_export(request: web.Request) -> web.StreamResponse:
+    """The period's charges as a FOCUS 1.2 dataset (ledger/focus.py): CSV, streamed,
+    or Parquet (``file=parquet``, built in memory: pyarrow writes whole row groups)."""
+    check_params(request)
+    start, end = date_range(request)
+    if request.query.get("format") != "focus":
+        raise ApiError(400, "format must be focus (a FOCUS 1.2 dataset)", param="format")
+    kind = request.query.get("file", "csv")
+    if kind not in ("csv", "parquet"):
+        raise ApiError(400, "file must be csv or parquet", param="file")
+    pool = request.app[READ_POOL]
+    if kind == "parquet":
+        if not focus.parquet_available():
+            raise ApiError(
+                400, "Parquet needs pyarrow on the gateway; file=csv works without it", param="file"
+            )
+        body = io.BytesIO()
+        async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            await focus.write_parquet(conn, start, end, body)
+        return web.Response(
+            body=body.getvalue(),
+            content_type="application/vnd.apache.parquet",
+            headers={"Content-Disposition": 'attachment; filename="focus.parquet"'},
+        )
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/csv; charset=utf-8",
+            "Content-Disposition": 'attachment; filename="focus.csv"',
+        }
+    )
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        dims = await focus.dimensions(conn, start, end)
+        await response.prepare(request)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(focus.header(dims))
+        async for values in focus.rows(conn, start, end, dims):
+            writer.writerow([focus.cell(v) for v in values])
+            if buffer.tell() > 64 * 1024:
+                await response.write(buffer.getvalue().encode())
+                buffer.seek(0)
+                buffer.truncate()
+        await response.write(buffer.getvalue().encode())
+    await response.write_eof()
+    return response
 
 
 # ------------------------------------------------------------------ spend logs
@@ -421,7 +504,7 @@ async def spend_logs(request: web.Request) -> web.StreamResponse:
         request_id=request.query.get("request_id"),
         key_hashes=key_filter(request, owner="user_id"),
     )
-    pool, book = request.app[STORE].pool, request.app[KEY_BOOK]
+    pool, book = request.app[READ_POOL], request.app[KEY_BOOK]
     if fmt == "json" and summarize and "start_date" in request.query and "end_date" in request.query:
         return json_response(await _summary(request, sql, args, start, end))
     if paged:
@@ -478,7 +561,7 @@ async def _summary(
     without spend are filled in from the first day with spend to the end date
     (or today, whichever is earlier)."""
     book = request.app[KEY_BOOK]
-    rows = await queries.spend_summary(request.app[STORE].pool, sql, args)
+    rows = await queries.spend_summary(request.app[READ_POOL], sql, args)
     out: dict[date, dict[str, Any]] = {}
     for r in rows:
         day = out.setdefault(r["day"], _empty_day())

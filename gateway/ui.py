@@ -16,7 +16,7 @@ from aiohttp import web
 
 from gateway.auth import public
 from gateway.errors import ApiError
-from gateway.keys import STORE
+from gateway.keys import READ_POOL
 from ledger import events as ev
 from ledger.queries import recent_events
 from ledger.store import RecordedEvent
@@ -87,7 +87,7 @@ async def alerts(request: web.Request) -> web.Response:
     raw = request.query.get("limit", "50")
     if not raw.isdigit() or not 1 <= int(raw) <= 500:
         raise ApiError(400, "limit must be between 1 and 500", param="limit")
-    rows = await recent_events(request.app[STORE].pool, list(ev.ALERT_TYPES), int(raw))
+    rows = await recent_events(request.app[READ_POOL], list(ev.ALERT_TYPES), int(raw))
     out: list[dict[str, Any]] = []
     for r in rows:
         event = ev.decode(RecordedEvent(r[0], r[1], r[2], r[3], r[4], r[5]))

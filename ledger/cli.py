@@ -43,7 +43,7 @@ Start here:
                                   dashboard at /ui, keys in .data/)
   ledger report --by tag          spend per tag over the last 7 days
 
-The operator commands (projections, replay, verify, counters, report, asof,
+The operator commands (projections, replay, verify, counters, report, export, asof,
 migrate) work on the servers of the `ledger dev` that runs on --data-dir
 (default .data), or on LEDGER_DATABASE_URL / LEDGER_REDIS_URL when set.
 """
@@ -51,7 +51,7 @@ migrate) work on the servers of the `ledger dev` that runs on --data-dir
 EPILOG = "`ledger COMMAND --help` describes a command. Configuration: LEDGER_* variables (see README)."
 
 # Commands that do one thing and exit: their info logs (migrations, pools) are noise.
-_ONE_SHOT = ("migrate", "projections", "replay", "verify", "counters", "report", "asof")
+_ONE_SHOT = ("migrate", "projections", "replay", "verify", "counters", "report", "asof", "export")
 _DEV_PORTS = (54329, 63799)  # preferred embedded ports; free ones are chosen when taken
 _READY_WAIT_S = 90.0  # how long a command waits for a `ledger dev` that is still starting
 
@@ -70,10 +70,12 @@ def _port(raw: str) -> int:
 
 
 def _group(raw: str) -> str:
-    from ledger.queries import valid_group
+    from ledger.queries import dimension_group, valid_group
 
-    if not valid_group(raw):
-        raise argparse.ArgumentTypeError(f"must be tag, user, model or metadata.<key>, got {raw!r}")
+    if not valid_group(raw) and dimension_group(raw) is None:
+        raise argparse.ArgumentTypeError(
+            f"must be tag, tag:<dimension>, user, model or metadata.<key>, got {raw!r}"
+        )
     return raw
 
 
@@ -84,6 +86,16 @@ def _since(raw: str) -> str:
         parse_since(raw, datetime.now(UTC))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    return raw
+
+
+def _month(raw: str) -> str:
+    from ledger.focus import month_bounds
+
+    try:
+        month_bounds(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a month like 2026-10, got {raw!r}") from None
     return raw
 
 
@@ -171,7 +183,18 @@ def _parser() -> argparse.ArgumentParser:
     ops.append(sub.add_parser("verify", help="check views and counters against the event log"))
     ops.append(sub.add_parser("notify", help="raise budget alerts and deliver them to the webhooks"))
     rpt = sub.add_parser("report", help="spend per tag, user, model or metadata key, with sparklines")
-    rpt.add_argument("--by", default="tag", type=_group, help="tag | user | model | metadata.<key>")
+    rpt.add_argument(
+        "--by", default="tag", type=_group, help="tag | tag:<dimension> | user | model | metadata.<key>"
+    )
+    rpt.add_argument(
+        "--allocation",
+        choices=("split", "full"),
+        help="split: a request's cost divided among its tags in the dimension, rows sum to the total "
+        "(default for tag:<dimension>); full: its whole cost under each tag",
+    )
+    rpt.add_argument(
+        "--compare", action="store_true", help="each row against the period of the same length just before"
+    )
     rpt.add_argument(
         "--since",
         default="7d",
@@ -179,6 +202,14 @@ def _parser() -> argparse.ArgumentParser:
         help="how far back: Nd (the last N UTC days, today included), Nw, or Nh (default 7d)",
     )
     ops.append(rpt)
+    exp = sub.add_parser("export", help="the charges of a period as a FOCUS 1.2 dataset (CSV)")
+    exp.add_argument("--focus", action="store_true", required=True, help="FOCUS 1.2 (the only format)")
+    when = exp.add_mutually_exclusive_group()
+    when.add_argument("--month", type=_month, help="a calendar month, YYYY-MM (UTC), e.g. last month's bill")
+    when.add_argument("--since", type=_since, help="how far back, as for report: Nd, Nw or Nh (default 30d)")
+    exp.add_argument("--output", "-o", default="-", help="a file to write (default -: standard output)")
+    exp.add_argument("--parquet", action="store_true", help="write Parquet (needs --output and pyarrow)")
+    ops.append(exp)
     cnt = sub.add_parser("counters", help="budget counters in Redis")
     cnt.add_argument("action", choices=("rebuild",))
     ops.append(cnt)
@@ -231,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _mock_upstream(args)
         if args.command == "asof":
             return _asof(settings, args)
-        if args.command in ("projections", "replay", "verify", "counters", "notify", "report"):
+        if args.command in ("projections", "replay", "verify", "counters", "notify", "report", "export"):
             return _operate(settings, args)
     except SettingsError as e:
         print(f"ledger: configuration error: {e}", file=sys.stderr)
@@ -365,8 +396,36 @@ def _operate(settings: Settings, args: argparse.Namespace) -> int:
                 asyncio.run(commands.notify(s))
             return 0
         if args.command == "report":
+            if args.compare or args.allocation or args.by.startswith("tag:"):
+                return asyncio.run(
+                    commands.report_command(s, args.by, args.since, args.allocation, args.compare)
+                )
             return asyncio.run(commands.report(s, args.by, args.since))
+        if args.command == "export":
+            return _export(s, args)
         return asyncio.run(commands.counters_rebuild(s))
+
+
+def _export(settings: Settings, args: argparse.Namespace) -> int:
+    from ledger import focus
+    from projections.commands import parse_since
+
+    if args.month:
+        start, end = focus.month_bounds(args.month)
+    else:
+        span = parse_since(args.since or "30d", datetime.now(UTC))
+        start, end = span.start, span.end
+    if args.parquet and args.output == "-":
+        raise UsageError("export --parquet needs --output FILE (Parquet is binary)")
+    if args.output == "-":
+        count = asyncio.run(focus.write_csv(settings, start, end, sys.stdout))
+    else:
+        try:
+            count = asyncio.run(focus.write_file(settings, start, end, args.output, parquet=args.parquet))
+        except focus.ParquetUnavailable as e:
+            raise UsageError(str(e)) from None
+    print(f"{count} charges from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC", file=sys.stderr)
+    return 0
 
 
 def _asof(settings: Settings, args: argparse.Namespace) -> int:

@@ -299,11 +299,39 @@ class EmbeddedPostgres(_ChildServer):
                     f"PostgreSQL exited with code {self._proc.returncode} while starting:\n"
                     + _log_tail(self.log_path)
                 )
-            if self._status() == "ready":
+            if self._status() in ("ready", "standby"):  # standby: a replica taking reads
                 return True
             time.sleep(0.05)
         self.stop()
         raise EmbeddedServerError(f"PostgreSQL not ready within {timeout:g}s:\n" + _log_tail(self.log_path))
+
+    def clone_as_replica(self, data_dir: Path) -> EmbeddedPostgres:
+        """A streaming replica of this running server in ``data_dir`` (a base
+        backup that follows the primary's WAL); call ``start`` on it."""
+        replica = EmbeddedPostgres(data_dir)
+        replica.data_dir.mkdir(parents=True, exist_ok=True)
+        uid, gid = replica._run_as()
+        result = subprocess.run(
+            [
+                str(self.bin_dir() / "pg_basebackup"),
+                "-d",
+                f"host=127.0.0.1 port={self.port} user=postgres",
+                "-D",
+                str(replica.pgdata),
+                "-R",  # standby.signal + primary_conninfo: a streaming standby
+                "-X",
+                "stream",
+                "--no-sync",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            user=uid,
+            group=gid,
+        )
+        if result.returncode != 0:
+            raise EmbeddedServerError(f"pg_basebackup failed:\n{result.stderr.strip()}")
+        return replica
 
     def _postmaster(self) -> list[str] | None:
         try:

@@ -33,6 +33,41 @@ MAX_OUTPUT_CAP = 10_000_000
 MAX_CHOICES = 128  # OpenAI's limit for n and best_of
 MAX_PROMPTS = 2048  # legacy completions: prompts in one list
 
+# OpenAI's documented image costs, at the dearest detail ("high"): the image is
+# scaled into 2048x2048, its short side down to 768 px, and counted in 512 px
+# tiles, at most 2 x 4 = 8 of them (base + 8 x per tile); models that count 32 px
+# patches read at most 1536, times a per-model multiplier. gpt-4o-mini counts
+# ~33x the tokens of gpt-4o for the same image (at a 1/33 price). Longest prefix
+# first; other models use the configured bound.
+_IMAGE_TOKENS = (
+    ("gpt-4o-mini", 2833 + 8 * 5667),
+    ("gpt-4.1-nano", math.ceil(1536 * 2.46)),
+    ("gpt-4.1-mini", math.ceil(1536 * 1.62)),
+    ("o4-mini", math.ceil(1536 * 1.72)),
+    ("computer-use-preview", 65 + 8 * 129),
+    ("gpt-4o", 85 + 8 * 170),
+    ("chatgpt-4o", 85 + 8 * 170),
+    ("gpt-4.1", 85 + 8 * 170),
+    ("gpt-4.5", 85 + 8 * 170),
+    ("gpt-4-turbo", 85 + 8 * 170),
+    ("o1", 75 + 8 * 150),
+    ("o3", 75 + 8 * 150),
+)
+# A PDF is read as the text and an image of each page, at most 100 pages
+# (OpenAI's limit): its bytes alone do not bound it.
+_FILE_PAGES = 100
+
+
+def image_token_bound(model: object, configured: int) -> int:
+    """The most one image part can cost ``model``: its documented maximum, or the
+    configured bound when that is larger or the model is not listed."""
+    name = model.rsplit("/", 1)[-1].lower() if isinstance(model, str) else ""
+    for prefix, tokens in _IMAGE_TOKENS:
+        if name.startswith(prefix):
+            return max(configured, tokens)
+    return configured
+
+
 CHAT = "chat"
 COMPLETIONS = "completions"
 EMBEDDINGS = "embeddings"
@@ -73,9 +108,11 @@ def _text_bytes(value: Any, image_tokens: int, file_tokens: int = 0) -> int:
         if kind in ("file", "input_file"):
             inner = value.get("file", value)
             data = inner.get("file_data") if isinstance(inner, dict) else None
-            # Inline data: its bytes (a document has fewer tokens than bytes). A file
-            # sent by id has no size here: the configured bound per file.
-            return len(data.encode()) if isinstance(data, str) else file_tokens
+            # Inline data: its bytes (a document has fewer tokens of text than bytes).
+            # A file sent by id has no size here: the configured bound per file.
+            # Either way, plus an image of each page.
+            text = len(data.encode()) if isinstance(data, str) else file_tokens
+            return text + _FILE_PAGES * image_tokens
         return sum(_text_bytes(v, image_tokens, file_tokens) for k, v in value.items() if k != "type")
     return 0
 
@@ -133,6 +170,7 @@ def request_bound(
     kind: str, body: dict[str, Any], *, default_cap: int, image_tokens: int, file_tokens: int = 200_000
 ) -> Bound:
     """The upper bound of one request. May normalise numeric strings in ``body``."""
+    image_tokens = image_token_bound(body.get("model"), image_tokens)
     prompt = prompt_bound(body, image_tokens, file_tokens)
     if kind == EMBEDDINGS:
         return Bound(prompt, 0)

@@ -1,7 +1,8 @@
 """Prices: genai-prices (a maintained, offline price database) plus operator overrides.
 
 Looked up once per (provider, model) and cached. Flat per-token prices are
-applied directly; tiered prices go through genai-prices' own calculation.
+applied directly; tiered prices, per-request fees and prices that depend on the
+time go through genai-prices' own calculation, the last resolved at each call.
 All amounts are exact decimals.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import difflib
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -30,7 +32,10 @@ class Tokens:
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """Prices of one model; ``engine`` is genai-prices' ModelPrice for tiered prices."""
+    """Prices of one model. ``engine`` is genai-prices' ModelPrice when its own
+    calculation is needed (tiered prices, per-request fees); ``info`` its
+    ModelInfo when the price depends on the time (off-peak hours, a new price
+    from a date), resolved at each calculation rather than once and cached."""
 
     model: str
     provider: str
@@ -38,8 +43,10 @@ class Price:
     output_per_mtok: Decimal | None
     cached_input_per_mtok: Decimal | None
     engine: Any = None
+    info: Any = None
 
-    def cost(self, tokens: Tokens) -> Decimal:
+    def cost(self, tokens: Tokens, at: datetime | None = None) -> Decimal:
+        """What ``tokens`` cost, at the price in force at ``at`` (default now)."""
         if self.input_per_mtok is not None and self.output_per_mtok is not None:
             cached = min(tokens.cached, tokens.prompt)
             cached_rate = (
@@ -51,13 +58,31 @@ class Price:
                 + tokens.completion * self.output_per_mtok
             )
             return total / _MTOK
-        usage = Usage(
-            input_tokens=tokens.prompt,
-            output_tokens=tokens.completion,
-            cache_read_tokens=tokens.cached or None,
-        )
-        result = self.engine.calc_price(usage)
-        return Decimal(result["total_price"])
+        engine = self.engine if self.info is None else self.info.get_prices(at or datetime.now(UTC))
+        return _engine_cost(engine, tokens)
+
+    def upper_bound(self, tokens: Tokens) -> Decimal:
+        """The most ``tokens`` (as prompt and completion caps) can cost at any time:
+        the prompt all fresh or all read from cache (some models price cached input
+        above fresh input), under every price the model has (time-dependent ones
+        included). Costs grow with each token count, so the caps bound any usage
+        within them."""
+        fresh = Tokens(tokens.prompt, tokens.completion, 0)
+        cached = Tokens(tokens.prompt, tokens.completion, tokens.prompt)
+        if self.info is None:
+            return max(self.cost(fresh), self.cost(cached))
+        prices = self.info.prices
+        engines = [c.prices for c in prices] if isinstance(prices, list) else [prices]
+        return max(_engine_cost(e, t) for e in engines for t in (fresh, cached))
+
+
+def _engine_cost(engine: Any, tokens: Tokens) -> Decimal:
+    usage = Usage(
+        input_tokens=tokens.prompt,
+        output_tokens=tokens.completion,
+        cache_read_tokens=min(tokens.cached, tokens.prompt) or None,
+    )
+    return Decimal(engine.calc_price(usage)["total_price"])
 
 
 class PriceBook:
@@ -150,9 +175,14 @@ def _from_database(provider: str | None, model: str) -> Price | None:
     except LookupError:
         return None
     provider = found.provider.id
+    if isinstance(found.model.prices, list) and len(found.model.prices) > 1:
+        return Price(model, provider, None, None, None, info=found.model)
     mp = found.model_price
     inp, out, cached = _flat(mp.input_mtok), _flat(mp.output_mtok), _flat(mp.cache_read_mtok)
     tiered = (mp.input_mtok is not None and inp is None) or (mp.output_mtok is not None and out is None)
-    if tiered or inp is None or out is None:
+    # A per-request fee is the one component the usage we pass genai-prices can
+    # charge beyond tokens: such prices go through its own calculation.
+    fee = getattr(mp, "requests_kcount", None) is not None
+    if tiered or fee or inp is None or out is None:
         return Price(model, provider, None, None, None, engine=mp)
     return Price(model, provider, inp, out, cached)

@@ -5,9 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
+
+from ledger.allocation import UNTAGGED, valid_dimension
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    # A pool, or one connection (several queries in one snapshot).
+    Reader = asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy[asyncpg.Record]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +42,7 @@ def valid_group(group_by: str) -> bool:
 
 
 async def spend_report(
-    pool: asyncpg.Pool, *, group_by: str, interval: str, start: Any, end: Any
+    pool: Reader, *, group_by: str, interval: str, start: Any, end: Any
 ) -> list[asyncpg.Record]:
     """Spend per group and period (day, ISO week or month) between two instants."""
     assert valid_group(group_by)
@@ -54,6 +62,74 @@ async def spend_report(
         group by 1, 2 order by 2, 3 desc
     """  # noqa: S608 - expression and interval come from whitelists
     return await pool.fetch(sql, *args)
+
+
+ALLOCATIONS = ("split", "full")
+
+
+def dimension_group(group_by: str) -> str | None:
+    """``tag:team`` -> "team" (a tag dimension); None for any other grouping."""
+    if not group_by.startswith("tag:"):
+        return None
+    name = group_by.removeprefix("tag:")
+    return name if valid_dimension(name) else None
+
+
+async def dimension_report(
+    pool: Reader, *, dimension: str, allocation: str, interval: str, start: Any, end: Any
+) -> list[asyncpg.Record]:
+    """Spend per value of a tag dimension (``dimension`` "" is every tag) and period.
+
+    Every charged request is in the answer: under each of its values, or under
+    ``(untagged)`` when it has none. ``split`` divides its cost among its values
+    (the spend_allocations view), so the rows sum exactly to the period's spend;
+    ``full`` counts the full cost under each value. Requests and tokens count a
+    request under each of its values either way.
+    """
+    assert allocation in ALLOCATIONS
+    assert interval in INTERVALS
+    args: list[Any] = [start, end, UNTAGGED]
+    if allocation == "split":
+        args.append(dimension)
+        values = """
+            left join spend_allocations a
+              on a.position = c.position and a.dimension = $4
+             and a.recorded_at >= $1 and a.recorded_at < $2
+        """
+        spend = "coalesce(a.share, c.cost)"
+    elif dimension == "":
+        values = "left join lateral (select distinct t as value from unnest(c.tags) t) a on true"
+        spend = "c.cost"
+    else:
+        args.append(dimension)
+        values = """
+            left join lateral (
+                select distinct substr(t, length($4) + 2) as value from unnest(c.tags) t
+                where split_part(t, ':', 1) = $4 and length(t) > length($4) + 1
+            ) a on true
+        """
+        spend = "c.cost"
+    sql = f"""
+        select coalesce(a.value, $3) as grp,
+               date_trunc('{interval}', c.recorded_at at time zone 'UTC')::date as period,
+               sum({spend}) as spend, count(*) as requests,
+               sum(c.prompt_tokens) as prompt_tokens, sum(c.completion_tokens) as completion_tokens
+        from spend_logs c {values}
+        where c.kind in ('spend', 'expired') and c.recorded_at >= $1 and c.recorded_at < $2
+        group by 1, 2 order by 2, 3 desc, 1
+    """  # noqa: S608 - fixed fragments; the dimension is a bound parameter
+    return await pool.fetch(sql, *args)
+
+
+async def total_spend(pool: Reader, start: Any, end: Any) -> Decimal:
+    """Charged spend between two instants, each request once: what a bill totals."""
+    value = await pool.fetchval(
+        f"select coalesce(sum(cost), 0) from spend_logs where {_CHARGED} "  # noqa: S608
+        "and recorded_at >= $1 and recorded_at < $2",
+        start,
+        end,
+    )
+    return Decimal(value)
 
 
 async def spend_by_tag(pool: asyncpg.Pool, start: Any, end: Any) -> list[asyncpg.Record]:

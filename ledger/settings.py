@@ -66,6 +66,9 @@ class WebhookConfig:
 class Settings:
     # Servers. None means "not configured": `ledger dev` then starts embedded ones.
     database_url: str | None = None
+    # A streaming replica for spend reports and the dashboard's reads (None: the
+    # primary); the request path, admin writes and projections stay on the primary.
+    database_read_url: str | None = None
     redis_url: str | None = None
 
     # HTTP
@@ -250,7 +253,8 @@ def redact_url(url: str) -> str:
 def _read_config_file(path: Path) -> dict[str, Any]:
     var = f"{ENV_PREFIX}CONFIG"
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        # Decimal, not float: prices in the file are money and must stay exact.
+        raw = tomllib.loads(path.read_text(encoding="utf-8"), parse_float=Decimal)
     except FileNotFoundError:
         raise SettingsError(f"{var} names {str(path)!r}, which does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -378,7 +382,7 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def _json_list(label: str, raw: Any) -> list[Any]:
     if isinstance(raw, str):
         try:
-            raw = json.loads(raw)
+            raw = json.loads(raw, parse_float=Decimal)  # prices stay exact
         except json.JSONDecodeError as e:
             raise SettingsError(f"{label} is not valid JSON: {e}") from None
     if not isinstance(raw, list) or not all(isinstance(x, dict) for x in raw):
@@ -507,6 +511,7 @@ def _secret(minimum: int) -> Callable[[str, Any], str | None]:
 
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "database_url": _url(("postgresql", "postgres"), "postgresql://"),
+    "database_read_url": _url(("postgresql", "postgres"), "postgresql://"),
     "redis_url": _url(("redis", "rediss", "unix"), "redis://"),
     "host": _host,
     "port": _int(0, 65535),

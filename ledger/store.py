@@ -531,6 +531,11 @@ def _fail(item: _Append, error: BaseException) -> None:
         item.future.set_exception(error)
 
 
+def is_unavailable(e: BaseException) -> bool:
+    """Whether a driver error means "PostgreSQL is not there right now"."""
+    return isinstance(e, _UNAVAILABLE)
+
+
 @contextlib.asynccontextmanager
 async def unavailable_as_store_error() -> AsyncIterator[None]:
     """Driver errors that mean "PostgreSQL is not there" become StoreUnavailable
@@ -638,12 +643,14 @@ class Notifications:
                 conn.terminate()
 
 
-async def create_pool(settings: Settings) -> asyncpg.Pool:
-    """An asyncpg pool with bounded connect and statement times."""
-    assert settings.database_url is not None
+async def create_pool(settings: Settings, url: str | None = None) -> asyncpg.Pool:
+    """An asyncpg pool with bounded connect and statement times (on ``url``, by
+    default the primary's)."""
+    url = url or settings.database_url
+    assert url is not None
     try:
         pool = await asyncpg.create_pool(
-            settings.database_url,
+            url,
             min_size=settings.pool_min_size,
             max_size=settings.pool_max_size,
             timeout=settings.connect_timeout_s,
@@ -658,3 +665,21 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
         raise StoreUnavailable(f"cannot connect to PostgreSQL: {_describe(e)}") from e
     assert pool is not None
     return pool
+
+
+async def replica_lag(primary: asyncpg.Pool, replica: asyncpg.Pool) -> tuple[int, float]:
+    """How far a streaming replica is behind: (WAL bytes not yet replayed, seconds
+    since the last replayed commit, 0 when nothing is left to replay)."""
+    async with unavailable_as_store_error():
+        row = await replica.fetchrow(
+            "select pg_last_wal_replay_lsn()::text, "
+            "coalesce(extract(epoch from now() - pg_last_xact_replay_timestamp()), 0)::float8"
+        )
+        assert row is not None
+        if row[0] is None:  # not a replica: it is the primary itself
+            return 0, 0.0
+        behind = await primary.fetchval(
+            "select pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)", row[0]
+        )
+    behind = max(0, int(behind))
+    return behind, float(row[1]) if behind > 0 else 0.0

@@ -22,10 +22,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from ledger import reports
 from ledger.budgets import BudgetBook, rebuild_missing
 from ledger.counters import Counters, connect_redis
 from ledger.settings import Settings
-from ledger.store import EventStore, create_pool
+from ledger.store import EventStore, create_pool, replica_lag
 from projections.replay import replay
 from projections.runtime import Worker, lag
 from projections.spend import PROJECTIONS, create
@@ -48,8 +49,15 @@ async def run_workers(settings: Settings) -> None:
 async def status(settings: Settings) -> int:
     assert settings.database_url is not None
     pool = await create_pool(settings)
+    replica: tuple[int, float] | None = None
     try:
         rows = await lag(pool)  # every worker with a checkpoint: views, alerts, notifiers
+        if settings.database_read_url is not None:
+            read_pool = await create_pool(settings, settings.database_read_url)
+            try:
+                replica = await replica_lag(pool, read_pool)
+            finally:
+                await read_pool.close()
     finally:
         await pool.close()
     table = Table(title="projections")
@@ -65,6 +73,8 @@ async def status(settings: Settings) -> int:
             r.name, str(r.position), str(r.head), str(r.events_behind), f"{r.seconds_behind:.1f}", state
         )
     console.print(table)
+    if replica is not None:
+        console.print(f"read replica: {replica[0]:,} bytes of WAL behind, {replica[1]:.1f} s")
     # a stuck projection makes the command fail, so a cron job or a probe notices
     return 1 if any(r.failing_since is not None for r in rows) else 0
 
@@ -417,4 +427,24 @@ async def report(settings: Settings, by: str, since: str) -> int:
         )
     table.caption = "\n".join(notes) or None
     console.print(table)
+    return 0
+
+
+async def report_command(
+    settings: Settings, by: str, since: str, allocation: str | None, compare: bool
+) -> int:
+    """`ledger report` with a tag dimension, an allocation or --compare."""
+    span = parse_since(since, datetime.now(UTC))
+    try:
+        q = reports.make_query(by, allocation, "day", span.start, span.end)
+    except reports.ReportError as e:
+        print(f"ledger: --{'by' if e.param == 'group_by' else e.param}: {e}", file=sys.stderr)
+        return 2
+    pool = await create_pool(settings)
+    try:
+        report = await reports.build(pool, q)
+    finally:
+        await pool.close()
+    label = f"{span.start:%Y-%m-%d %H:%M} .. {span.end:%Y-%m-%d %H:%M} UTC ({span.label})"
+    console.print(reports.table(report, compare=compare, label=label))
     return 0

@@ -15,6 +15,7 @@ import msgspec
 from ledger import events as ev
 from ledger.store import RecordedEvent
 from ledger.tags import TagState
+from projections.allocation import SpendAllocations
 from projections.budgets import BudgetWindows
 from projections.runtime import Projection
 
@@ -335,6 +336,7 @@ PROJECTIONS: dict[str, type[Projection]] = {
     "spend_logs": SpendLogs,
     "spend_rollups": SpendRollups,
     "budget_windows": BudgetWindows,
+    "spend_allocations": SpendAllocations,
 }
 
 

@@ -57,7 +57,9 @@ async def test_thresholds_cross_exactly_once_under_concurrency_and_replay(store:
         async with store.pool.acquire() as conn:
             await projection.apply(conn, relevant, {})
 
-    await asyncio.gather(*(one_process() for _ in range(4)))  # four "processes" racing
+    # four workers racing on their own connections in this process (four real
+    # processes, the active one killed: tests/faults/test_alerts_cluster.py)
+    await asyncio.gather(*(one_process() for _ in range(4)))
     crossed = await alerts_of(store)
     kinds = sorted((a.kind, a.threshold) for a in crossed)
     assert kinds == [

@@ -256,11 +256,11 @@ def test_help_and_usage_errors() -> None:
     assert "budget-ledger: a gateway and budget ledger" in top.stdout
     assert "composition root" not in top.stdout  # not the module's docstring
     replay = ledger("replay", "--help")
-    assert "{spend_logs,spend_rollups,budget_windows}" in replay.stdout
+    assert "{spend_logs,spend_rollups,budget_windows,spend_allocations}" in replay.stdout
     for args, fragment in [
         (("replay", "--projection", "nope"), "argument --projection: invalid choice: 'nope'"),
         (("replay", "--until", "yesterday"), "argument --until: must be an ISO 8601 timestamp"),
-        (("report", "--by", "colour"), "argument --by: must be tag, user, model or metadata.<key>"),
+        (("report", "--by", "colour"), "argument --by: must be tag, tag:<dimension>, user, model"),
         (("report", "--since", "3x"), "argument --since: must be a number of days, weeks or hours"),
         (("report", "--since", "999h"), "(at most 168h)"),
         (("dev", "--port", "99999"), "argument --port: must be a port number"),

@@ -676,6 +676,8 @@ async def test_a_settle_across_a_window_boundary_counts_in_the_admission_window(
 async def test_concurrent_reserves_from_four_gateways_admit_exactly_what_fits(
     gateways: GatewayFactory,
 ) -> None:
+    """Four gateways' admission paths in this one process, each with its own Redis
+    client and connection pool (four real processes: tests/faults/test_overshoot.py)."""
     gws = [await gateways() for _ in range(4)]
     await with_budget(gws[0], "t", "1")
     for g in gws[1:]:

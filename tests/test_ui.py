@@ -259,10 +259,29 @@ async def test_dashboard_with_traffic(gateway: Gateway, browser: Any) -> None:
     denial = page.locator("#denials tbody tr").first
     assert "team:tight" in await denial.inner_text()
     assert "for this request > $0.00005 budget" in await denial.inner_text()
+    # every alert the API lists is rendered, in its order, with its tag and words
+    # (catches an alerts table left empty or stale: planted once, renderAlerts skipped)
+    alerts = await api(gw, "/alerts?limit=20")
+    rows = await page.locator("#alerts tbody tr").all_inner_texts()
+    assert len(rows) == len(alerts) > 0
+    for row, alert in zip(rows, alerts, strict=True):
+        assert alert["tag"] in row
+        assert alert["description"] in row
     assert await page.locator("#alerts tbody tr", has_text="team:tight").count() >= 1
     assert "UTC" in await tab.text("#alerts tbody tr td >> nth=0")
     assert await page.locator("#users tbody tr").count() == 3
     assert "cust-0" in await tab.text("#meta tbody")
+    # the bill by team: the split rows the API gives, each against the period before, one biggest mover
+    bill = await api(
+        gw, f"/spend/report?group_by=tag:team&interval=month&start_date={start}&end_date={today}"
+    )
+    charged = [g for g in bill["groups"] if Decimal(str(g["spend"])) != 0]
+    assert {g["group"] for g in charged} >= {"search", "ads", "tight"}
+    assert sum(Decimal(str(g["spend"])) for g in bill["groups"]) == Decimal(str(bill["total"]))
+    assert await page.locator("#bill tbody tr").count() == len(charged)
+    search_row = await page.locator("#bill tbody tr", has_text="search").inner_text()
+    assert money(Decimal(str(next(g for g in charged if g["group"] == "search")["spend"]))) in search_row
+    assert await page.locator("#bill .mover").count() == 1
     await tab.shot("dashboard.png")
 
     # per tag, with the overlap said out loud

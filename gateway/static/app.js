@@ -112,6 +112,7 @@ const state = {
   end: null,
   mode: "model",
   metaKey: "customer",
+  dimension: "team",
   charts: {},
   drawn: {}, // what each chart shows, for tests and for people poking at the console
 };
@@ -460,6 +461,33 @@ function renderMeta(report) {
     code(`x-ledger-spend-logs-metadata: {"${state.metaKey}": "acme"}`));
 }
 
+// The split report of one tag dimension: rows that add up to the total, each against
+// the period of the same length before; the biggest mover (largest change) is marked.
+function renderBill(report) {
+  const total = Number(report.total);
+  const groups = report.groups.filter((g) => Number(g.spend) !== 0 || Number(g.previous_spend || 0) !== 0);
+  let mover = null;
+  for (const g of groups) {
+    if (g.change !== null && Number(g.change) !== 0 && (mover === null || Math.abs(Number(g.change)) > Math.abs(Number(mover.change)))) mover = g;
+  }
+  const change = (g) => {
+    if (g.change === null) return ["—", "num"];
+    const sign = Number(g.change) > 0 ? "+" : "";
+    const text = sign + money(g.change) + (g.change_pct === null ? "" : " (" + sign + g.change_pct + "%)");
+    return g === mover ? [el("strong", { class: "mover", title: "biggest mover", text: "▲▼"[Number(g.change) > 0 ? 0 : 1] + " " + text }), "num"] : [text, "num"];
+  };
+  fillTable("#bill", groups, (g) => [
+    [g.group],
+    [money(g.spend), "num"],
+    [total > 0 ? pct((Number(g.spend) / total) * 100) : "—", "num"],
+    [g.previous_spend === null ? "—" : money(g.previous_spend), "num"],
+    change(g),
+  ], { moneyCols: [1, 3] });
+  empty("#bill-empty", groups.length === 0,
+    el("p", { text: `No charged request in this range. Tags of the form ${state.dimension}:<value> put requests in this dimension, for example:` }),
+    code(`x-ledger-tags: ${state.dimension}:search`));
+}
+
 function renderAlerts(alerts) {
   fillTable("#alerts", alerts, (a) => [[utc(a.recorded_at), "nowrap"], [tagLink(a.tag)], [a.description]]);
   empty("#alerts-empty", alerts.length === 0, el("p", { text: "No alerts yet. A budget raises one at each of its alert_thresholds (50%, 80% and 100% unless set), at its soft_budget, and when its forecast runs out before the reset." }));
@@ -467,7 +495,7 @@ function renderAlerts(alerts) {
 
 async function refreshOverview() {
   const q = rangeQuery();
-  const [ov, tags, spendTags, users, meta, alerts, activity] = await Promise.all([
+  const [ov, tags, spendTags, users, meta, alerts, activity, bill] = await Promise.all([
     api("/ui/api/overview?" + q),
     api("/tag/list"),
     api("/spend/tags?" + q),
@@ -475,6 +503,9 @@ async function refreshOverview() {
     api("/spend/report?interval=month&group_by=" + enc("metadata." + state.metaKey) + "&" + q),
     api("/alerts?limit=20"),
     state.mode === "tag" ? api("/tag/daily/activity?page_size=1000&" + q).then((a) => daily(a, "entities", "tag")) : Promise.resolve(null),
+    // a dimension the API refuses (say "a:b") shows an empty bill, not a broken page
+    api("/spend/report?interval=month&allocation=split&group_by=" + enc("tag:" + state.dimension) + "&" + q)
+      .catch((e) => { if (e.message === "401") throw e; return { total: 0, groups: [] }; }),
   ]);
   state.overview = ov;
   const blocked = renderTags(tags, spendTags, ov);
@@ -482,6 +513,7 @@ async function refreshOverview() {
   renderChart(ov, activity);
   renderUsers(users);
   renderMeta(meta);
+  renderBill(bill);
   denialRows("#denials", ov.denials.slice(0, 8), "#denials-empty", "No denials in this range: no budget refused a request.");
   renderAlerts(alerts);
 }
@@ -644,6 +676,7 @@ for (const b of document.querySelectorAll(".presets button")) {
 }
 $("#mode").addEventListener("change", () => { state.mode = $("#mode").value; refresh(); });
 $("#meta-key").addEventListener("change", () => { state.metaKey = $("#meta-key").value.trim() || "customer"; refresh(); });
+$("#dimension").addEventListener("change", () => { state.dimension = $("#dimension").value.trim().replace(/^tag:/, "") || "team"; refresh(); });
 window.addEventListener("hashchange", () => { window.scrollTo(0, 0); refresh(); });
 resize.observe($("#chart"));
 resize.observe($("#tag-chart"));

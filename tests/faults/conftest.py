@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults.facts import Facts
 from tests.faults.harness import Cluster
 
 
@@ -20,6 +21,16 @@ class Row:
     lost: int
     duplicates: int
     errors_5xx: int
+
+    @classmethod
+    def measured(
+        cls, scenario: str, requests: int, facts: Facts, spend_vs_budget: str, errors_5xx: int
+    ) -> Row:
+        """A row whose admitted, lost and dups figures are what the log says
+        (tests/faults/facts.py), never a number the scenario wrote itself."""
+        return cls(
+            scenario, requests, facts.admitted, spend_vs_budget, len(facts.lost), len(facts.dups), errors_5xx
+        )
 
 
 REPORT: list[Row] = []
@@ -47,12 +58,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     tr = terminalreporter
     tr.section("fault scenarios")
     header = (
-        f"{'scenario':44} {'requests':>8} {'admitted':>8} {'spend vs budget':>24} "
+        f"{'scenario':60} {'requests':>8} {'admitted':>8} {'spend vs budget':>24} "
         f"{'lost':>5} {'dups':>5} {'5xx':>5}"
     )
     tr.write_line(header)
     for r in REPORT:
         tr.write_line(
-            f"{r.scenario:44} {r.requests:>8} {r.admitted:>8} {r.spend_vs_budget:>24} "
+            f"{r.scenario:60} {r.requests:>8} {r.admitted:>8} {r.spend_vs_budget:>24} "
             f"{r.lost:>5} {r.duplicates:>5} {r.errors_5xx:>5}"
         )

@@ -20,6 +20,12 @@ from ledger.embedded import EmbeddedPostgres, EmbeddedRedis
 
 ADMIN = "fault-admin-key-0123456789"
 FAST_PG = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+# A model whose estimate is its actual cost when the mock reports completion_tokens
+# == max_tokens: prompts are free, every output token costs $0.00001. Settling
+# such a request frees no room, so how many requests a budget admits is fixed by
+# arithmetic alone (budget // estimate), however the requests interleave.
+FLAT_MODEL = "flat-fault-model"
+FLAT_OVERRIDE = {"model": FLAT_MODEL, "input_per_mtok": "0", "output_per_mtok": "10"}
 
 
 def free_port() -> int:
@@ -54,8 +60,11 @@ class Cluster:
     env: dict[str, str] = field(default_factory=dict)
     _mock: subprocess.Popen[bytes] | None = None
 
-    def start(self, **settings: str) -> Cluster:
-        self.pg = EmbeddedPostgres(self.root / "pg", settings=FAST_PG).start()
+    def start(self, *, durable: bool = False, **settings: str) -> Cluster:
+        """``durable``: PostgreSQL as shipped (fsync on), for benchmarks; fault
+        scenarios trade durability for speed (their crashes are processes, not
+        power cuts)."""
+        self.pg = EmbeddedPostgres(self.root / "pg", settings={} if durable else FAST_PG).start()
         self.redis = EmbeddedRedis(self.root / "redis").start()
         self.mock_port = free_port()
         self._mock = subprocess.Popen(
@@ -78,6 +87,7 @@ class Cluster:
                     }
                 ]
             ),
+            "LEDGER_PRICE_OVERRIDES": json.dumps([FLAT_OVERRIDE]),
             **{f"LEDGER_{k.upper()}": v for k, v in settings.items()},
         }
         subprocess.run(

@@ -1,4 +1,9 @@
-"""Scenario 1: four gateway processes, one budget, 400 concurrent SDK requests."""
+"""Scenario 1: four gateway processes, one budget, 400 concurrent SDK requests.
+
+Catches (planted once: the counter script admitting at twice the budget) any
+admission past the budget: every request costs exactly its estimate, so the
+budget admits exactly ``budget // estimate`` of them, and the log's peak
+commitment never passes the budget."""
 
 from __future__ import annotations
 
@@ -9,14 +14,17 @@ import openai
 import pytest
 
 from tests.faults.conftest import Row
-from tests.faults.harness import Cluster, http
+from tests.faults.facts import ledger_facts, verify
+from tests.faults.harness import FLAT_MODEL, Cluster, http
 
 pytestmark = pytest.mark.faults
+
+ESTIMATE = Decimal("0.001")  # 100 output tokens at $10 per million, prompts free
 
 
 async def test_no_overshoot_across_four_gateway_processes(cluster: Cluster, report: list[Row]) -> None:
     urls = [await asyncio.to_thread(cluster.start_gateway, i) for i in range(4)]
-    budget = Decimal("0.0015")  # about 50 of these requests at their actual cost
+    budget = 50 * ESTIMATE + ESTIMATE / 2  # room for exactly 50
     status, _ = http(
         "POST", f"{urls[0]}/tag/new", {"name": "shared", "max_budget": str(budget), "budget_duration": "1d"}
     )
@@ -27,15 +35,18 @@ async def test_no_overshoot_across_four_gateway_processes(cluster: Cluster, repo
     clients = [
         openai.AsyncOpenAI(base_url=f"{u}/v1", api_key=made["key"], max_retries=0, timeout=60) for u in urls
     ]
+    answered: list[str] = []
 
     async def one(i: int) -> str:
         try:
-            await clients[i % 4].chat.completions.create(
-                model="gpt-4o-mini",
+            raw = await clients[i % 4].chat.completions.with_raw_response.create(
+                model=FLAT_MODEL,
                 messages=[{"role": "user", "content": f"request {i}: " + "words " * (i % 20)}],
                 max_tokens=100,
-                extra_body={"mock": {"completion_tokens": 20 + i % 40}},  # varies, within max_tokens
+                extra_body={"mock": {"completion_tokens": 100, "delay_ms": i % 7 * 20}},
             )
+            raw.parse()
+            answered.append(raw.headers["x-ledger-request-id"])
             return "ok"
         except openai.RateLimitError:
             return "denied"
@@ -45,31 +56,22 @@ async def test_no_overshoot_across_four_gateway_processes(cluster: Cluster, repo
     results = await asyncio.gather(*(one(i) for i in range(400)))
     for c in clients:
         await c.close()
-    admitted = results.count("ok")
     errors = [r for r in results if r not in ("ok", "denied")]
     assert not errors, errors[:5]
-    import asyncpg
-
-    conn = await asyncpg.connect(cluster.pg.url)
-    try:
-        spent = await conn.fetchval(
-            "select coalesce(sum((data->>'cost')::numeric), 0) from events "
-            "where type = 'SpendRecorded' and data->'tags' ? 'shared'"
-        )
-        recorded = await conn.fetchval("select count(*) from events where type = 'SpendRecorded'")
-    finally:
-        await conn.close()
-    assert 0 < admitted < 400
-    assert recorded == admitted  # every answered request is in the log, once
-    assert spent <= budget, f"overshoot: {spent} > {budget}"
+    facts = await ledger_facts(cluster.pg.url, answered, tag="shared")
+    assert facts.admitted == results.count("ok") == 50  # the arithmetic fixes it
+    assert facts.peak <= budget, f"committed {facts.peak} of {budget}"
+    assert facts.charged == 50 * ESTIMATE
+    assert facts.denied == results.count("denied") == 350
+    assert facts.lost == []
+    assert facts.dups == []
+    await verify(cluster)
     report.append(
-        Row(
+        Row.measured(
             "overshoot: 4 gateways, 400 concurrent",
             400,
-            admitted,
-            f"{spent:.7f} / {budget}",
-            0,
-            0,
-            len(errors),
+            facts,
+            f"{facts.charged} / {budget}",
+            sum(r.startswith("status 5") for r in results),
         )
     )
