@@ -226,6 +226,7 @@ async def _lag_ctx(app: web.Application) -> AsyncIterator[None]:
         for row in await projection_lag(pool):
             metrics.projection_lag_events.labels(row.name).set(row.events_behind)
             metrics.projection_lag_seconds.labels(row.name).set(row.seconds_behind)
+            metrics.projection_failing.labels(row.name).set(1 if row.failing_since else 0)
         if app[READ_POOL] is not pool:
             behind, seconds = await replica_lag(pool, app[READ_POOL])
             metrics.replica_lag_bytes.set(behind)

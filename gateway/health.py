@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -16,10 +17,11 @@ _encoder = msgspec.json.Encoder()
 
 
 class Readiness(msgspec.Struct):
-    status: str
+    status: str  # ok, degraded (serving, but a view is stuck) or unavailable
     postgres: str
     redis: str
     writer: str
+    projections: str = "ok"  # or which projections cannot apply their next batch, and why
 
 
 @routes.get("/health/live")
@@ -46,7 +48,25 @@ async def ready(request: web.Request) -> web.Response:
         redis_state = f"{type(e).__name__}: {e}"
     writer = "ok" if store.writer_alive else "stopped"
     ok = postgres == redis_state == writer == "ok"
-    body = Readiness("ok" if ok else "unavailable", postgres, redis_state, writer)
+    projections = await _stuck_projections(store.pool) if postgres == "ok" else "unknown"
+    # A stuck view does not stop admission or charging: the gateway stays in
+    # rotation (200), and says "degraded" so a monitor can page someone.
+    status = "unavailable" if not ok else "ok" if projections == "ok" else "degraded"
+    body = Readiness(status, postgres, redis_state, writer, projections)
     return web.Response(
         status=200 if ok else 503, body=_encoder.encode(body), content_type="application/json"
     )
+
+
+async def _stuck_projections(pool: Any) -> str:
+    try:
+        async with asyncio.timeout(2):
+            rows = await pool.fetch(
+                "select name, failing_since, last_error from projection_checkpoints "
+                "where failing_since is not null order by name"
+            )
+    except Exception as e:  # any failure to answer is reported, never a 500
+        return f"unknown ({type(e).__name__})"
+    if not rows:
+        return "ok"
+    return "; ".join(f"{r[0]} failing since {r[1]:%Y-%m-%dT%H:%M:%SZ}: {(r[2] or '')[:200]}" for r in rows)

@@ -29,6 +29,7 @@ class Metrics:
     queue_depth: Gauge
     projection_lag_events: Gauge
     projection_lag_seconds: Gauge
+    projection_failing: Gauge
     replica_lag_bytes: Gauge
     replica_lag_seconds: Gauge
 
@@ -73,6 +74,12 @@ def create_metrics(queue_depth: Callable[[], float]) -> Metrics:
         projection_lag_seconds=Gauge(
             "ledger_projection_lag_seconds",
             "Age of the oldest event a projection has not applied",
+            ["projection"],
+            registry=registry,
+        ),
+        projection_failing=Gauge(
+            "ledger_projection_failing",
+            "1 while a projection cannot apply its next batch (see `ledger projections status`)",
             ["projection"],
             registry=registry,
         ),

@@ -418,6 +418,8 @@ class Lag:
     head: int
     events_behind: int
     seconds_behind: float
+    error: str | None = None  # why its last batch failed, while it keeps failing
+    failing_since: datetime | None = None
 
 
 async def projection_lag(pool: asyncpg.Pool, names: list[str] | None = None) -> list[Lag]:
@@ -427,8 +429,10 @@ async def projection_lag(pool: asyncpg.Pool, names: list[str] | None = None) -> 
         names = [r[0] for r in await pool.fetch("select name from projection_checkpoints order by name")]
     out = []
     for name in names:
-        position = await pool.fetchval("select position from projection_checkpoints where name = $1", name)
-        position = int(position or 0)
+        row = await pool.fetchrow(
+            "select position, last_error, failing_since from projection_checkpoints where name = $1", name
+        )
+        position = int(row["position"] if row else 0)
         behind = max(0, head - position)  # positions may have gaps; close enough for lag
         seconds = 0.0
         if behind:
@@ -438,7 +442,7 @@ async def projection_lag(pool: asyncpg.Pool, names: list[str] | None = None) -> 
             )
             if oldest is not None:
                 seconds = max(0.0, (datetime.now(UTC) - oldest).total_seconds())
-        out.append(Lag(name, position, head, behind, seconds))
+        out.append(Lag(name, position, head, behind, seconds, *((row[1], row[2]) if row else (None, None))))
     return out
 
 

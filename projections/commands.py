@@ -61,14 +61,22 @@ async def status(settings: Settings) -> int:
     finally:
         await pool.close()
     table = Table(title="projections")
-    for column in ("projection", "checkpoint", "head", "events behind", "seconds behind"):
-        table.add_column(column, justify="right" if column != "projection" else "left")
+    for column in ("projection", "checkpoint", "head", "events behind", "seconds behind", "state"):
+        table.add_column(column, justify="left" if column in ("projection", "state") else "right")
     for r in rows:
-        table.add_row(r.name, str(r.position), str(r.head), str(r.events_behind), f"{r.seconds_behind:.1f}")
+        state = (
+            "ok"
+            if r.failing_since is None
+            else f"FAILING since {r.failing_since:%Y-%m-%d %H:%M:%S}: {r.error}"
+        )
+        table.add_row(
+            r.name, str(r.position), str(r.head), str(r.events_behind), f"{r.seconds_behind:.1f}", state
+        )
     console.print(table)
     if replica is not None:
         console.print(f"read replica: {replica[0]:,} bytes of WAL behind, {replica[1]:.1f} s")
-    return 0
+    # a stuck projection makes the command fail, so a cron job or a probe notices
+    return 1 if any(r.failing_since is not None for r in rows) else 0
 
 
 def _error(message: str) -> int:

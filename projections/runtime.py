@@ -94,6 +94,8 @@ class Worker:
         self.coalesce_s = coalesce_s
         self.position = -1  # unknown until loaded
         self.stats = WorkerStats()
+        # True until a batch succeeds: a failure another process recorded is cleared then
+        self.failing = True
 
     async def run(self) -> None:
         """Forever: become the active worker, then follow the log."""
@@ -107,6 +109,7 @@ class Worker:
                     raise asyncio.CancelledError from e
                 log.exception("projection_worker_error", projection=self.projection.name, error=str(e))
                 self.stats.active = False
+                await self._record_failure(e)
                 await asyncio.sleep(self.standby_retry_s)
 
     async def _run_active(self) -> None:
@@ -143,6 +146,27 @@ class Worker:
             except Exception:
                 conn.terminate()
 
+    async def _record_failure(self, error: BaseException) -> None:
+        """Say in the checkpoint row that this projection is stuck, and since when, so
+        `projections status`, /health/ready and /metrics show it from any process."""
+        self.failing = True
+        try:
+            await self.store.pool.execute(
+                "update projection_checkpoints set last_error = $2, "
+                "failing_since = coalesce(failing_since, now()) where name = $1",
+                self.projection.name,
+                f"{type(error).__name__}: {error}"[:1000],
+            )
+        except Exception as e:  # the database may be what failed: the log line above stands
+            log.warning("projection_failure_not_recorded", projection=self.projection.name, error=str(e))
+
+    async def _clear_failure(self, conn: asyncpg.Connection) -> None:
+        await conn.execute(
+            "update projection_checkpoints set last_error = null, failing_since = null where name = $1",
+            self.projection.name,
+        )
+        self.failing = False
+
     @property
     def store_dsn(self) -> str:
         dsn = self.store.dsn
@@ -159,6 +183,7 @@ class Worker:
             return await self._step(conn)
         except BaseException:
             self.position = -1  # forces load() at the checkpoint on the next step
+            self.failing = True  # a clearing that rolled back must be done again
             raise
 
     async def _step(self, conn: asyncpg.Connection) -> int:
@@ -183,6 +208,8 @@ class Worker:
                 self.position = checkpoint
             events = await read_batch(conn, checkpoint, self.batch_size)
             if not events:
+                if self.failing:
+                    await self._clear_failure(conn)
                 return 0
             relevant = [e for e in events if e.type in p.types]
             if relevant:
@@ -193,6 +220,8 @@ class Worker:
                 p.name,
                 last,
             )
+            if self.failing:
+                await self._clear_failure(conn)
         self.position = last
         self.stats.batches += 1
         self.stats.events += len(events)

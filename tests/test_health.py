@@ -21,7 +21,13 @@ async def test_live_and_ready(aiohttp_client: AiohttpClient, settings: Settings)
     assert r.status == 200
     r = await client.get("/health/ready")
     assert r.status == 200
-    assert await r.json() == {"status": "ok", "postgres": "ok", "redis": "ok", "writer": "ok"}
+    assert await r.json() == {
+        "status": "ok",
+        "postgres": "ok",
+        "redis": "ok",
+        "writer": "ok",
+        "projections": "ok",
+    }
 
 
 async def test_not_ready_without_redis(aiohttp_client: AiohttpClient, database_url: str) -> None:
