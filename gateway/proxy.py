@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -113,6 +114,13 @@ class _Call:
     admitted: Admitted
     started: float
     bound: Bound
+
+
+def _upstream_body(body: dict[str, Any]) -> bytes | io.BytesIO:
+    """The body to forward. Over 1 MiB as a stream: aiohttp warns that raw bytes
+    that large may hold the event loop (the header names it application/json)."""
+    raw = _encoder.encode(body)
+    return io.BytesIO(raw) if len(raw) > 1024 * 1024 else raw
 
 
 # ------------------------------------------------------------------ routes
@@ -662,7 +670,7 @@ async def _unary(request: web.Request, call: _Call) -> web.StreamResponse:
     try:
         async with call.upstream.session.post(
             url,
-            data=_encoder.encode(call.body),
+            data=_upstream_body(call.body),
             headers=_upstream_headers(call.upstream, call.request_id),
         ) as resp:
             return await _answer(request, call, resp)
@@ -737,7 +745,7 @@ async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
     headers = _upstream_headers(call.upstream, call.request_id)
     headers["Accept"] = "text/event-stream"
     try:
-        resp = await call.upstream.session.post(url, data=_encoder.encode(call.body), headers=headers)
+        resp = await call.upstream.session.post(url, data=_upstream_body(call.body), headers=headers)
     except (aiohttp.ClientError, TimeoutError) as e:
         reason, code, message = _upstream_failure(e, call)
         await _release(request, call, reason, None)

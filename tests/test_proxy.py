@@ -698,6 +698,21 @@ async def test_malformed_attribution_is_a_400(
     assert await gateway.store.read_types(["RequestAdmitted"], 0, 10) == []  # nothing admitted
 
 
+async def test_a_body_over_a_mebibyte_is_forwarded(gateway: Gateway) -> None:
+    """Found by the hostile review: a body over 1 MiB was forwarded as raw bytes,
+    which aiohttp warns about (a 500 where warnings are errors, as here)."""
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * (1536 * 1024)}]}
+    async with aiohttp.ClientSession() as http:
+        r = await http.post(
+            f"{gateway.url}/v1/chat/completions",
+            data=io.BytesIO(json.dumps(big).encode()),
+            headers={"Authorization": f"Bearer {gateway.key}", "Content-Type": "application/json"},
+        )
+        assert r.status == 200, await r.text()
+    sent = gateway.upstream_requests()[-1]["body"]
+    assert len(sent["messages"][0]["content"]) == 1536 * 1024
+
+
 async def test_a_header_that_is_not_utf8_is_a_400(gateway: Gateway) -> None:
     """Review finding: a non-UTF-8 byte in the metadata header was a 500."""
     host, port = gateway.url.removeprefix("http://").split(":")
