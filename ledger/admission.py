@@ -480,8 +480,17 @@ class Admission:
         return await self._terminate(admitted, event, cost, wait_settle=wait_settle)
 
     async def release(
-        self, admitted: Admitted, reason: str, status: int | None = None, *, wait_settle: bool = True
+        self,
+        admitted: Admitted,
+        reason: str,
+        status: int | None = None,
+        *,
+        wait_settle: bool = True,
+        mark: bool = False,
     ) -> Recorded:
+        """Append RequestReleased, then give the reservation back. ``mark``: the
+        sweeper's release, which leaves a marker so that a confirm from a gateway
+        that stalled past the deadline adds nothing back."""
         event = ev.RequestReleased(
             request_id=admitted.request_id,
             admitted_at=admitted.at,
@@ -492,7 +501,7 @@ class Admission:
             budget_subjects=admitted.budget_subjects,
             key_hash=admitted.key_hash,
         )
-        return await self._terminate(admitted, event, Decimal(0), wait_settle=wait_settle)
+        return await self._terminate(admitted, event, Decimal(0), wait_settle=wait_settle, mark=mark)
 
     async def _terminate(
         self,
@@ -501,6 +510,7 @@ class Admission:
         cost: Decimal,
         *,
         wait_settle: bool,
+        mark: bool = False,
     ) -> Recorded:
         stream = ev.stream_of_request(admitted.request_id)
         try:
@@ -526,7 +536,7 @@ class Admission:
         else:
             self._free_slots(admitted, event.prompt_tokens + event.completion_tokens)
         if wait_settle:
-            await self._settle(admitted, to_nanos(cost), position)
+            await self._settle(admitted, to_nanos(cost), position, mark=mark)
             self.unreconciled.pop(admitted.request_id, None)
         else:
             self._spawn(self._settle_retrying(admitted, to_nanos(cost), position))
@@ -552,7 +562,9 @@ class Admission:
                 await asyncio.sleep(delay)
                 delay *= 3
 
-    async def _settle(self, admitted: Admitted, actual_nanos: int, position: int) -> int:
+    async def _settle(
+        self, admitted: Admitted, actual_nanos: int, position: int, *, mark: bool = False
+    ) -> int:
         return await self.counters.settle(
             admitted.request_id,
             [*self.charged_budgets(admitted.at, admitted.subjects), *admitted.budgets],
@@ -562,6 +574,7 @@ class Admission:
             admitted_at=admitted.at,
             held=admitted.held,
             nonce=admitted.nonce,
+            mark=mark,
         )
 
     async def _settle_retrying(self, admitted: Admitted, actual_nanos: int, position: int) -> None:
@@ -747,7 +760,9 @@ class Admission:
                 # Its gateway died between recording the admission and confirming it:
                 # the request never went upstream. Released, not charged.
                 admitted = _admitted_of(logged, recorded[0].position, held)
-                await self.release(admitted, "admission_unconfirmed")
+                # marked: its gateway may only be stalled, and must not put the
+                # reservation back with a late confirm
+                await self.release(admitted, "admission_unconfirmed", mark=True)
                 report.released += 1
                 return
         if len(recorded) == 1:
