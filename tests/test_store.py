@@ -274,3 +274,26 @@ async def test_commit_mode_decides_whether_an_append_waits_for_the_fsync(
             assert await conn.fetchval("show synchronous_commit") == expected
     finally:
         await store.close()
+
+
+async def test_one_batch_mixes_refusals_multi_event_appends_and_a_stream_twice(store: EventStore) -> None:
+    """The batch function (sql/0021): set-based when every stream appears once,
+    in order when one appears twice; either way each append gets its own answer."""
+    await store.append("b:old", 0, [ev(0)])
+    once = await store.append_batch(
+        [("b:new", 0, [ev(1), ev(2)]), ("b:old", 0, [ev(3)]), ("b:old2", None, [ev(4)]), ("b:x", 0, [ev(5)])]
+    )
+    assert isinstance(once[1], ConcurrencyError)  # b:old is at version 1
+    firsts = [r for i, r in enumerate(once) if i != 1]
+    assert all(isinstance(r, list) for r in firsts)
+    assert [len(r) for r in firsts if isinstance(r, list)] == [2, 1, 1]
+    assert [e.version for e in await store.read_stream("b:new")] == [1, 2]
+    twice = await store.append_batch(
+        [("b:t", 0, [ev(6)]), ("b:t", 1, [ev(7), ev(8)]), ("b:t", 1, [ev(9)]), ("b:u", None, [ev(10)])]
+    )
+    assert isinstance(twice[2], ConcurrencyError)  # the second append moved b:t to 3
+    t_events = await store.read_stream("b:t")
+    assert [(e.version, msgspec.json.decode(e.data)["i"]) for e in t_events] == [(1, 6), (2, 7), (3, 8)]
+    positions = [p for r in twice if isinstance(r, list) for p in r]
+    assert positions == sorted(positions)
+    assert [e.position for e in t_events] == positions[:3]
