@@ -142,9 +142,16 @@ def secret_value(value: str) -> bool:
 
 def redact(metadata: dict[str, Any]) -> dict[str, Any]:
     """A copy with every secret-looking key's value and secret-looking value
-    replaced, at every level of nesting."""
+    replaced, at every level of nesting. A key that is itself a credential (a
+    token used as a dict key) is replaced too, numbered so keys stay distinct."""
     out: dict[str, Any] = {}
+    hidden = 0
     for key, value in metadata.items():
+        if secret_value(key):
+            hidden += 1
+            key = REDACTED if hidden == 1 else f"{REDACTED}#{hidden}"
+            out[key] = _redact_value(value)
+            continue
         out[key] = REDACTED if secret_key(key) else _redact_value(value)
     return out
 
@@ -155,6 +162,9 @@ def _redact_value(value: Any) -> Any:
     if isinstance(value, dict):
         return redact(value)
     if isinstance(value, list):
+        # a [name, value] pair whose name says credential (headers as pairs)
+        if len(value) == 2 and isinstance(value[0], str) and secret_key(value[0]):
+            return [value[0], REDACTED]
         return [_redact_value(v) for v in value]
     return value
 

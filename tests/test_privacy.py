@@ -92,6 +92,26 @@ async def test_secret_values_and_names_are_redacted_and_the_rest_kept(gateway: G
     assert set(spend.metadata) == set(metadata)
 
 
+async def test_a_credential_as_a_key_or_in_a_name_value_pair_is_redacted(gateway: Gateway) -> None:
+    """Review finding: nested metadata kept a token used as a dict key and the
+    value of a ["X-Api-Key", value] pair."""
+    token = "sk-proj-" + "A1b2C3d4" * 6
+    metadata = {
+        "keys_used": {token: 1, "plain": 2},
+        "headers": [["X-Api-Key", "plainkey123"], ["Accept", "application/json"]],
+    }
+    status, body = await _chat(gateway, {**CHAT, "metadata": {"spend_logs_metadata": metadata}})
+    assert status == 200, body
+    [spend] = await gateway.spends()
+    assert spend.metadata == {
+        "keys_used": {REDACTED: 1, "plain": 2},
+        "headers": [["X-Api-Key", REDACTED], ["Accept", "application/json"]],
+    }
+    stored = " ".join(r.data for r in await gateway.store.read_types(["SpendRecorded"], 0, 10))
+    assert token not in stored
+    assert "plainkey123" not in stored
+
+
 @pytest.mark.parametrize(("label", "secret"), SECRET_SHAPES, ids=[label for label, _ in SECRET_SHAPES])
 @pytest.mark.parametrize("where", ["tags", "metadata.tags", "header"])
 async def test_a_tag_that_looks_like_a_secret_is_refused_and_not_stored(
