@@ -18,6 +18,7 @@ from aiohttp import web
 
 from gateway.errors import ApiError
 from gateway.keys import READ_POOL, TAGS
+from gateway.spend import check_params
 from ledger import queries
 
 routes = web.RouteTableDef()
@@ -116,14 +117,7 @@ def _json(data: Overview | TagDetail) -> web.Response:
 
 
 def _check_params(request: web.Request) -> None:
-    known = _KNOWN[request.path]
-    for name, value in request.query.items():
-        if name not in known:
-            raise ApiError(
-                400, f"unknown query parameter {name!r}; known: {', '.join(sorted(known))}", param=name
-            )
-        if "\x00" in value:
-            raise ApiError(400, f"{name} contains a NUL character", param=name)
+    check_params(request, _KNOWN[request.path])
 
 
 def _day(request: web.Request, name: str, default: date) -> date:

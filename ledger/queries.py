@@ -41,6 +41,15 @@ def valid_group(group_by: str) -> bool:
     return group_by.startswith("metadata.") and 0 < len(key) <= 128
 
 
+def _group_expr(group_by: str, args: list[Any]) -> str:
+    """The SQL expression a report groups by; a metadata key becomes the next bound
+    parameter (appended to ``args``), never spliced into the text."""
+    if group_by in _GROUPS:
+        return _GROUPS[group_by]
+    args.append(group_by.removeprefix("metadata."))
+    return f"metadata->>${len(args)}"
+
+
 async def spend_report(
     pool: Reader, *, group_by: str, interval: str, start: Any, end: Any
 ) -> list[asyncpg.Record]:
@@ -48,11 +57,7 @@ async def spend_report(
     assert valid_group(group_by)
     assert interval in INTERVALS
     args: list[Any] = [start, end]
-    if group_by in _GROUPS:
-        expr = _GROUPS[group_by]
-    else:
-        args.append(group_by.removeprefix("metadata."))
-        expr = "metadata->>$3"  # the key is a bound parameter, never spliced in
+    expr = _group_expr(group_by, args)
     sql = f"""
         select {expr} as grp, date_trunc('{interval}', recorded_at at time zone 'UTC')::date as period,
                sum(cost) as spend, count(*) as requests,
@@ -476,11 +481,7 @@ async def spend_buckets(
     assert valid_group(group_by)
     assert bucket in BUCKETS
     args: list[Any] = [start, end]
-    if group_by in _GROUPS:
-        expr = _GROUPS[group_by]
-    else:
-        args.append(group_by.removeprefix("metadata."))
-        expr = "metadata->>$3"  # the key is a bound parameter, never spliced in
+    expr = _group_expr(group_by, args)
     sql = f"""
         select {expr} as grp, date_trunc('{bucket}', s.recorded_at at time zone 'UTC') as period,
                sum(s.cost) as spend, count(*) as requests, count(*) filter (where {_UNPRICED}) as unpriced
