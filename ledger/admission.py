@@ -12,7 +12,8 @@
    admission without a terminal event, whatever happened to Redis) and from
    Redis's index (reservations whose admission never reached the log). Their
    request stream decides: a terminal event is settled from; an admission alone
-   is charged at its estimate (``ReservationExpired``); nothing at all means the
+   is charged at its estimate (``ReservationExpired``; capped at the room left
+   when Redis lost whether it was confirmed, see ``_room_for``); nothing at all means the
    reservation is given back. The stream's version check makes the terminal
    event unique even when a late gateway and several sweepers race.
 
@@ -39,7 +40,7 @@ from ledger import events as ev
 from ledger.budgets import BudgetBook, budgets_at, limits_of, window_ref
 from ledger.counters import Budget, Counters, CountersUnavailable, Denied, Holding, Limit, Limited
 from ledger.counters.limits import SETTING
-from ledger.counters.log import expired_reservations
+from ledger.counters.log import expired_reservations, window_state
 from ledger.counters.scripts import Dup
 from ledger.errors import AppendOutcomeUnknown, ConcurrencyError, LedgerError, StoreError, StoreUnavailable
 from ledger.money import from_nanos, to_nanos
@@ -751,12 +752,14 @@ class Admission:
             *self.charged_budgets(logged.at, ev.subjects_of(logged)),
             *self.book.budgets_of_windows(logged.windows),
         ]
+        confirmation: Literal["no", "held", "unknown"] = "held"
         if len(recorded) == 1 and logged.windows:
             held = self.book.budgets_of_windows(logged.windows)
             current = self.charged_budgets(logged.at, ev.subjects_of(logged))
-            if not await self.counters.confirmed(
+            confirmation = await self.counters.confirmed(
                 request_id, logged.reservation, recorded[0].position, [*current, *held]
-            ):
+            )
+            if confirmation == "no":
                 # Its gateway died between recording the admission and confirming it:
                 # the request never went upstream. Released, not charged.
                 admitted = _admitted_of(logged, recorded[0].position, held)
@@ -766,10 +769,16 @@ class Admission:
                 report.released += 1
                 return
         if len(recorded) == 1:
+            cost = logged.estimate
+            if confirmation == "unknown":
+                # the limits in force: the definitions' windows at admission time
+                in_force = self.charged_budgets(logged.at, ev.subjects_of(logged))
+                cost = await self._room_for(request_id, in_force, logged.estimate)
             expired = ev.ReservationExpired(
                 request_id=request_id,
                 admitted_at=logged.at,
-                cost=logged.estimate,
+                cost=cost,
+                estimate=logged.estimate if cost != logged.estimate else None,
                 tags=logged.tags,
                 budget_tags=logged.budget_tags,
                 budget_subjects=logged.budget_subjects,
@@ -783,14 +792,20 @@ class Admission:
                 await self.counters.settle(
                     request_id,
                     charged,
-                    actual_nanos=to_nanos(logged.estimate),
+                    actual_nanos=to_nanos(cost),
                     position=position,
                     admitted_position=recorded[0].position,
                     admitted_at=logged.at,
                     nonce=logged.reservation,
                     mark=True,
                 )
-                log.warning("reservation_expired", request_id=request_id, charged=str(logged.estimate))
+                log.warning(
+                    "reservation_expired",
+                    request_id=request_id,
+                    charged=str(cost),
+                    estimate=str(logged.estimate),
+                    confirmation=confirmation,
+                )
                 report.expired += 1
                 return
         terminal = ev.decode(recorded[1])
@@ -807,6 +822,20 @@ class Admission:
             mark=True,
         )
         report.settled += 1
+
+    async def _room_for(self, request_id: str, budgets: Sequence[Budget], estimate: Decimal) -> Decimal:
+        """The most an expired admission may be charged when Redis lost whether it was
+        confirmed: its estimate, capped at the room its windows have left beside
+        everything else the log holds (charges and other open reservations). Had it
+        been confirmed, every later admission counted it and the room is there (the
+        full estimate is charged); had it not, it never went upstream, and others may
+        have been admitted into its room — charging it in full would overshoot."""
+        wanted = room = to_nanos(estimate)
+        for budget in budgets:
+            state = await window_state(self.store.pool, budget)
+            others = sum(n for rid, (n, _) in state.open.items() if rid != request_id)
+            room = min(room, max(0, budget.limit_nanos - state.spent_nanos - others))
+        return estimate if room >= wanted else from_nanos(room)
 
 
 def _admitted_of(event: ev.RequestAdmitted, position: int, budgets: Sequence[Budget]) -> Admitted:

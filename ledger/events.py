@@ -190,7 +190,8 @@ class RequestReleased(msgspec.Struct, frozen=True, tag=True):
 
 
 class ReservationExpired(msgspec.Struct, frozen=True, tag=True):
-    """An admitted request whose gateway never settled it: charged at its estimate."""
+    """An admitted request whose gateway never settled it: charged at its estimate
+    (or less: see ``estimate``)."""
 
     request_id: str
     admitted_at: datetime
@@ -199,6 +200,9 @@ class ReservationExpired(msgspec.Struct, frozen=True, tag=True):
     budget_tags: list[str] = []
     budget_subjects: list[str] = []
     key_hash: str | None = None
+    # Set when ``cost`` is less than the estimate: Redis lost whether the admission
+    # was confirmed, and its windows had only ``cost`` of room left (admission.py).
+    estimate: Decimal | None = None
 
 
 class RequestDenied(msgspec.Struct, frozen=True, tag=True):

@@ -423,6 +423,74 @@ async def test_reservations_are_found_in_the_log_after_redis_lost_them(
     await verified(survivor)
 
 
+async def test_a_gateway_dead_before_its_confirm_is_charged_only_the_room_redis_forgot(
+    gateways: GatewayFactory, flush: Callable[[], Any]
+) -> None:
+    """A request reserved, Redis lost the counter, two others were admitted into its
+    room, its admission committed, and its gateway died before the confirm (which
+    would have refused it). Redis is lost again: the rebuilt counter holds it from
+    the log, so whether it was confirmed is unknown. Charging its estimate made
+    $1.20 on a $1 budget (schedule seed 327); it is charged the room left."""
+    clock = Clock(WED)
+    dead, survivor = await gateways(clock), await gateways(clock)
+    await with_budget(dead, "t", "1")
+    await survivor.refresh()
+    dead.gate.block("reserved:a")
+    dead.gate.block("appended:a")
+    task = asyncio.create_task(dead.admission.admit("a", ["t"], Decimal("0.4")))
+    await dead.gate.wait_reached("reserved:a")
+    await flush()
+    b = await survivor.admission.admit("b", ["t"], Decimal("0.4"))  # rebuilt without a
+    c = await survivor.admission.admit("c", ["t"], Decimal("0.4"))
+    assert isinstance(b, Admitted)
+    assert isinstance(c, Admitted)
+    dead.gate.release("reserved:a")
+    await dead.gate.wait_reached("appended:a")  # committed, not confirmed
+    dead.admission._spawn = lambda work: work.close()  # type: ignore[method-assign]  # SIGKILL
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await flush()  # the next counter is built from a log that holds a
+    await survivor.admission.record_spend(b, Decimal("0.4"))
+    await survivor.admission.record_spend(c, Decimal("0.4"))
+    clock.now += timedelta(seconds=61)
+    assert (await survivor.admission.sweep()).expired == 1
+    [_, expired] = await survivor.store.read_stream("request:a")
+    event = ev.decode(expired)
+    assert isinstance(event, ev.ReservationExpired)
+    assert (event.cost, event.estimate) == (Decimal("0.2"), Decimal("0.4"))
+    assert await charged(survivor.store, "t") == Decimal("1.0")
+    rebuilt = await survivor.counters.read(survivor.budget("t"))
+    assert (rebuilt.spent_nanos, rebuilt.reserved_nanos) == (to_nanos(Decimal("1")), 0)
+    await verified(survivor)
+
+
+async def test_an_expired_reservation_redis_held_throughout_is_charged_in_full(
+    gateways: GatewayFactory,
+) -> None:
+    """The cap applies only where Redis lost the answer: a counter that held the
+    reservation since its reserve proves every later admission counted it."""
+    clock = Clock(WED)
+    dead, survivor = await gateways(clock), await gateways(clock)
+    await with_budget(dead, "t", "1")
+    await survivor.refresh()
+    dead.gate.block("appended:a")
+    task = asyncio.create_task(dead.admission.admit("a", ["t"], Decimal("0.4")))
+    await dead.gate.wait_reached("appended:a")
+    dead.admission._spawn = lambda work: work.close()  # type: ignore[method-assign]
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await survivor.spend("b", ["t"], "0.6")
+    clock.now += timedelta(seconds=61)
+    assert (await survivor.admission.sweep()).expired == 1
+    [_, expired] = await survivor.store.read_stream("request:a")
+    event = ev.decode(expired)
+    assert isinstance(event, ev.ReservationExpired)
+    assert (event.cost, event.estimate) == (Decimal("0.4"), None)
+    await verified(survivor)
+
+
 async def test_a_reservation_that_never_reached_the_log_is_given_back(gateways: GatewayFactory) -> None:
     clock = Clock(WED)
     dead, survivor = await gateways(clock), await gateways(clock)

@@ -28,7 +28,7 @@ import secrets
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -358,19 +358,28 @@ class Counters:
 
     async def confirmed(
         self, request_id: str, nonce: str, admitted_position: int, budgets: Sequence[Budget]
-    ) -> bool:
-        """Whether an admission may have been confirmed (and so gone upstream): False
-        only when a live counter built before it lacks its reservation, which a
-        confirm would have put there."""
+    ) -> Literal["no", "held", "unknown"]:
+        """What the counters can still tell of an admission's confirmation.
+
+        "no": a live counter built before the admission lacks its reservation, which
+        a confirm would have put there — it never went upstream. "held": every
+        counter was built before the admission and has held the reservation ever
+        since, so every later admission counted it. "unknown": a counter was lost
+        (rebuilt from the log after the admission, or missing), so whether the
+        confirm ran, and whether others were admitted into its room, is lost too."""
         field = f"r:{request_id}".encode()
+        run: str | None = None
+        answer: Literal["held", "unknown"] = "held"
         for budget in budgets:
             values = await self._redis(self.redis.hmget(budget.key, ["pos", "run", field]))
-            if values[0] is None or values[2] is not None or int(values[0]) >= admitted_position:
-                continue
-            run = (await self._redis(self.redis.info("server")))["run_id"]
-            if values[1] is not None and values[1].decode() == run:
-                return False
-        return True
+            if run is None:
+                run = (await self._redis(self.redis.info("server")))["run_id"]
+            same_run = values[1] is not None and values[1].decode() == run
+            if values[0] is None or not same_run or int(values[0]) >= admitted_position:
+                answer = "unknown"
+            elif values[2] is None:
+                return "no"
+        return answer
 
     async def expired(self, now: datetime, limit: int = 200) -> list[str]:
         """Request ids in Redis's index whose reservation deadline has passed."""
