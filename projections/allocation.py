@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
+from decimal import Decimal
 
 import asyncpg
 
 from ledger import events as ev
 from ledger.allocation import allocate
 from ledger.store import RecordedEvent
+from projections.rows import Row, copy_rows
 from projections.runtime import Projection
 
-_COLUMNS = ("position", "recorded_at", "dimension", "value", "share")
+
+class AllocationRow(Row, frozen=True):
+    """One spend_allocations row."""
+
+    position: int
+    recorded_at: datetime
+    dimension: str
+    value: str
+    share: Decimal
 
 
 class SpendAllocations(Projection):
@@ -24,14 +35,10 @@ class SpendAllocations(Projection):
     async def apply(
         self, conn: asyncpg.Connection, events: list[RecordedEvent], tables: Mapping[str, str]
     ) -> None:
-        rows = []
+        rows: list[AllocationRow] = []
         for r in events:
             e = ev.decode(r)
             assert isinstance(e, ev.SpendRecorded | ev.ReservationExpired)
             for (dimension, value), share in allocate(e.cost, e.tags).items():
-                rows.append((r.position, r.recorded_at, dimension, value, share))
-        if rows:
-            schema, _, table = tables["spend_allocations"].rpartition(".")
-            await conn.copy_records_to_table(
-                table, records=rows, columns=_COLUMNS, schema_name=schema or None
-            )
+                rows.append(AllocationRow(r.position, r.recorded_at, dimension, value, share))
+        await copy_rows(conn, tables["spend_allocations"], AllocationRow, rows)

@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
 
 import asyncpg
 
@@ -32,10 +31,58 @@ from ledger.money import to_nanos
 from ledger.store import RecordedEvent
 from ledger.subjects import DEFINITION_TYPES, Definitions, Spec
 from ledger.windows import LIFETIME
+from projections.rows import Row, Upsert, copy_rows
 from projections.runtime import Projection
 
 _REQUEST_TYPES = ("RequestAdmitted", "SpendRecorded", "ReservationExpired", "RequestReleased")
 _DEFINITIONS = frozenset(DEFINITION_TYPES)
+
+
+class ChargeRow(Row, frozen=True):
+    """One budget_charges row."""
+
+    subject: str
+    admitted_at: datetime
+    position: int
+    nanos: int  # the charge in nano-USD, rounded up as counters do
+    cost: Decimal
+
+
+class WindowRow(Row, frozen=True):
+    """One budget_window_spend row."""
+
+    subject: str
+    window_start: datetime
+    window_end: datetime
+    spend: Decimal
+    spend_nanos: Decimal
+    requests: int
+
+
+class EpochRow(Row, frozen=True):
+    subject: str
+    epoch: int
+
+
+class OpenRow(Row, frozen=True):
+    """One open_reservations row."""
+
+    stream: str
+    request_id: str
+    position: int
+    at: datetime
+    deadline: datetime
+    estimate_nanos: Decimal
+    subjects: list[str]
+    nonce: str
+
+
+# A batch adds to its windows; a re-sum (a definition changed) replaces them.
+_ADD_WINDOWS = Upsert(
+    WindowRow, key=("subject", "window_start", "window_end"), add=("spend", "spend_nanos", "requests")
+)
+_SET_WINDOWS = Upsert(WindowRow, key=("subject", "window_start", "window_end"))
+_SET_EPOCH = Upsert(EpochRow, key=("subject",))
 
 
 @dataclass(slots=True)
@@ -49,11 +96,11 @@ class _Window:
 class _Pending:
     """What a batch has accumulated since its last write."""
 
-    charges: list[tuple[str, datetime, int, int, Decimal]] = field(default_factory=list)
+    charges: list[ChargeRow] = field(default_factory=list)
     windows: dict[tuple[str, datetime, datetime], _Window] = field(
         default_factory=lambda: defaultdict(_Window)
     )
-    opened: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # stream -> row
+    opened: dict[str, OpenRow] = field(default_factory=dict)  # by stream
     closed: set[str] = field(default_factory=set)
 
     def __bool__(self) -> bool:
@@ -98,7 +145,7 @@ class BudgetWindows(Projection):
                 continue
             e = ev.decode(r)
             if isinstance(e, ev.RequestAdmitted):
-                pending.opened[r.stream] = (
+                pending.opened[r.stream] = OpenRow(
                     r.stream,
                     e.request_id,
                     r.position,
@@ -116,7 +163,7 @@ class BudgetWindows(Projection):
                 continue
             nanos = to_nanos(e.cost)
             for subject in ev.subjects_of(e):
-                pending.charges.append((subject, e.admitted_at, r.position, nanos, e.cost))
+                pending.charges.append(ChargeRow(subject, e.admitted_at, r.position, nanos, e.cost))
                 spec = self.definitions.spec(subject)
                 budget = spec.budget(e.admitted_at) if spec is not None else None
                 if spec is None or budget is None:
@@ -169,81 +216,26 @@ class BudgetWindows(Projection):
             w = sums[(reset.window.start, reset.window.end)]  # what the reset set counts
             w.spend += spec.reset_to
             w.nanos += reset.base_nanos
-        items = list(sums.items())
-        await conn.execute(
-            f"""
-            insert into {t["budget_window_spend"]}
-                (subject, window_start, window_end, spend, spend_nanos, requests)
-            select $1, * from unnest($2::timestamptz[], $3::timestamptz[], $4::numeric[], $5::numeric[],
-                                     $6::bigint[])
-            on conflict (subject, window_start, window_end) do update set
-                spend = excluded.spend, spend_nanos = excluded.spend_nanos, requests = excluded.requests
-            """,
-            spec.subject,
-            [k[0] for k, _ in items],
-            [k[1] for k, _ in items],
-            [v.spend for _, v in items],
-            [Decimal(v.nanos) for _, v in items],
-            [v.requests for _, v in items],
+        await _SET_WINDOWS.run(
+            conn,
+            t["budget_window_spend"],
+            [WindowRow(spec.subject, *k, v.spend, Decimal(v.nanos), v.requests) for k, v in sums.items()],
         )
-        await conn.execute(
-            f"""insert into {t["budget_epochs"]} (subject, epoch) values ($1, $2)
-                on conflict (subject) do update set epoch = excluded.epoch""",
-            spec.subject,
-            spec.epoch,
-        )
+        await _SET_EPOCH.run(conn, t["budget_epochs"], [EpochRow(spec.subject, spec.epoch)])
         self.epochs[spec.subject] = spec.epoch
 
 
 async def _write(conn: asyncpg.Connection, p: _Pending, t: Mapping[str, str]) -> None:
     if not p:
         return
-    if p.charges:
-        schema, _, table = t["budget_charges"].rpartition(".")
-        await conn.copy_records_to_table(
-            table,
-            records=p.charges,
-            columns=("subject", "admitted_at", "position", "nanos", "cost"),
-            schema_name=schema or None,
-        )
-    if p.windows:
-        items = list(p.windows.items())
-        tbl = t["budget_window_spend"]
-        await conn.execute(
-            f"""
-            insert into {tbl} (subject, window_start, window_end, spend, spend_nanos, requests)
-            select * from unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::numeric[],
-                                 $5::numeric[], $6::bigint[])
-            on conflict (subject, window_start, window_end) do update set
-                spend = {tbl}.spend + excluded.spend,
-                spend_nanos = {tbl}.spend_nanos + excluded.spend_nanos,
-                requests = {tbl}.requests + excluded.requests
-            """,
-            [k[0] for k, _ in items],
-            [k[1] for k, _ in items],
-            [k[2] for k, _ in items],
-            [v.spend for _, v in items],
-            [Decimal(v.nanos) for _, v in items],
-            [v.requests for _, v in items],
-        )
+    await copy_rows(conn, t["budget_charges"], ChargeRow, p.charges)
+    await _ADD_WINDOWS.run(
+        conn,
+        t["budget_window_spend"],
+        [WindowRow(*k, v.spend, Decimal(v.nanos), v.requests) for k, v in p.windows.items()],
+    )
     if p.closed:
         await conn.execute(
             f"delete from {t['open_reservations']} where stream = any($1::text[])", list(p.closed)
         )
-    if p.opened:
-        schema, _, table = t["open_reservations"].rpartition(".")
-        await conn.copy_records_to_table(
-            table,
-            records=list(p.opened.values()),
-            columns=(
-                "stream",
-                "request_id",
-                "position",
-                "at",
-                "deadline",
-                "estimate_nanos",
-                "subjects",
-                "nonce",
-            ),
-            schema_name=schema or None,
-        )
+    await copy_rows(conn, t["open_reservations"], OpenRow, list(p.opened.values()))

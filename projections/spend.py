@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
-from typing import NamedTuple
 
 import asyncpg
 import msgspec
@@ -17,13 +16,14 @@ from ledger.store import RecordedEvent
 from ledger.tags import TagState
 from projections.allocation import SpendAllocations
 from projections.budgets import BudgetWindows
+from projections.rows import Row, Upsert, copy_rows
 from projections.runtime import Projection
 
 _json = msgspec.json.Encoder()
 
 
-class _LogRow(NamedTuple):
-    """One spend_logs row; field order is the COPY column order."""
+class LogRow(Row, frozen=True):
+    """One spend_logs row."""
 
     position: int
     request_id: str
@@ -32,7 +32,7 @@ class _LogRow(NamedTuple):
     kind: str  # spend | expired | released | denied
     model: str | None = None
     provider: str | None = None
-    tags: list[str] = []  # noqa: RUF012 (never mutated: a NamedTuple default)
+    tags: list[str] = msgspec.field(default_factory=list)
     user_hash: str | None = None
     metadata: str = "{}"
     prompt_tokens: int = 0
@@ -48,14 +48,6 @@ class _LogRow(NamedTuple):
     key_hash: str | None = None  # the client key's hash (not a secret)
 
 
-_LOG_COLUMNS = _LogRow._fields
-
-
-def _split(name: str) -> tuple[str | None, str]:
-    schema, _, table = name.rpartition(".")
-    return (schema or None), table
-
-
 class SpendLogs(Projection):
     """One row per finished, swept, released or denied request."""
 
@@ -67,13 +59,12 @@ class SpendLogs(Projection):
         self, conn: asyncpg.Connection, events: list[RecordedEvent], tables: Mapping[str, str]
     ) -> None:
         rows = [_log_row(r, ev.decode(r)) for r in events]
-        schema, table = _split(tables["spend_logs"])
-        await conn.copy_records_to_table(table, records=rows, columns=_LOG_COLUMNS, schema_name=schema)
+        await copy_rows(conn, tables["spend_logs"], LogRow, rows)
 
 
-def _log_row(r: RecordedEvent, e: ev.Event) -> _LogRow:
+def _log_row(r: RecordedEvent, e: ev.Event) -> LogRow:
     if isinstance(e, ev.SpendRecorded):
-        return _LogRow(
+        return LogRow(
             r.position,
             e.request_id,
             r.recorded_at,
@@ -94,7 +85,7 @@ def _log_row(r: RecordedEvent, e: ev.Event) -> _LogRow:
             key_hash=e.key_hash,
         )
     if isinstance(e, ev.ReservationExpired):
-        return _LogRow(
+        return LogRow(
             r.position,
             e.request_id,
             r.recorded_at,
@@ -105,7 +96,7 @@ def _log_row(r: RecordedEvent, e: ev.Event) -> _LogRow:
             key_hash=e.key_hash,
         )
     if isinstance(e, ev.RequestReleased):
-        return _LogRow(
+        return LogRow(
             r.position,
             e.request_id,
             r.recorded_at,
@@ -117,7 +108,7 @@ def _log_row(r: RecordedEvent, e: ev.Event) -> _LogRow:
             key_hash=e.key_hash,
         )
     assert isinstance(e, ev.RequestDenied)
-    return _LogRow(
+    return LogRow(
         r.position,
         e.request_id,
         r.recorded_at,
@@ -133,6 +124,78 @@ def _log_row(r: RecordedEvent, e: ev.Event) -> _LogRow:
         reason=e.reason,
         key_hash=e.key_hash,
     )
+
+
+class TagDefinition(Row, frozen=True):
+    """The defined fields of a tag_info row (its spend columns are TagTotals')."""
+
+    tag: str
+    live: bool
+    description: str | None
+    max_budget: Decimal | None
+    soft_budget: Decimal | None
+    budget_duration: str | None
+    anchor: datetime | None
+
+
+class TagTotals(Row, frozen=True):
+    """The spend columns of a tag_info row."""
+
+    tag: str
+    total_spend: Decimal
+    request_count: int
+    denial_count: int
+    first_seen: datetime | None
+    last_seen: datetime | None
+
+
+class TagDay(Row, frozen=True):
+    tag: str
+    day: date
+    model: str  # "" when the event names none
+    spend: Decimal
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class UserTotals(Row, frozen=True):
+    user_hash: str
+    spend: Decimal
+    requests: int
+    first_seen: datetime
+    last_seen: datetime
+
+
+class UserDay(Row, frozen=True):
+    user_hash: str
+    day: date
+    spend: Decimal
+    requests: int
+
+
+# A batch's rows are merged into the stored ones: definitions replace, spend adds up.
+_DEFINE_TAGS = Upsert(TagDefinition, key=("tag",))
+_ADD_TAGS = Upsert(
+    TagTotals,
+    key=("tag",),
+    add=("total_spend", "request_count", "denial_count"),
+    least=("first_seen",),
+    greatest=("last_seen",),
+)
+_ADD_TAG_DAYS = Upsert(
+    TagDay,
+    key=("tag", "day", "model"),
+    add=("spend", "requests", "prompt_tokens", "completion_tokens"),
+)
+_ADD_USERS = Upsert(
+    UserTotals,
+    key=("user_hash",),
+    add=("spend", "requests"),
+    least=("first_seen",),
+    greatest=("last_seen",),
+)
+_ADD_USER_DAYS = Upsert(UserDay, key=("user_hash", "day"), add=("spend", "requests"))
 
 
 @dataclass(slots=True)
@@ -158,12 +221,70 @@ class _Sum:
 
 
 @dataclass(slots=True)
-class _Batch:
-    definitions: dict[str, TagState] = field(default_factory=dict)
-    tags: dict[str, _Sum] = field(default_factory=lambda: defaultdict(_Sum))
-    daily: dict[tuple[str, date, str], _Sum] = field(default_factory=lambda: defaultdict(_Sum))
-    users: dict[str, _Sum] = field(default_factory=lambda: defaultdict(_Sum))
-    user_daily: dict[tuple[str, date], _Sum] = field(default_factory=lambda: defaultdict(_Sum))
+class SpendRows:
+    """One batch's rollup rows, each keyed by its table's conflict key."""
+
+    tags: dict[str, TagTotals] = field(default_factory=dict)
+    daily: dict[tuple[str, date, str], TagDay] = field(default_factory=dict)
+    users: dict[str, UserTotals] = field(default_factory=dict)
+    user_daily: dict[tuple[str, date], UserDay] = field(default_factory=dict)
+
+
+Charge = ev.SpendRecorded | ev.ReservationExpired | ev.RequestDenied
+
+
+def spend_rows(events: Iterable[tuple[datetime, Charge]]) -> SpendRows:
+    """Sum (recorded_at, event) pairs into rollup rows, exactly (Decimal); no IO.
+
+    A charge counts for each of its tags and its end user; a denial counts for
+    the tag that refused it (refusals for lack of Redis name none).
+    """
+    tags: dict[str, _Sum] = defaultdict(_Sum)
+    daily: dict[tuple[str, date, str], _Sum] = defaultdict(_Sum)
+    users: dict[str, _Sum] = defaultdict(_Sum)
+    user_daily: dict[tuple[str, date], _Sum] = defaultdict(_Sum)
+    for at, e in events:
+        if isinstance(e, ev.RequestDenied):
+            if e.tag:
+                tags[e.tag].denials += 1
+                tags[e.tag].seen(at)
+            continue
+        prompt = getattr(e, "prompt_tokens", 0)
+        completion = getattr(e, "completion_tokens", 0)
+        model = getattr(e, "model", None) or ""
+        day = at.date()
+        cost = e.cost
+        for tag in e.tags:
+            tags[tag].add(cost, at)
+            d = daily[(tag, day, model)]
+            d.spend += cost  # the daily rows need no first/last: cheaper than add()
+            d.requests += 1
+            d.prompt += prompt
+            d.completion += completion
+        user = getattr(e, "user_hash", None)
+        if user:
+            users[user].add(cost, at)
+            u = user_daily[(user, day)]
+            u.spend += cost
+            u.requests += 1
+    return SpendRows(
+        tags={k: TagTotals(k, v.spend, v.requests, v.denials, v.first, v.last) for k, v in tags.items()},
+        daily={
+            k: TagDay(
+                *k, spend=v.spend, requests=v.requests, prompt_tokens=v.prompt, completion_tokens=v.completion
+            )
+            for k, v in daily.items()
+        },
+        users={
+            k: UserTotals(k, v.spend, v.requests, _seen(v.first), _seen(v.last)) for k, v in users.items()
+        },
+        user_daily={k: UserDay(*k, spend=v.spend, requests=v.requests) for k, v in user_daily.items()},
+    )
+
+
+def _seen(at: datetime | None) -> datetime:
+    assert at is not None  # a user's sum exists only once a charge was added to it
+    return at
 
 
 class SpendRollups(Projection):
@@ -198,138 +319,32 @@ class SpendRollups(Projection):
     async def apply(
         self, conn: asyncpg.Connection, events: list[RecordedEvent], tables: Mapping[str, str]
     ) -> None:
-        b = _Batch()
+        defined: dict[str, TagState] = {}
+        charges: list[tuple[datetime, Charge]] = []
         for r in events:
             if r.type in ev.TAG_EVENT_TYPES:
                 state = self._define(r)
-                b.definitions[state.name] = state
+                defined[state.name] = state
                 continue
             e = ev.decode(r)
-            if isinstance(e, ev.RequestDenied):
-                if e.tag:  # refusals for lack of Redis name no tag
-                    b.tags[e.tag].denials += 1
-                    b.tags[e.tag].seen(r.recorded_at)
-                continue
-            assert isinstance(e, ev.SpendRecorded | ev.ReservationExpired)
-            prompt = getattr(e, "prompt_tokens", 0)
-            completion = getattr(e, "completion_tokens", 0)
-            model = getattr(e, "model", None) or ""
-            day = r.recorded_at.date()
-            cost, at = e.cost, r.recorded_at
-            for tag in e.tags:
-                b.tags[tag].add(cost, at)
-                d = b.daily[(tag, day, model)]
-                d.spend += cost  # the daily rows need no first/last: cheaper than add()
-                d.requests += 1
-                d.prompt += prompt
-                d.completion += completion
-            user = getattr(e, "user_hash", None)
-            if user:
-                b.users[user].add(cost, at)
-                u = b.user_daily[(user, day)]
-                u.spend += cost
-                u.requests += 1
-        await _write(conn, b, tables)
-
-
-async def _write(conn: asyncpg.Connection, b: _Batch, t: Mapping[str, str]) -> None:
-    if b.definitions:
-        states = list(b.definitions.values())
-        await conn.execute(
-            f"""
-            insert into {t["tag_info"]}
-                (tag, live, description, max_budget, soft_budget, budget_duration, anchor)
-            select * from unnest($1::text[], $2::bool[], $3::text[], $4::numeric[], $5::numeric[],
-                                 $6::text[], $7::timestamptz[])
-            on conflict (tag) do update set live = excluded.live, description = excluded.description,
-                max_budget = excluded.max_budget, soft_budget = excluded.soft_budget,
-                budget_duration = excluded.budget_duration, anchor = excluded.anchor
-            """,
-            [s.name for s in states],
-            [s.exists for s in states],
-            [s.description for s in states],
-            [s.max_budget for s in states],
-            [s.soft_budget for s in states],
-            [s.budget_duration for s in states],
-            [s.anchor for s in states],
+            assert isinstance(e, ev.SpendRecorded | ev.ReservationExpired | ev.RequestDenied)
+            charges.append((r.recorded_at, e))
+        # Definitions and spend write different columns of tag_info: their order does not matter.
+        await _DEFINE_TAGS.run(
+            conn,
+            tables["tag_info"],
+            [
+                TagDefinition(
+                    s.name, s.exists, s.description, s.max_budget, s.soft_budget, s.budget_duration, s.anchor
+                )
+                for s in defined.values()
+            ],
         )
-    if b.tags:
-        items = list(b.tags.items())
-        await conn.execute(
-            f"""
-            insert into {t["tag_info"]}
-                (tag, total_spend, request_count, denial_count, first_seen, last_seen)
-            select * from unnest($1::text[], $2::numeric[], $3::bigint[], $4::bigint[],
-                                 $5::timestamptz[], $6::timestamptz[])
-            on conflict (tag) do update set
-                total_spend = {t["tag_info"]}.total_spend + excluded.total_spend,
-                request_count = {t["tag_info"]}.request_count + excluded.request_count,
-                denial_count = {t["tag_info"]}.denial_count + excluded.denial_count,
-                first_seen = least({t["tag_info"]}.first_seen, excluded.first_seen),
-                last_seen = greatest({t["tag_info"]}.last_seen, excluded.last_seen)
-            """,
-            [k for k, _ in items],
-            [v.spend for _, v in items],
-            [v.requests for _, v in items],
-            [v.denials for _, v in items],
-            [v.first for _, v in items],
-            [v.last for _, v in items],
-        )
-    if b.daily:
-        items2 = list(b.daily.items())
-        tbl = t["tag_daily_spend"]
-        await conn.execute(
-            f"""
-            insert into {tbl} (tag, day, model, spend, requests, prompt_tokens, completion_tokens)
-            select * from unnest($1::text[], $2::date[], $3::text[], $4::numeric[], $5::bigint[],
-                                 $6::bigint[], $7::bigint[])
-            on conflict (tag, day, model) do update set spend = {tbl}.spend + excluded.spend,
-                requests = {tbl}.requests + excluded.requests,
-                prompt_tokens = {tbl}.prompt_tokens + excluded.prompt_tokens,
-                completion_tokens = {tbl}.completion_tokens + excluded.completion_tokens
-            """,
-            [k[0] for k, _ in items2],
-            [k[1] for k, _ in items2],
-            [k[2] for k, _ in items2],
-            [v.spend for _, v in items2],
-            [v.requests for _, v in items2],
-            [v.prompt for _, v in items2],
-            [v.completion for _, v in items2],
-        )
-    if b.users:
-        items3 = list(b.users.items())
-        tbl = t["user_spend"]
-        await conn.execute(
-            f"""
-            insert into {tbl} (user_hash, spend, requests, first_seen, last_seen)
-            select * from unnest($1::text[], $2::numeric[], $3::bigint[],
-                                 $4::timestamptz[], $5::timestamptz[])
-            on conflict (user_hash) do update set spend = {tbl}.spend + excluded.spend,
-                requests = {tbl}.requests + excluded.requests,
-                first_seen = least({tbl}.first_seen, excluded.first_seen),
-                last_seen = greatest({tbl}.last_seen, excluded.last_seen)
-            """,
-            [k for k, _ in items3],
-            [v.spend for _, v in items3],
-            [v.requests for _, v in items3],
-            [v.first for _, v in items3],
-            [v.last for _, v in items3],
-        )
-    if b.user_daily:
-        items4 = list(b.user_daily.items())
-        tbl = t["user_daily_spend"]
-        await conn.execute(
-            f"""
-            insert into {tbl} (user_hash, day, spend, requests)
-            select * from unnest($1::text[], $2::date[], $3::numeric[], $4::bigint[])
-            on conflict (user_hash, day) do update set spend = {tbl}.spend + excluded.spend,
-                requests = {tbl}.requests + excluded.requests
-            """,
-            [k[0] for k, _ in items4],
-            [k[1] for k, _ in items4],
-            [v.spend for _, v in items4],
-            [v.requests for _, v in items4],
-        )
+        rows = spend_rows(charges)
+        await _ADD_TAGS.run(conn, tables["tag_info"], list(rows.tags.values()))
+        await _ADD_TAG_DAYS.run(conn, tables["tag_daily_spend"], list(rows.daily.values()))
+        await _ADD_USERS.run(conn, tables["user_spend"], list(rows.users.values()))
+        await _ADD_USER_DAYS.run(conn, tables["user_daily_spend"], list(rows.user_daily.values()))
 
 
 PROJECTIONS: dict[str, type[Projection]] = {
