@@ -19,6 +19,7 @@ from gateway.keys import (
     ADMISSION,
     BUDGET_BOOK,
     COUNTERS,
+    GATE,
     KEY_BOOK,
     METRICS,
     PRICES,
@@ -38,6 +39,7 @@ from ledger.apikeys import KeyBook
 from ledger.budgets import BudgetBook
 from ledger.counters import Counters, connect_redis
 from ledger.errors import StoreError
+from ledger.gate import Gate
 from ledger.loops import background, run_forever
 from ledger.pricing import PriceBook
 from ledger.privacy import stored_secret
@@ -182,6 +184,7 @@ async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
         reservation_ttl=timedelta(seconds=settings.reservation_ttl_s),
         on_redis_down="allow" if settings.on_redis_down == "allow" else "deny",
     )
+    app[GATE] = Gate(settings, book, app[PRICES], app[ADMISSION])
     keys = KeyBook(store, poll_interval_s=settings.poll_interval_s, default_scope=settings.key_scope_default)
     await keys.start()
     app[KEY_BOOK] = keys

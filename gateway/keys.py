@@ -13,6 +13,7 @@ from ledger.apikeys import ApiKey, KeyBook
 from ledger.budgets import BudgetBook
 from ledger.counters import Counters
 from ledger.customers import CustomerBook
+from ledger.gate import Gate
 from ledger.pricing import PriceBook
 from ledger.settings import Settings
 from ledger.store import EventStore
@@ -28,6 +29,7 @@ COUNTERS = web.AppKey("counters", Counters)
 BUDGET_BOOK = web.AppKey("budget_book", BudgetBook)
 TAGS = web.AppKey("tags", TagService)
 ADMISSION = web.AppKey("admission", Admission)
+GATE = web.AppKey("gate", Gate)
 KEY_BOOK = web.AppKey("key_book", KeyBook)
 CUSTOMER_BOOK = web.AppKey("customer_book", CustomerBook)
 UPSTREAMS = web.AppKey("upstreams", Upstreams)

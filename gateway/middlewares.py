@@ -15,6 +15,7 @@ from gateway.keys import REQUEST_ID
 from ledger.admission import DuplicateRequest
 from ledger.counters import CountersUnavailable
 from ledger.errors import ConcurrencyError, InvalidEvent, StoreUnavailable
+from ledger.gate import Refused
 from ledger.store import is_unavailable
 from ledger.tags import TagError
 
@@ -85,6 +86,16 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         elif e.status == 405:
             message = f"method {request.method} not allowed on {request.path}"
         return error_response(e.status, message, type=_STATUS_TYPES.get(e.status, "invalid_request_error"))
+    except Refused as e:
+        # the gate's refusals: a wrong request, or one its key, tags or user may not make
+        status = 403 if e.reason == "forbidden" else 400
+        return error_response(
+            status,
+            str(e),
+            type=_STATUS_TYPES.get(status, "invalid_request_error"),
+            param=e.param,
+            code=e.code,
+        )
     except TagError as e:
         return error_response(
             e.status,

@@ -42,7 +42,7 @@ from gateway.errors import ApiError, error_response
 from gateway.keys import (
     ADMISSION,
     API_KEY,
-    BUDGET_BOOK,
+    GATE,
     METRICS,
     PRICES,
     REQUEST_ID,
@@ -54,7 +54,8 @@ from gateway.upstreams import Upstream
 from ledger.admission import Admitted, BudgetExceeded, DuplicateRequest, RateLimited, Recorded
 from ledger.counters.limits import SETTING, UNIT
 from ledger.errors import StoreUnavailable
-from ledger.estimate import Bound, BoundError, request_bound
+from ledger.estimate import Bound
+from ledger.gate import Ask, Blocked
 from ledger.pricing import Price, PriceBook, Tokens
 from ledger.subjects import describe
 from ledger.tokens import count as count_tokens
@@ -341,103 +342,26 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
     key = request[API_KEY]
     limits = Limits(settings.max_tags, settings.max_tag_length, settings.max_metadata_bytes)
     attribution = attribute(body, request.headers, key.tags if key else (), limits, app[USER_SECRET])
-    if key is not None:
-        # A key's scope: a tag outside it is refused before anything is reserved or
-        # read, and nothing about that tag is said (its budget, its models).
-        outside = [t for t in attribution.tags if not key.may_tag(t)]
-        if outside:
-            raise ApiError(
-                403,
-                f"this API key may not use tag {outside[0]!r} "
-                "(the key's allowed_tags set its scope; an admin can widen it)",
-                type="permission_error",
-                param="tags",
-                code="tag_not_allowed",
-            )
     upstream, upstream_model = app[UPSTREAMS].route(model)
-    if key is not None and not (key.may_use(model) or key.may_use(upstream_model)):
-        raise ApiError(
-            403,
-            f"this API key may not use model {model!r}",
-            type="permission_error",
-            param="model",
-            code="model_not_allowed",
-        )
-    book = app[BUDGET_BOOK]
-    for tag in attribution.tags:
-        state = book.get(tag)
-        if (
-            state is not None
-            and state.models
-            and model not in state.models
-            and upstream_model not in state.models
-        ):
-            raise ApiError(
-                403,
-                f"tag {tag!r} may not use model {model!r} (allowed: {', '.join(state.models)})",
-                type="permission_error",
-                param="model",
-                code="model_not_allowed_for_tag",
-            )
-    price = app[PRICES].lookup(upstream.price_provider, upstream_model)
-    key_hash = key.key_hash if key is not None else None
-    if book.definitions.blocked(attribution.user_hash):
-        raise ApiError(
-            403, "this end user is blocked", type="permission_error", param="user", code="user_blocked"
-        )
-    budgeted = bool(
-        book.budgets_for(
-            attribution.tags,
-            datetime.now(UTC),
-            key_hash=key_hash,
-            user_hash=attribution.user_hash,
-            model=model,
-            aliases=(upstream_model,),
-        )
+    ask = Ask(
+        _scoped_request_id(request, key),
+        kind,
+        body,
+        model,
+        upstream_model,
+        upstream.price_provider,
+        attribution.tags,
+        attribution.user_hash,
+        attribution.metadata,
+        key,
     )
-    if price is None and (
-        settings.unpriced_policy == "deny" or (settings.unpriced_policy == "auto" and budgeted)
-    ):
-        similar = app[PRICES].similar(upstream.price_provider, upstream_model)
-        hint = f"; priced names like it: {', '.join(similar)}" if similar else ""
-        raise ApiError(
-            400,
-            f"model {model!r} has no known price, so budgets cannot be enforced on it{hint}; "
-            "or add a price override (LEDGER_PRICE_OVERRIDES)",
-            param="model",
-            code="unpriced_model",
-        )
-    try:
-        bound = request_bound(
-            kind,
-            body,
-            default_cap=settings.default_max_tokens,
-            image_tokens=settings.image_token_bound,
-            file_tokens=settings.file_token_bound,
-        )
-    except BoundError as e:
-        raise ApiError(400, str(e), param=e.field, code="invalid_value") from None
-    estimate = price.upper_bound(Tokens(bound.prompt, bound.completion)) if price is not None else Decimal(0)
-
-    request_id = _scoped_request_id(request, key)
     structlog.contextvars.bind_contextvars(model=model, tags=attribution.tags)
     started = time.perf_counter()
-    admission = app[ADMISSION]
     try:
-        # Redis down: the policy (LEDGER_ON_REDIS_DOWN) is applied inside; under
-        # "deny" it raises CountersUnavailable (a 503, recorded).
-        outcome: Admitted | BudgetExceeded | RateLimited = await admission.admit(
-            request_id,
-            attribution.tags,
-            estimate,
-            model=model,
-            user_hash=attribution.user_hash,
-            metadata=attribution.metadata,
-            key_hash=key_hash,
-            tokens=bound.prompt,
-            # `openai/gpt-4o` is gpt-4o upstream: a per-model budget under either name applies
-            model_aliases=(upstream_model,),
-        )
+        # Refusals raise Refused (mapped in the error middleware). Redis down: the
+        # policy (LEDGER_ON_REDIS_DOWN) is applied inside; under "deny" it raises
+        # CountersUnavailable (a 503, recorded).
+        result = await app[GATE].admit(ask)
     except DuplicateRequest as e:
         raise ApiError(
             409,
@@ -448,36 +372,33 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
             headers={"x-should-retry": "false"},
         ) from None
     metrics.admit_latency.observe(time.perf_counter() - started)
-    if isinstance(outcome, BudgetExceeded):
+    if isinstance(result, Blocked):
         metrics.denials.inc()
-        structlog.contextvars.bind_contextvars(denied_by=outcome.tag)
-        return _denied(outcome, bound.inject is not None)
-    if isinstance(outcome, RateLimited):
-        metrics.denials.inc()
-        structlog.contextvars.bind_contextvars(limited_by=SETTING[outcome.limit.kind])
-        return _rate_limited(outcome)
+        if isinstance(result.outcome, BudgetExceeded):
+            structlog.contextvars.bind_contextvars(denied_by=result.outcome.tag)
+            return _denied(result.outcome, result.capped_by_default)
+        structlog.contextvars.bind_contextvars(limited_by=SETTING[result.outcome.limit.kind])
+        return _rate_limited(result.outcome)
+    outcome = result.admitted
     if not outcome.reserved and outcome.budgets:
         structlog.contextvars.bind_contextvars(unreserved=True)
-    if outcome.budgets and bound.inject is not None:
-        # A budget applies and the client set no output cap: forward the one the
-        # estimate assumed, so the upstream cannot produce more than was reserved.
-        # (Decided on the admission's budgets: one created a moment ago counts.)
-        field_name, cap = bound.inject
+    if result.inject is not None:
+        field_name, cap = result.inject
         body[field_name] = cap
 
     body["model"] = upstream_model
     call = _Call(
         kind,
-        request_id,
+        ask.request_id,
         model,
         upstream,
         upstream_model,
         attribution,
-        price,
+        result.price,
         body,
         outcome,
         started,
-        bound,
+        result.bound,
     )
     if kind != _Kind.EMBEDDINGS and body.get("stream") is True:
         return await _stream(request, call)
