@@ -166,6 +166,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     upstream_first_byte_timeout_s: Annotated[float, Meta(ge=0.1, le=3600)] = 120.0
     upstream_total_timeout_s: Annotated[float, Meta(ge=0.1, le=86400)] = 600.0
     max_body_bytes: Annotated[int, Meta(ge=1024, le=1024**3)] = 8 * 1024 * 1024
+    # Admin API bodies (tags, keys, customers) are small JSON objects.
+    max_admin_body_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024**2)] = 64 * 1024
     # Slow clients: a connection must deliver a whole request head within
     # client_header_timeout_s of opening or of its previous response (so idle
     # keep-alive connections close too; longer than a reverse proxy's own idle
