@@ -22,7 +22,7 @@ from aiohttp import web
 from msgspec import UNSET, UnsetType
 
 from gateway.errors import ApiError
-from gateway.keys import BUDGET_BOOK, COUNTERS, METRICS, REQUEST_ID, STORE, TAGS
+from gateway.keys import BUDGET_BOOK, COUNTERS, METRICS, REQUEST_ID, SETTINGS, STORE, TAGS
 from gateway.metrics import render
 from ledger import events as ev
 from ledger.alerts import forecast
@@ -33,7 +33,6 @@ from ledger.tags import TagState
 
 routes = web.RouteTableDef()
 
-MAX_ADMIN_BODY = 64 * 1024
 T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder(decimal_format="number")
@@ -236,14 +235,15 @@ _FIELD_RE = re.compile(r"field `([^`]+)`")
 
 
 async def decode_body(request: web.Request, kind: type[T]) -> T:
-    """Read at most MAX_ADMIN_BODY bytes and decode them as ``kind``."""
-    if request.content_length is not None and request.content_length > MAX_ADMIN_BODY:
-        raise ApiError(413, f"request body too large: at most {MAX_ADMIN_BODY} bytes", param="body")
+    """Read at most LEDGER_MAX_ADMIN_BODY_BYTES and decode them as ``kind``."""
+    limit = request.app[SETTINGS].max_admin_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"request body too large: at most {limit} bytes", param="body")
     body = bytearray()
     async for chunk in request.content.iter_chunked(65536):
         body += chunk
-        if len(body) > MAX_ADMIN_BODY:
-            raise ApiError(413, f"request body too large: at most {MAX_ADMIN_BODY} bytes", param="body")
+        if len(body) > limit:
+            raise ApiError(413, f"request body too large: at most {limit} bytes", param="body")
     if not body.strip():
         raise ApiError(400, "request body is empty: send a JSON object", param="body")
     if NUL_ESCAPE.search(body):

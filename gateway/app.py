@@ -52,8 +52,6 @@ log = structlog.get_logger("gateway")
 
 CleanupContext = Callable[[web.Application], AsyncIterator[None]]
 
-MAX_BODY_BYTES = 8 * 1024 * 1024
-
 
 def server_options(settings: Settings) -> dict[str, Any]:
     """What the HTTP server (an AppRunner) needs beyond the app: aiohttp closes a
@@ -105,7 +103,8 @@ def create_app(settings: Settings, contexts: Sequence[CleanupContext] = ()) -> w
     if settings.database_url is None or settings.redis_url is None:
         raise StoreError("the gateway needs LEDGER_DATABASE_URL and LEDGER_REDIS_URL")
     app = web.Application(
-        middlewares=[body_deadline, request_context, errors, authenticate], client_max_size=MAX_BODY_BYTES
+        middlewares=[body_deadline, request_context, errors, authenticate],
+        client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
     # Opened in this order, closed in reverse: the store drains its writer

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import os
 import secrets
@@ -22,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import structlog
 from aiohttp import web
 
@@ -340,7 +340,7 @@ def _servers(settings: Settings, args: argparse.Namespace, *, redis: bool) -> It
                 f"ones: set {' and '.join(missing)} for this command too"
             )
         _say(f"using the servers of the ledger dev on {data_dir} (pid {owner.pid}, {owner.url})")
-        yield dataclasses.replace(
+        yield msgspec.structs.replace(
             settings,
             database_url=settings.database_url or owner.database_url,
             redis_url=(settings.redis_url or owner.redis_url) if redis else settings.redis_url,
@@ -364,12 +364,12 @@ def _servers(settings: Settings, args: argparse.Namespace, *, redis: bool) -> It
             pg = EmbeddedPostgres(data_dir / "pg").start()
             if not pg.adopted:  # adopted: left running by a killed ledger; not ours to stop
                 stack.callback(pg.stop)
-            settings = dataclasses.replace(settings, database_url=pg.url)
+            settings = msgspec.structs.replace(settings, database_url=pg.url)
         if need_redis:
             rd = EmbeddedRedis(data_dir / "redis").start()
             if not rd.adopted:
                 stack.callback(rd.stop)
-            settings = dataclasses.replace(settings, redis_url=rd.url)
+            settings = msgspec.structs.replace(settings, redis_url=rd.url)
         lock.publish(Owner(os.getpid(), args.command, None, settings.database_url, settings.redis_url, True))
         yield settings
 
@@ -507,7 +507,7 @@ def _dev(settings: Settings) -> int:
     lock = DataDirLock(data_dir).acquire("dev")
     try:
         _check_port(settings.host, settings.port)
-        settings = dataclasses.replace(settings, admin_key=_admin_key(settings))
+        settings = msgspec.structs.replace(settings, admin_key=_admin_key(settings))
         url = f"http://{settings.host}:{settings.port}"
         pg_url: str | None = None  # of the servers started here
         redis_url: str | None = None
@@ -518,14 +518,14 @@ def _dev(settings: Settings) -> int:
                 pg = EmbeddedPostgres(data_dir / "pg", port=_DEV_PORTS[0])
                 stack.callback(pg.stop)
                 pg.start()
-                settings = dataclasses.replace(settings, database_url=pg.url)
+                settings = msgspec.structs.replace(settings, database_url=pg.url)
                 pg_url = pg.url
             if settings.redis_url is None:
                 print(f"starting embedded Redis in {data_dir / 'redis'} ...", flush=True)
                 rd = EmbeddedRedis(data_dir / "redis", port=_DEV_PORTS[1])
                 stack.callback(rd.stop)
                 rd.start()
-                settings = dataclasses.replace(settings, redis_url=rd.url)
+                settings = msgspec.structs.replace(settings, redis_url=rd.url)
                 redis_url = rd.url
             # Where the servers listen, for the operator commands (only embedded
             # servers: a configured URL may hold a password and is in their environment too).
@@ -690,7 +690,7 @@ async def _serve(
             await mock_site.start()
             port = mock.addresses[0][1]
             provider = ProviderConfig("mock", f"http://127.0.0.1:{port}/v1", price_provider="openai")
-            settings = dataclasses.replace(settings, providers=(provider,))
+            settings = msgspec.structs.replace(settings, providers=(provider,))
         contexts = []
         if settings.run_projections:
             from gateway.keys import STORE

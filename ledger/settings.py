@@ -2,68 +2,110 @@
 
 Precedence: explicit overrides (CLI flags) > ``LEDGER_*`` environment variables >
 the TOML file named by ``LEDGER_CONFIG`` > defaults. Every field has a safe
-default; every bad value raises :class:`SettingsError` naming the variable.
+default. The field types are the whole specification of a value (``Annotated``
+bounds and patterns, ``Literal`` modes, checks in ``__post_init__``): the values
+of all three sources are merged and checked by one ``msgspec.convert``, and its
+error becomes a :class:`SettingsError` naming the variable, flag or file key the
+bad value came from, with what it must be.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from collections.abc import Mapping
+from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
+
+import msgspec
+import msgspec.inspect as mi
+from msgspec import Meta
 
 from ledger.errors import SettingsError
 
 ENV_PREFIX = "LEDGER_"
 
-LOG_FORMATS = ("json", "console")
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LogFormat = Literal["json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+CommitMode = Literal["durable", "fast"]
+RedisDownPolicy = Literal["deny", "allow"]
+KeyScope = Literal["own", "any"]
+UnpricedPolicy = Literal["auto", "deny", "allow"]
+WebhookFormat = Literal["json", "slack"]
+
+# msgspec.inspect reports a Literal's values in no set order; errors list them as declared.
+_MODE_ORDER = {
+    frozenset(get_args(mode)): get_args(mode)
+    for mode in (LogFormat, LogLevel, CommitMode, RedisDownPolicy, KeyScope, UnpricedPolicy, WebhookFormat)
+}
+
+LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
+LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
+
+# The description is what an error says the value must be.
+Name = Annotated[
+    str,
+    Meta(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$", description="a lower-case name like 'openai'"),
+]
+EnvName = Annotated[
+    str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="the name of an environment variable")
+]
+NonEmpty = Annotated[str, Meta(min_length=1)]
+Host = Annotated[str, Meta(pattern=r"^\S+$", description="a host name or address")]
 
 
-@dataclass(frozen=True, slots=True)
-class ProviderConfig:
+class ProviderConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """An upstream: OpenAI-compatible API at ``base_url``."""
 
-    name: str
+    name: Name
     base_url: str
-    api_key_env: str | None = None  # the key is read from this environment variable
-    models: tuple[str, ...] = ()  # bare model names this provider serves ("" = any)
+    api_key_env: EnvName | None = None  # the key is read from this environment variable
+    models: tuple[NonEmpty, ...] = ()  # bare model names this provider serves ("" = any)
     price_provider: str | None = None  # genai-prices provider id (default: name)
 
+    def __post_init__(self) -> None:
+        if not _is_url(self.base_url, ("http", "https")):
+            raise ValueError("base_url must be an http(s) URL")
+        msgspec.structs.force_setattr(self, "base_url", self.base_url.rstrip("/"))
 
-@dataclass(frozen=True, slots=True)
-class PriceOverride:
+
+class PriceOverride(msgspec.Struct, frozen=True):
     """Operator price for a model, USD per million tokens (beats genai-prices)."""
 
-    model: str
+    model: NonEmpty
     input_per_mtok: Decimal
     output_per_mtok: Decimal
     cached_input_per_mtok: Decimal | None = None
     provider: str | None = None  # None: any provider
 
+    def __post_init__(self) -> None:
+        # Decimal takes no Meta bounds; NaN must not reach a comparison.
+        for name in ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok"):
+            price = getattr(self, name)
+            if price is not None and not (price.is_finite() and price >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0")
 
-@dataclass(frozen=True, slots=True)
-class WebhookConfig:
+
+class WebhookConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Where budget alerts go: every alert, or those of some tags."""
 
-    name: str
+    name: Name
     url: str
-    tags: tuple[str, ...] = ()  # empty: every tag
-    format: str = "json"  # "json" or "slack"
-    max_attempts: int = 5
-    timeout_s: float = 5.0
+    tags: tuple[NonEmpty, ...] = ()  # empty: every tag
+    format: WebhookFormat = "json"
+    max_attempts: Annotated[int, Meta(ge=1, le=50)] = 5
+    timeout_s: Annotated[float, Meta(ge=0.1, le=120)] = 5.0
+
+    def __post_init__(self) -> None:
+        if not _is_url(self.url, ("http", "https")):
+            raise ValueError("url must be an http(s) URL")
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Servers. None means "not configured": `ledger dev` then starts embedded ones.
     database_url: str | None = None
     # A streaming replica for spend reports and the dashboard's reads (None: the
@@ -72,26 +114,26 @@ class Settings:
     redis_url: str | None = None
 
     # HTTP
-    host: str = "127.0.0.1"
-    port: int = 4000
-    admin_key: str | None = None
+    host: Host = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 4000
+    admin_key: Annotated[str, Meta(min_length=16)] | None = None
     data_dir: Path = Path(".data")
 
     # Logging
-    log_format: str = "json"
-    log_level: str = "info"
+    log_format: LogFormat = "json"
+    log_level: LogLevel = "info"
 
     # PostgreSQL pool and event writer (group commit)
-    pool_min_size: int = 2
-    pool_max_size: int = 10
-    connect_timeout_s: float = 3.0
-    statement_timeout_s: float = 10.0
-    writer_max_batch: int = 2000
-    writer_max_wait_ms: float = 2.0
-    writer_queue_size: int = 20000
-    append_timeout_s: float = 5.0
-    poll_interval_s: float = 1.0
-    redis_max_connections: int = 64
+    pool_min_size: Annotated[int, Meta(ge=1, le=1000)] = 2
+    pool_max_size: Annotated[int, Meta(ge=1, le=1000)] = 10
+    connect_timeout_s: Annotated[float, Meta(ge=0.1, le=300)] = 3.0
+    statement_timeout_s: Annotated[float, Meta(ge=0.1, le=3600)] = 10.0
+    writer_max_batch: Annotated[int, Meta(ge=1, le=100_000)] = 2000
+    writer_max_wait_ms: Annotated[float, Meta(ge=0, le=1000)] = 2.0
+    writer_queue_size: Annotated[int, Meta(ge=1, le=10_000_000)] = 20000
+    append_timeout_s: Annotated[float, Meta(ge=0.1, le=600)] = 5.0
+    poll_interval_s: Annotated[float, Meta(ge=0.01, le=3600)] = 1.0
+    redis_max_connections: Annotated[int, Meta(ge=1, le=10_000)] = 64
     # Projection workers in every gateway process (one active per projection,
     # the others standing by); set false to run `ledger projections run` apart.
     run_projections: bool = True
@@ -99,108 +141,80 @@ class Settings:
     # "fast": once PostgreSQL has it in memory (synchronous_commit=off): a crash
     # of the database host may lose the last few hundred ms of events, which the
     # sweeper then charges at their estimates; a gateway crash loses nothing.
-    commit_mode: str = "durable"
+    commit_mode: CommitMode = "durable"
     # HTTP worker processes of `ledger serve`, sharing the port (SO_REUSEPORT);
     # projection and alert workers run in the first one only.
-    workers: int = 1
+    workers: Annotated[int, Meta(ge=1, le=64)] = 1
     # Redis down: "deny" answers 503 (budgets cannot be checked); "allow" admits
     # and records, then rebuilds the counters from the log once Redis is back.
-    on_redis_down: str = "deny"
+    on_redis_down: RedisDownPolicy = "deny"
     # The tags a client key made without allowed_tags may carry: "own" (its own tags
     # and those under them) or "any" (LiteLLM's behaviour: any tag, any budget).
-    key_scope_default: str = "own"
+    key_scope_default: KeyScope = "own"
 
     # Budgets: an admitted request not settled within the reservation TTL is
     # swept (charged at its estimate); the sweeper looks every sweep interval.
     # It must outlast the longest request (the upstream total timeout) and the
     # two commits around it, or a request still running could be swept.
-    reservation_ttl_s: float = 900.0
-    sweep_interval_s: float = 5.0
+    reservation_ttl_s: Annotated[float, Meta(ge=1, le=7 * 86400)] = 900.0
+    sweep_interval_s: Annotated[float, Meta(ge=0.05, le=3600)] = 5.0
 
     # Gateway: upstream providers and request handling
     providers: tuple[ProviderConfig, ...] = ()
     default_provider: str | None = None
-    upstream_connect_timeout_s: float = 5.0
-    upstream_first_byte_timeout_s: float = 120.0
-    upstream_total_timeout_s: float = 600.0
-    max_body_bytes: int = 8 * 1024 * 1024
+    upstream_connect_timeout_s: Annotated[float, Meta(ge=0.1, le=600)] = 5.0
+    upstream_first_byte_timeout_s: Annotated[float, Meta(ge=0.1, le=3600)] = 120.0
+    upstream_total_timeout_s: Annotated[float, Meta(ge=0.1, le=86400)] = 600.0
+    max_body_bytes: Annotated[int, Meta(ge=1024, le=1024**3)] = 8 * 1024 * 1024
+    # Admin API bodies (tags, keys, customers) are small JSON objects.
+    max_admin_body_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024**2)] = 64 * 1024
     # Slow clients: a connection must deliver a whole request head within
     # client_header_timeout_s of opening or of its previous response (so idle
     # keep-alive connections close too; longer than a reverse proxy's own idle
     # timeout, nginx's is 60 s, or it may reuse one just closed), and a request
     # body within client_body_timeout_s of the head; else it is closed (408).
-    client_header_timeout_s: float = 75.0
-    client_body_timeout_s: float = 60.0
-    max_response_bytes: int = 64 * 1024 * 1024
+    client_header_timeout_s: Annotated[float, Meta(ge=0.05, le=3600)] = 75.0
+    client_body_timeout_s: Annotated[float, Meta(ge=0.05, le=3600)] = 60.0
+    max_response_bytes: Annotated[int, Meta(ge=1024, le=1024**3)] = 64 * 1024 * 1024
     # Attribution limits
-    max_tags: int = 64
-    max_tag_length: int = 256
-    max_metadata_bytes: int = 16 * 1024
+    max_tags: Annotated[int, Meta(ge=1, le=10_000)] = 64
+    max_tag_length: Annotated[int, Meta(ge=1, le=10_000)] = 256
+    max_metadata_bytes: Annotated[int, Meta(ge=64, le=1024**2)] = 16 * 1024
     # End-user ids are stored as HMAC-SHA256 with this secret (>= 32 chars), or
     # with the contents of user_hash_secret_file (a mounted secret), so that a
     # database dump alone cannot confirm a guessed e-mail. Unset: a secret
     # generated once and kept in the database (`ledger serve` warns).
-    user_hash_secret: str | None = None
-    user_hash_secret_file: Path | None = field(default=None, compare=False)
+    user_hash_secret: Annotated[str, Meta(min_length=32)] | None = None
+    user_hash_secret_file: Path | None = None
     # Pricing: "auto" denies unpriced models only for requests with a budgeted
     # tag; "deny" always; "allow" records cost 0 flagged as unpriced.
-    unpriced_policy: str = "auto"
-    default_max_tokens: int = 4096  # output bound for estimates when the request sets none
-    image_token_bound: int = 2000  # input bound per image part
-    file_token_bound: int = 200_000  # input bound per file sent by id (no size known)
+    unpriced_policy: UnpricedPolicy = "auto"
+    # output bound for estimates when the request sets none
+    default_max_tokens: Annotated[int, Meta(ge=1, le=10_000_000)] = 4096
+    image_token_bound: Annotated[int, Meta(ge=1, le=1_000_000)] = 2000  # input bound per image part
+    # input bound per file sent by id (no size known)
+    file_token_bound: Annotated[int, Meta(ge=1, le=10_000_000)] = 200_000
     price_overrides: tuple[PriceOverride, ...] = ()
 
     # Alerts: webhooks, and the key their bodies are signed with (X-Ledger-Signature).
     # Unset secret: one generated once and kept in the database.
     webhooks: tuple[WebhookConfig, ...] = ()
-    webhook_secret: str | None = None
+    webhook_secret: Annotated[str, Meta(min_length=16)] | None = None
 
-    config_file: Path | None = field(default=None, compare=False)
+    config_file: Path | None = None
 
-    @classmethod
-    def from_env(
-        cls,
-        environ: Mapping[str, str] | None = None,
-        **overrides: Any,
-    ) -> Settings:
-        """Build settings from ``environ`` (default ``os.environ``) and ``overrides``.
-
-        ``overrides`` with a value of None are ignored, so CLI flags that were not
-        given do not mask the environment.
-        """
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-
-        config_path = env.get(f"{ENV_PREFIX}CONFIG") or overrides.pop("config_file", None)
-        if config_path:
-            values.update(_read_config_file(Path(config_path)))
-            values["config_file"] = Path(config_path)
-
-        for f in dataclasses.fields(cls):
-            var = ENV_PREFIX + f.name.upper()
-            if var in env and f.name != "config_file":
-                values[f.name] = _parse(f.name, var, env[var])
-        for name, value in overrides.items():
-            if value is None:
-                continue
-            if name not in _PARSERS:
-                raise SettingsError(f"unknown setting {name!r}")
-            values[name] = _parse(name, f"--{name.replace('_', '-')}", value)
-        _secret_file(values, "user_hash_secret", "user_hash_secret_file", 32)
-        settings = cls(**values)
-        settings.validate()
-        return settings
-
-    @classmethod
-    def from_dsn(cls, database_url: str, redis_url: str | None = None, **kw: Any) -> Settings:
-        """Settings for explicit server URLs (tests, scripts); everything else default."""
-        return cls.from_env({}, database_url=database_url, redis_url=redis_url, **kw)
-
-    def validate(self) -> None:
-        """Cross-field checks (single fields are checked when parsed)."""
+    def __post_init__(self) -> None:
+        """Checks no type can say. A ValueError names its field first (from_env
+        puts the variable's name there); a cross-field SettingsError names both."""
+        for name, schemes, what in _URL_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not _is_url(value, schemes, query_ok=True):
+                raise ValueError(f"{name} is not a valid {what} URL")
         names = [p.name for p in self.providers]
         if len(set(names)) != len(names):
-            raise SettingsError(f"{ENV_PREFIX}PROVIDERS names a provider twice")
+            raise ValueError("providers names a provider twice")
+        if len({w.name for w in self.webhooks}) != len(self.webhooks):
+            raise ValueError("webhooks names a webhook twice")
         if self.default_provider is not None and self.default_provider not in names:
             raise SettingsError(
                 f"{ENV_PREFIX}DEFAULT_PROVIDER {self.default_provider!r} is not one of the "
@@ -219,22 +233,79 @@ class Settings:
                 f"{ENV_PREFIX}POOL_MAX_SIZE ({self.pool_max_size})"
             )
 
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        """Build settings from ``environ`` (default ``os.environ``) and ``overrides``.
+
+        ``overrides`` with a value of None are ignored, so CLI flags that were not
+        given do not mask the environment. ``LEDGER_*`` variables that name no
+        setting are ignored (``LEDGER_TEST_*`` and others belong to other tools).
+        """
+        env = os.environ if environ is None else environ
+        raw: dict[str, Any] = {}  # field -> value as given
+        labels: dict[str, str] = {}  # field -> where that value came from
+
+        config_override = overrides.pop("config_file", None)
+        config_path = env.get(f"{ENV_PREFIX}CONFIG") or config_override
+        if config_path:
+            path = Path(config_path)
+            for key, value in _read_config_file(path).items():
+                raw[key], labels[key] = value, f"{key} in {path}"
+            raw["config_file"] = path
+        for name in _SETTABLE:
+            var = ENV_PREFIX + name.upper()
+            if var in env:
+                raw[name], labels[name] = env[var], var
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            if name not in _SETTABLE:
+                raise SettingsError(f"unknown setting {name!r}")
+            raw[name], labels[name] = value, f"--{name.replace('_', '-')}"
+        _read_secret_file(raw, labels)
+
+        values = {
+            name: _prepare(_FIELD_TYPES[name], value, labels.get(name, name)) for name, value in raw.items()
+        }
+        try:
+            return msgspec.convert(values, cls, strict=False, dec_hook=_dec_hook)
+        except msgspec.ValidationError as e:
+            raise SettingsError(_explain(str(e), values, labels)) from None
+
+    @classmethod
+    def from_dsn(cls, database_url: str, redis_url: str | None = None, **kw: Any) -> Settings:
+        """Settings for explicit server URLs (tests, scripts); everything else default."""
+        return cls.from_env({}, database_url=database_url, redis_url=redis_url, **kw)
+
     def redacted(self) -> dict[str, Any]:
         """A loggable view: secrets masked, passwords removed from URLs."""
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in _SECRET_FIELDS and value is not None:
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if name in _SECRET_FIELDS and value is not None:
                 value = "[REDACTED]"
-            elif f.name.endswith("_url") and value is not None:
+            elif name.endswith("_url") and value is not None:
                 value = redact_url(value)
             elif isinstance(value, Path):
                 value = str(value)
-            out[f.name] = value
+            out[name] = value
         return out
 
 
 _SECRET_FIELDS = frozenset({"admin_key", "user_hash_secret", "webhook_secret"})
+_URL_FIELDS = (
+    ("database_url", ("postgresql", "postgres"), "postgresql://"),
+    ("database_read_url", ("postgresql", "postgres"), "postgresql://"),
+    ("redis_url", ("redis", "rediss", "unix"), "redis://"),
+)
+_SETTINGS_TYPE = mi.type_info(Settings)
+assert isinstance(_SETTINGS_TYPE, mi.StructType)
+_FIELD_TYPES: dict[str, mi.Type] = {f.name: f.type for f in _SETTINGS_TYPE.fields}
+_SETTABLE = tuple(name for name in _FIELD_TYPES if name != "config_file")
 
 
 def redact_url(url: str) -> str:
@@ -247,7 +318,18 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
 
 
-# ---------------------------------------------------------------- parsing
+def _is_url(value: str, schemes: tuple[str, ...], *, query_ok: bool = False) -> bool:
+    """A URL of one of ``schemes`` with a host (or, if ``query_ok``, a query such
+    as ``?host=/run/postgresql``) and a valid port, if any."""
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # raises ValueError on a bad port
+    except ValueError:
+        return False
+    return parts.scheme in schemes and bool(parts.hostname or (query_ok and parts.query))
+
+
+# ---------------------------------------------------------------- reading
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -261,300 +343,184 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         raise SettingsError(f"{var} file {str(path)!r} cannot be read: {e}") from e
     except tomllib.TOMLDecodeError as e:
         raise SettingsError(f"{var} file {str(path)!r} is not valid TOML: {e}") from e
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in _PARSERS:
+    for key in raw:
+        if key not in _SETTABLE:
             raise SettingsError(f"{var} file {str(path)!r}: unknown setting {key!r}")
-        values[key] = _parse(key, f"{key} in {path}", value)
-    return values
-
-
-def _parse(name: str, label: str, raw: Any) -> Any:
-    return _PARSERS[name](label, raw)
-
-
-def _text(label: str, raw: Any) -> str:
-    if not isinstance(raw, str):
-        raise SettingsError(f"{label} must be a string")
     return raw
 
 
-def _optional_text(label: str, raw: Any) -> str | None:
-    value = _text(label, raw).strip()
-    return value or None
-
-
-def _url(schemes: tuple[str, ...], what: str) -> Callable[[str, Any], str | None]:
-    def parse(label: str, raw: Any) -> str | None:
-        value = _text(label, raw).strip()
-        if not value:
-            return None
-        try:
-            parts = urlsplit(value)
-            _ = parts.port  # raises ValueError on a bad port
-        except ValueError:
-            parts = None
-        if parts is None or parts.scheme not in schemes or not (parts.hostname or parts.query):
-            raise SettingsError(f"{label} is not a valid {what} URL")
-        return value
-
-    return parse
-
-
-def _int(minimum: int, maximum: int) -> Callable[[str, Any], int]:
-    def parse(label: str, raw: Any) -> int:
-        if isinstance(raw, bool):
-            raise SettingsError(f"{label} must be an integer")
-        try:
-            value = int(raw)
-        except (TypeError, ValueError):
-            raise SettingsError(f"{label} must be an integer, got {raw!r}") from None
-        if not minimum <= value <= maximum:
-            raise SettingsError(f"{label} must be between {minimum} and {maximum}, got {value}")
-        return value
-
-    return parse
-
-
-def _float(minimum: float, maximum: float) -> Callable[[str, Any], float]:
-    def parse(label: str, raw: Any) -> float:
-        if isinstance(raw, bool):
-            raise SettingsError(f"{label} must be a number")
-        try:
-            value = float(raw)
-        except (TypeError, ValueError):
-            raise SettingsError(f"{label} must be a number, got {raw!r}") from None
-        if not math.isfinite(value) or not minimum <= value <= maximum:
-            raise SettingsError(f"{label} must be between {minimum:g} and {maximum:g}")
-        return value
-
-    return parse
-
-
-def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
-    def parse(label: str, raw: Any) -> str:
-        value = _text(label, raw).strip().lower()
-        if value not in choices:
-            raise SettingsError(f"{label} must be one of {', '.join(choices)}; got {raw!r}")
-        return value
-
-    return parse
-
-
-def _bool(label: str, raw: Any) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    value = _text(label, raw).strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise SettingsError(f"{label} must be true or false, got {raw!r}")
-
-
-def _path(label: str, raw: Any) -> Path:
-    if isinstance(raw, Path):
-        return raw
-    value = _text(label, raw).strip()
-    if not value:
-        raise SettingsError(f"{label} must not be empty")
-    return Path(value)
-
-
-def _admin_key(label: str, raw: Any) -> str | None:
-    value = _optional_text(label, raw)
-    if value is not None and len(value) < 16:
-        raise SettingsError(f"{label} must be at least 16 characters long")
-    return value
-
-
-def _host(label: str, raw: Any) -> str:
-    value = _text(label, raw).strip()
-    if not value or any(c.isspace() for c in value):
-        raise SettingsError(f"{label} must be a host name or address")
-    return value
-
-
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def _json_list(label: str, raw: Any) -> list[Any]:
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw, parse_float=Decimal)  # prices stay exact
-        except json.JSONDecodeError as e:
-            raise SettingsError(f"{label} is not valid JSON: {e}") from None
-    if not isinstance(raw, list) or not all(isinstance(x, dict) for x in raw):
-        raise SettingsError(f"{label} must be a list of objects")
-    return raw
-
-
-def _providers(label: str, raw: Any) -> tuple[ProviderConfig, ...]:
-    out = []
-    for i, item in enumerate(_json_list(label, raw)):
-        where = f"{label}[{i}]"
-        unknown = set(item) - {"name", "base_url", "api_key_env", "models", "price_provider"}
-        if unknown:
-            raise SettingsError(f"{where} has unknown field(s) {sorted(unknown)}")
-        name = item.get("name")
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise SettingsError(f"{where}.name must be a lower-case name like 'openai'")
-        base_url = item.get("base_url")
-        parts = urlsplit(base_url) if isinstance(base_url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise SettingsError(f"{where}.base_url must be an http(s) URL")
-        key_env = item.get("api_key_env")
-        if key_env is not None and (not isinstance(key_env, str) or not _ENV_NAME_RE.match(key_env)):
-            raise SettingsError(f"{where}.api_key_env must name an environment variable")
-        models = item.get("models", [])
-        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
-            raise SettingsError(f"{where}.models must be a list of model names")
-        price_provider = item.get("price_provider")
-        if price_provider is not None and not isinstance(price_provider, str):
-            raise SettingsError(f"{where}.price_provider must be a string")
-        out.append(ProviderConfig(name, base_url.rstrip("/"), key_env, tuple(models), price_provider))
-    return tuple(out)
-
-
-def _price(where: str, item: dict[str, Any], key: str, required: bool) -> Decimal | None:
-    value = item.get(key)
-    if value is None:
-        if required:
-            raise SettingsError(f"{where}.{key} is required (USD per million tokens)")
-        return None
-    try:
-        price = Decimal(str(value))
-    except InvalidOperation:
-        raise SettingsError(f"{where}.{key} must be a number") from None
-    if not price.is_finite() or price < 0:
-        raise SettingsError(f"{where}.{key} must be a finite number >= 0")
-    return price
-
-
-def _price_overrides(label: str, raw: Any) -> tuple[PriceOverride, ...]:
-    out = []
-    for i, item in enumerate(_json_list(label, raw)):
-        where = f"{label}[{i}]"
-        model = item.get("model")
-        if not isinstance(model, str) or not model:
-            raise SettingsError(f"{where}.model must be a model name")
-        provider = item.get("provider")
-        if provider is not None and not isinstance(provider, str):
-            raise SettingsError(f"{where}.provider must be a string")
-        inp = _price(where, item, "input_per_mtok", True)
-        outp = _price(where, item, "output_per_mtok", True)
-        assert inp is not None
-        assert outp is not None
-        cached = _price(where, item, "cached_input_per_mtok", False)
-        out.append(PriceOverride(model, inp, outp, cached, provider))
-    return tuple(out)
-
-
-def _webhooks(label: str, raw: Any) -> tuple[WebhookConfig, ...]:
-    out = []
-    for i, item in enumerate(_json_list(label, raw)):
-        where = f"{label}[{i}]"
-        unknown = set(item) - {"name", "url", "tags", "format", "max_attempts", "timeout_s"}
-        if unknown:
-            raise SettingsError(f"{where} has unknown field(s) {sorted(unknown)}")
-        name = item.get("name")
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise SettingsError(f"{where}.name must be a lower-case name like 'ops'")
-        url = item.get("url")
-        parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise SettingsError(f"{where}.url must be an http(s) URL")
-        tags = item.get("tags", [])
-        if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
-            raise SettingsError(f"{where}.tags must be a list of tag names")
-        fmt = item.get("format", "json")
-        if fmt not in ("json", "slack"):
-            raise SettingsError(f"{where}.format must be json or slack")
-        attempts = _int(1, 50)(f"{where}.max_attempts", item.get("max_attempts", 5))
-        timeout = _float(0.1, 120)(f"{where}.timeout_s", item.get("timeout_s", 5.0))
-        out.append(WebhookConfig(name, url, tuple(tags), fmt, attempts, timeout))
-    if len({w.name for w in out}) != len(out):
-        raise SettingsError(f"{label} names a webhook twice")
-    return tuple(out)
-
-
-def _secret_file(values: dict[str, Any], name: str, file_name: str, minimum: int) -> None:
-    """Fill ``values[name]`` from the file ``values[file_name]`` names (trailing
-    newline dropped); naming both is an error, as one would silently win."""
-    path = values.get(file_name)
-    if path is None:
-        return
-    var, file_var = ENV_PREFIX + name.upper(), ENV_PREFIX + file_name.upper()
-    if values.get(name) is not None:
+def _read_secret_file(raw: dict[str, Any], labels: dict[str, str]) -> None:
+    """Put the contents of the file user_hash_secret_file names in user_hash_secret
+    (checked as that); naming both is an error, as one would silently win."""
+    given = raw.get("user_hash_secret_file")
+    if not isinstance(given, str | Path) or not str(given).strip():
+        return  # unset, or a bad value the conversion reports
+    var, file_var = f"{ENV_PREFIX}USER_HASH_SECRET", f"{ENV_PREFIX}USER_HASH_SECRET_FILE"
+    secret = raw.get("user_hash_secret")
+    if secret is not None and (not isinstance(secret, str) or secret.strip()):
         raise SettingsError(f"set {var} or {file_var}, not both")
+    path = Path(str(given).strip())
     try:
-        raw = path.read_text(encoding="utf-8")
+        contents = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise SettingsError(
             f"{file_var} names {str(path)!r}, which cannot be read: {type(e).__name__}"
         ) from None
-    values[name] = _secret(minimum)(f"the contents of {file_var}", raw)
-    if values[name] is None:
+    if not contents.strip():
         raise SettingsError(f"{file_var} names {str(path)!r}, which is empty")
+    raw["user_hash_secret"], labels["user_hash_secret"] = contents, f"the contents of {file_var}"
 
 
-def _secret(minimum: int) -> Callable[[str, Any], str | None]:
-    def parse(label: str, raw: Any) -> str | None:
-        value = _optional_text(label, raw)
-        if value is not None and len(value) < minimum:
-            raise SettingsError(f"{label} must be at least {minimum} characters long")
+_BOOL_WORDS = {"yes": "true", "on": "true", "no": "false", "off": "false"}
+
+
+def _prepare(type_: mi.Type, value: Any, label: str) -> Any:
+    """What a string means before conversion: surrounding blanks never matter,
+    modes and booleans ignore case, an empty optional text is unset, and a list
+    of objects is JSON (with exact Decimal prices)."""
+    if not isinstance(value, str):
         return value
+    value = value.strip()
+    optional = isinstance(type_, mi.UnionType)
+    bare = _bare(type_)
+    if optional and value == "" and isinstance(bare, mi.StrType):
+        return None
+    if isinstance(bare, mi.LiteralType):
+        return value.lower()
+    if isinstance(bare, mi.BoolType):
+        return _BOOL_WORDS.get(value.lower(), value)
+    if isinstance(bare, mi.VarTupleType):
+        try:
+            return json.loads(value, parse_float=Decimal)
+        except json.JSONDecodeError as e:
+            raise SettingsError(f"{label} is not valid JSON: {e}") from None
+    return value
 
-    return parse
+
+def _dec_hook(type_: type, obj: Any) -> Any:
+    """Paths, the one type msgspec does not convert itself."""
+    if type_ is Path:
+        if isinstance(obj, Path):
+            return obj
+        if isinstance(obj, str):
+            if not obj.strip():
+                raise ValueError("must not be empty")
+            return Path(obj)
+        raise ValueError("must be a path")
+    raise NotImplementedError
 
 
-_PARSERS: dict[str, Callable[[str, Any], Any]] = {
-    "database_url": _url(("postgresql", "postgres"), "postgresql://"),
-    "database_read_url": _url(("postgresql", "postgres"), "postgresql://"),
-    "redis_url": _url(("redis", "rediss", "unix"), "redis://"),
-    "host": _host,
-    "port": _int(0, 65535),
-    "admin_key": _admin_key,
-    "data_dir": _path,
-    "log_format": _choice(LOG_FORMATS),
-    "log_level": _choice(LOG_LEVELS),
-    "pool_min_size": _int(1, 1000),
-    "pool_max_size": _int(1, 1000),
-    "connect_timeout_s": _float(0.1, 300),
-    "statement_timeout_s": _float(0.1, 3600),
-    "writer_max_batch": _int(1, 100_000),
-    "writer_max_wait_ms": _float(0, 1000),
-    "writer_queue_size": _int(1, 10_000_000),
-    "append_timeout_s": _float(0.1, 600),
-    "poll_interval_s": _float(0.01, 3600),
-    "redis_max_connections": _int(1, 10_000),
-    "run_projections": _bool,
-    "workers": _int(1, 64),
-    "commit_mode": _choice(("durable", "fast")),
-    "on_redis_down": _choice(("deny", "allow")),
-    "key_scope_default": _choice(("own", "any")),
-    "reservation_ttl_s": _float(1, 7 * 86400),
-    "providers": _providers,
-    "default_provider": _optional_text,
-    "upstream_connect_timeout_s": _float(0.1, 600),
-    "upstream_first_byte_timeout_s": _float(0.1, 3600),
-    "upstream_total_timeout_s": _float(0.1, 86400),
-    "max_body_bytes": _int(1024, 1024**3),
-    "client_header_timeout_s": _float(0.05, 3600),
-    "client_body_timeout_s": _float(0.05, 3600),
-    "max_response_bytes": _int(1024, 1024**3),
-    "max_tags": _int(1, 10_000),
-    "max_tag_length": _int(1, 10_000),
-    "max_metadata_bytes": _int(64, 1024**2),
-    "user_hash_secret": _secret(32),
-    "user_hash_secret_file": _path,
-    "unpriced_policy": _choice(("auto", "deny", "allow")),
-    "default_max_tokens": _int(1, 10_000_000),
-    "image_token_bound": _int(1, 1_000_000),
-    "file_token_bound": _int(1, 10_000_000),
-    "price_overrides": _price_overrides,
-    "webhooks": _webhooks,
-    "webhook_secret": _secret(16),
-    "sweep_interval_s": _float(0.05, 3600),
-}
+# ---------------------------------------------------------------- errors
+
+_PATH_RE = re.compile(r"\.([A-Za-z_]\w*)|\[(\d+)\]")
+_BOUND_RE = re.compile(r"^Expected `\w+` (of length )?[<>]=? ")
+_MISSING = object()
+
+
+def _explain(message: str, values: Mapping[str, Any], labels: Mapping[str, str]) -> str:
+    """msgspec's ``Expected `int` >= 1 - at `$.pool_min_size``` as the user's words:
+    ``LEDGER_POOL_MIN_SIZE must be between 1 and 1000, got '0'``."""
+    text, sep, at = message.rpartition(" - at `")
+    if not sep:
+        text, at = message, "$`"
+    path: list[str | int] = [name or int(index) for name, index in _PATH_RE.findall(at.removesuffix("`"))]
+    # The type and value at that path, and what to call it.
+    type_: mi.Type = _SETTINGS_TYPE
+    value: Any = values
+    where = ""
+    for step in path:
+        type_ = _child(type_, step)
+        value = _get(value, step)
+        if not where:
+            where = labels.get(str(step), str(step))
+        else:
+            where += f"[{step}]" if isinstance(step, int) else f".{step}"
+
+    if text.startswith("Object contains unknown field "):
+        return f"{where} has unknown field {text.rsplit(' ', 1)[1].strip('`')!r}"
+    if text.startswith("Object missing required field "):
+        return f"{where}.{text.rsplit(' ', 1)[1].strip('`')} is required"
+    if text.startswith(("Expected ", "Invalid ")):
+        must = _must(type_, bound=bool(_BOUND_RE.match(text)))
+        secret = bool(path) and (path[0] in _SECRET_FIELDS or str(path[0]).endswith("_url"))
+        shown = value if not secret and isinstance(value, str | int | float | Decimal) else _MISSING
+        got = "" if shown is _MISSING else f", got {shown!r}"
+        return f"{where} must be {must}{got}"
+    # A ValueError of a __post_init__ ("base_url must be ...") or of _dec_hook ("must ...").
+    first, _, rest = text.partition(" ")
+    bare = _bare(type_)
+    if isinstance(bare, mi.StructType) and first in {f.name for f in bare.fields}:
+        if not where:  # a Settings field: named as the user named it
+            return f"{labels.get(first, ENV_PREFIX + first.upper())} {rest}"
+        return f"{where}.{first} {rest}"
+    return f"{where} {text}".strip()
+
+
+def _bare(type_: mi.Type) -> mi.Type:
+    """The type under Optional and Annotated."""
+    while True:
+        if isinstance(type_, mi.UnionType):
+            type_ = next(t for t in type_.types if not isinstance(t, mi.NoneType))
+        elif isinstance(type_, mi.Metadata):
+            type_ = type_.type
+        else:
+            return type_
+
+
+def _child(type_: mi.Type, step: str | int) -> mi.Type:
+    bare = _bare(type_)
+    if isinstance(step, int) and isinstance(bare, mi.VarTupleType | mi.ListType):
+        return bare.item_type
+    if isinstance(step, str) and isinstance(bare, mi.StructType):
+        return next((f.type for f in bare.fields if f.name == step), mi.AnyType())
+    return mi.AnyType()
+
+
+def _get(value: Any, step: str | int) -> Any:
+    try:
+        return value[step]
+    except (KeyError, IndexError, TypeError):
+        return _MISSING
+
+
+def _must(type_: mi.Type, *, bound: bool) -> str:
+    """What a value of ``type_`` must be; ``bound``: the value had the right kind
+    but broke a bound, so say only the bound."""
+    description = ""
+    while isinstance(type_, mi.UnionType | mi.Metadata):
+        if isinstance(type_, mi.Metadata):
+            description = (type_.extra_json_schema or {}).get("description", description)
+            type_ = type_.type
+        else:
+            type_ = next(t for t in type_.types if not isinstance(t, mi.NoneType))
+    if description:
+        return str(description)
+    if isinstance(type_, mi.IntType | mi.FloatType):
+        kind = "an integer" if isinstance(type_, mi.IntType) else "a number"
+        if type_.ge is None or type_.le is None:
+            return kind
+        span = f"between {_num(type_.ge)} and {_num(type_.le)}"
+        return span if bound else f"{kind} {span}"
+    if isinstance(type_, mi.StrType):
+        if bound and type_.min_length:
+            n = type_.min_length
+            return f"at least {n} characters long" if n > 1 else "not empty"
+        return "a string"
+    if isinstance(type_, mi.LiteralType):
+        values = _MODE_ORDER.get(frozenset(type_.values), type_.values)
+        return "one of " + ", ".join(str(v) for v in values)
+    if isinstance(type_, mi.BoolType):
+        return "true or false"
+    if isinstance(type_, mi.DecimalType):
+        return "a number"
+    if isinstance(type_, mi.VarTupleType | mi.ListType):
+        return "a list of objects" if isinstance(_bare(type_.item_type), mi.StructType) else "a list"
+    if isinstance(type_, mi.StructType):
+        return "an object"
+    if isinstance(type_, mi.CustomType) and type_.cls is Path:
+        return "a path"
+    return "valid"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -24,7 +24,7 @@ AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 @pytest.fixture
 async def app(settings: Settings) -> web.Application:
-    return gateway_app(dataclasses.replace(settings, admin_key=ADMIN_KEY))
+    return gateway_app(msgspec.structs.replace(settings, admin_key=ADMIN_KEY))
 
 
 @pytest.fixture

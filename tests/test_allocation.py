@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import dataclasses
 import io
 import itertools
 import json
@@ -15,6 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 import asyncpg
+import msgspec
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
@@ -85,7 +85,7 @@ def test_every_dimension_sums_to_the_total(batch: list[tuple[Decimal, list[str]]
 
 @pytest.fixture
 async def app(settings: Settings) -> web.Application:
-    return gateway_app(dataclasses.replace(settings, admin_key=ADMIN))
+    return gateway_app(msgspec.structs.replace(settings, admin_key=ADMIN))
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ time-of-day price fixed at lookup time (bug c), prices parsed through float
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from datetime import UTC, datetime, timedelta
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from genai_prices.data_snapshot import get_snapshot
 from genai_prices.types import ModelPrice, TieredPrices, TimeOfDateConstraint
@@ -285,7 +285,7 @@ async def dear_cache_gateway(settings: Settings, aiohttp_server: AiohttpServer) 
     mock = await aiohttp_server(create_mock_app())
     provider = ProviderConfig("mock", str(mock.make_url("/v1")).rstrip("/"), price_provider="openai")
     app = gateway_app(
-        dataclasses.replace(
+        msgspec.structs.replace(
             settings,
             admin_key="money-admin-key-0123456789",
             providers=(provider,),

@@ -4,7 +4,6 @@ key-name rule, and a tag that looks like a credential is refused, never stored."
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import hmac
 import json
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from pytest_aiohttp import AiohttpServer
 
@@ -175,7 +175,7 @@ async def test_a_gateway_with_a_file_secret_hashes_with_it_and_keeps_none_in_the
     mock = await aiohttp_server(create_mock_app())
     provider = ProviderConfig("mock", str(mock.make_url("/v1")).rstrip("/"), price_provider="openai")
     app = gateway_app(
-        dataclasses.replace(settings, user_hash_secret=from_file.user_hash_secret, providers=(provider,))
+        msgspec.structs.replace(settings, user_hash_secret=from_file.user_hash_secret, providers=(provider,))
     )
     server = await aiohttp_server(app)
     key, _ = await app[KEY_BOOK].generate(key_alias="t", tags=["t"])

@@ -101,7 +101,7 @@ async def gateway(settings: Settings, aiohttp_server: AiohttpServer) -> AsyncIte
     mock = await aiohttp_server(mock_app)
     provider = ProviderConfig("mock", str(mock.make_url("/v1")).rstrip("/"), price_provider="openai")
     app = gateway_app(
-        dataclasses.replace(
+        msgspec.structs.replace(
             settings,
             admin_key=ADMIN_KEY,
             providers=(provider,),
@@ -606,7 +606,7 @@ async def test_an_upstream_refusing_the_gateways_key_on_models_is_a_502(
     mock = await aiohttp_server(create_mock_app(MockConfig(api_key="the-right-key")))
     monkeypatch.setenv("MOCK_KEY", "a-wrong-key")
     provider = ProviderConfig("mock", str(mock.make_url("/v1")).rstrip("/"), api_key_env="MOCK_KEY")
-    app = gateway_app(dataclasses.replace(settings, admin_key=ADMIN_KEY, providers=(provider,)))
+    app = gateway_app(msgspec.structs.replace(settings, admin_key=ADMIN_KEY, providers=(provider,)))
     server = await aiohttp_server(app)
     async with aiohttp.ClientSession() as http:
         r = await http.get(server.make_url("/v1/models"), headers={"Authorization": f"Bearer {ADMIN_KEY}"})
@@ -904,7 +904,7 @@ async def odd_gateway(
     server = await aiohttp_server(upstream)
     provider = ProviderConfig("odd", str(server.make_url("/v1")).rstrip("/"), price_provider="openai")
     app = gateway_app(
-        dataclasses.replace(settings, admin_key=ADMIN_KEY, providers=(provider,), max_response_bytes=4096)
+        msgspec.structs.replace(settings, admin_key=ADMIN_KEY, providers=(provider,), max_response_bytes=4096)
     )
     gateway_server = await aiohttp_server(app)
     gw = Gateway(str(gateway_server.make_url("")).rstrip("/"), app, web.Application(), ADMIN_KEY)

@@ -6,13 +6,13 @@ writes stay on the primary; the replica's lag is in /metrics and in
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -66,7 +66,7 @@ async def test_reports_read_the_replica_and_the_request_path_writes_the_primary(
 ) -> None:
     primary, replica = servers
     settings = Settings.from_dsn(primary.url, redis_url, admin_key=ADMIN, database_read_url=replica.url)
-    app: web.Application = gateway_app(dataclasses.replace(settings, log_format="console"))
+    app: web.Application = gateway_app(msgspec.structs.replace(settings, log_format="console"))
     client: TestClient = await aiohttp_client(app)
     await app[TAGS].create("team:a", ev.TagFields(max_budget=Decimal(10), budget_duration="1d"))
     await app[BUDGET_BOOK].refresh()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from ledger.errors import SettingsError
@@ -125,3 +126,152 @@ def test_cli_reports_bad_setting_without_traceback() -> None:
     assert proc.returncode == 2
     assert "LEDGER_DATABASE_URL is not a valid postgresql:// URL" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------ issue 15: settings as types
+
+# Every mode and its values, as the README lists them; the first test fails when
+# a Literal setting is added without being listed here.
+MODES = {
+    "LEDGER_LOG_FORMAT": ("json", "console"),
+    "LEDGER_LOG_LEVEL": ("debug", "info", "warning", "error"),
+    "LEDGER_COMMIT_MODE": ("durable", "fast"),
+    "LEDGER_ON_REDIS_DOWN": ("deny", "allow"),
+    "LEDGER_KEY_SCOPE_DEFAULT": ("own", "any"),
+    "LEDGER_UNPRICED_POLICY": ("auto", "deny", "allow"),
+}
+
+
+def _refusal(env: dict[str, str], **overrides: object) -> str:
+    with pytest.raises(SettingsError) as e:
+        Settings.from_env(env, **overrides)
+    return str(e.value)
+
+
+def test_every_mode_is_listed() -> None:
+    info = msgspec.inspect.type_info(Settings)
+    assert isinstance(info, msgspec.inspect.StructType)
+    literals = {
+        "LEDGER_" + f.name.upper(): set(f.type.values)
+        for f in info.fields
+        if isinstance(f.type, msgspec.inspect.LiteralType)
+    }
+    assert literals == {var: set(values) for var, values in MODES.items()}
+
+
+@pytest.mark.parametrize(("var", "values"), MODES.items())
+def test_a_mode_takes_its_values_in_any_case_and_refuses_others(var: str, values: tuple[str, ...]) -> None:
+    field = var.removeprefix("LEDGER_").lower()
+    for value in values:
+        assert getattr(Settings.from_env({var: f" {value.upper()} "}), field) == value
+    assert _refusal({var: "sometimes"}) == f"{var} must be one of {', '.join(values)}, got 'sometimes'"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"LEDGER_POOL_MIN_SIZE": "x"},
+            "LEDGER_POOL_MIN_SIZE must be an integer between 1 and 1000, got 'x'",
+        ),
+        ({"LEDGER_POOL_MIN_SIZE": "0"}, "LEDGER_POOL_MIN_SIZE must be between 1 and 1000, got '0'"),
+        ({"LEDGER_WORKERS": "65"}, "LEDGER_WORKERS must be between 1 and 64, got '65'"),
+        (
+            {"LEDGER_POLL_INTERVAL_S": "0.001"},
+            "LEDGER_POLL_INTERVAL_S must be between 0.01 and 3600, got '0.001'",
+        ),
+        (
+            {"LEDGER_RESERVATION_TTL_S": "inf"},
+            "LEDGER_RESERVATION_TTL_S must be between 1 and 604800, got 'inf'",
+        ),
+        (
+            {"LEDGER_MAX_ADMIN_BODY_BYTES": "100"},
+            "LEDGER_MAX_ADMIN_BODY_BYTES must be between 1024 and 16777216, got '100'",
+        ),
+        ({"LEDGER_RUN_PROJECTIONS": "maybe"}, "LEDGER_RUN_PROJECTIONS must be true or false, got 'maybe'"),
+        (
+            {"LEDGER_WEBHOOKS": '[{"name": "ops", "url": "https://h/x", "max_attempts": 0}]'},
+            "LEDGER_WEBHOOKS[0].max_attempts must be between 1 and 50, got 0",
+        ),
+        (
+            {"LEDGER_PROVIDERS": '[{"name": "OpenAI", "base_url": "https://h/v1"}]'},
+            "LEDGER_PROVIDERS[0].name must be a lower-case name like 'openai', got 'OpenAI'",
+        ),
+        (
+            {"LEDGER_PROVIDERS": '[{"name": "a", "base_url": "ftp://h/v1"}]'},
+            "LEDGER_PROVIDERS[0].base_url must be an http(s) URL",
+        ),
+        (
+            {"LEDGER_PROVIDERS": '[{"name": "a", "base_url": "https://h", "key": "k"}]'},
+            "LEDGER_PROVIDERS[0] has unknown field 'key'",
+        ),
+        ({"LEDGER_PROVIDERS": '{"name": "a"}'}, "LEDGER_PROVIDERS must be a list of objects"),
+        (
+            {"LEDGER_PRICE_OVERRIDES": '[{"model": "m", "input_per_mtok": 1}]'},
+            "LEDGER_PRICE_OVERRIDES[0].output_per_mtok is required",
+        ),
+        (
+            {"LEDGER_PRICE_OVERRIDES": '[{"model": "m", "input_per_mtok": -1, "output_per_mtok": 1}]'},
+            "LEDGER_PRICE_OVERRIDES[0].input_per_mtok must be a finite number >= 0",
+        ),
+    ],
+)
+def test_a_bad_value_names_its_variable_and_the_bound(env: dict[str, str], message: str) -> None:
+    assert _refusal(env) == message
+
+
+def test_a_bad_value_names_the_file_key_or_the_flag_it_came_from(tmp_path: Path) -> None:
+    cfg = tmp_path / "ledger.toml"
+    cfg.write_text("workers = 0\n")
+    assert _refusal({"LEDGER_CONFIG": str(cfg)}) == f"workers in {cfg} must be between 1 and 64, got 0"
+    assert _refusal({}, port=70000) == "--port must be between 0 and 65535, got 70000"
+    assert _refusal({}, colour="blue") == "unknown setting 'colour'"
+
+
+def test_a_refused_secret_is_not_repeated() -> None:
+    for var in ("LEDGER_ADMIN_KEY", "LEDGER_WEBHOOK_SECRET", "LEDGER_USER_HASH_SECRET"):
+        message = _refusal({var: "tiny-secret"})
+        assert message.startswith(f"{var} must be at least")
+        assert "tiny-secret" not in message
+
+
+def test_booleans_take_their_usual_words() -> None:
+    for word, value in [
+        ("yes", True),
+        ("On", True),
+        ("1", True),
+        ("no", False),
+        ("OFF", False),
+        ("0", False),
+    ]:
+        assert Settings.from_env({"LEDGER_RUN_PROJECTIONS": word}).run_projections is value
+
+
+def test_an_unknown_ledger_variable_is_ignored() -> None:
+    """As before issue 15: other tools read LEDGER_TEST_* and the like; config_file
+    is set only through LEDGER_CONFIG."""
+    unknown = {"LEDGER_COLOUR": "blue", "LEDGER_TEST_DATABASE_URL": "x", "LEDGER_CONFIG_FILE": "/nonexistent"}
+    assert Settings.from_env(unknown) == Settings.from_env({})
+
+
+def test_an_empty_optional_value_is_unset() -> None:
+    s = Settings.from_env({"LEDGER_DATABASE_URL": " ", "LEDGER_ADMIN_KEY": "", "LEDGER_DEFAULT_PROVIDER": ""})
+    assert (s.database_url, s.admin_key, s.default_provider) == (None, None, None)
+
+
+@pytest.mark.parametrize("command", ["serve", "dev"])
+def test_serve_and_dev_name_the_bad_variable(command: str, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ledger.cli", command],
+        env={"LEDGER_ON_REDIS_DOWN": "maybe", "LEDGER_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        == "ledger: configuration error: LEDGER_ON_REDIS_DOWN must be one of deny, allow, got 'maybe'"
+    )
+    assert list(tmp_path.iterdir()) == []  # refused before anything was started

@@ -5,11 +5,11 @@ within the configured timeouts. Raw sockets, short timeouts set for the test."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
 
+import msgspec
 import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
@@ -40,7 +40,7 @@ class Server:
 async def server(settings: Settings, aiohttp_server: AiohttpServer) -> Server:
     mock = await aiohttp_server(create_mock_app())
     provider = ProviderConfig("mock", str(mock.make_url("/v1")).rstrip("/"), price_provider="openai")
-    short = dataclasses.replace(
+    short = msgspec.structs.replace(
         settings,
         providers=(provider,),
         client_header_timeout_s=HEADER_TIMEOUT_S,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import dataclasses
 import hashlib
 import hmac
 import io
@@ -13,6 +12,7 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -31,7 +31,7 @@ N = 45
 
 @pytest.fixture
 async def app(settings: Settings) -> web.Application:
-    return gateway_app(dataclasses.replace(settings, admin_key=ADMIN))
+    return gateway_app(msgspec.structs.replace(settings, admin_key=ADMIN))
 
 
 @pytest.fixture

@@ -10,12 +10,12 @@ nesting and types, not LiteLLM's code.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from ledger.settings import Settings
@@ -29,7 +29,7 @@ __all__ = ["LiteLLM", "gateway", "litellm"]
 def settings(settings: Settings) -> Settings:
     """A gateway configured as a team coming from LiteLLM configures it: keys made
     without allowed_tags may carry any tag, as LiteLLM's do (LEDGER_KEY_SCOPE_DEFAULT=any)."""
-    return dataclasses.replace(settings, key_scope_default="any")
+    return msgspec.structs.replace(settings, key_scope_default="any")
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import hmac
 import io
 import json
@@ -449,7 +448,7 @@ async def test_the_largest_admissible_values_pass_every_projection_and_replay(
     mock = await aiohttp_server(create_mock_app())
     provider = ProviderConfig("mock", str(mock.make_url("/v1")).rstrip("/"), price_provider="openai")
     price = PriceOverride(LONGEST_MODEL, Decimal(1), Decimal(2))
-    app = gateway_app(dataclasses.replace(settings, providers=(provider,), price_overrides=(price,)))
+    app = gateway_app(msgspec.structs.replace(settings, providers=(provider,), price_overrides=(price,)))
     server = await aiohttp_server(app)
     key, _ = await app[KEY_BOOK].generate(
         key_alias="wide", tags=[LONGEST_KEY_TAG], settings=KeyFields(allowed_tags=["*"])
@@ -513,7 +512,7 @@ async def test_a_projection_that_cannot_apply_an_event_says_so_loudly(
     `projections status` (exit 1), /health/ready ("degraded") and /metrics name it, and
     all three clear once the batch applies."""
     app = gateway_app(
-        dataclasses.replace(settings, poll_interval_s=0.1, admin_key="test-admin-key-0123456789")
+        msgspec.structs.replace(settings, poll_interval_s=0.1, admin_key="test-admin-key-0123456789")
     )
     server = await aiohttp_server(app)
     pool = app[STORE].pool
