@@ -217,12 +217,10 @@ class EventStore:
 
     async def ping(self) -> None:
         """Raise StoreUnavailable unless PostgreSQL answers within the connect timeout."""
-        try:
+        async with unavailable_as_store_error("PostgreSQL does not answer"):
             async with asyncio.timeout(self._acquire_timeout):
                 async with self.pool.acquire() as conn:
                     await conn.fetchval("select 1")
-        except _UNAVAILABLE as e:
-            raise StoreUnavailable(f"PostgreSQL does not answer: {_describe(e)}") from e
 
     # ------------------------------------------------------------ appending
 
@@ -538,13 +536,13 @@ def is_unavailable(e: BaseException) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def unavailable_as_store_error() -> AsyncIterator[None]:
+async def unavailable_as_store_error(what: str = "PostgreSQL unavailable") -> AsyncIterator[None]:
     """Driver errors that mean "PostgreSQL is not there" become StoreUnavailable
-    (the domain's error; the HTTP layer answers it with a 503)."""
+    (the domain's error; the HTTP layer answers it with a 503), ``what`` first."""
     try:
         yield
     except _UNAVAILABLE as e:
-        raise StoreUnavailable(f"PostgreSQL unavailable: {_describe(e)}") from e
+        raise StoreUnavailable(f"{what}: {_describe(e)}") from e
 
 
 def _describe(e: BaseException) -> str:

@@ -17,8 +17,8 @@ from decimal import Decimal
 import asyncpg
 
 from ledger.counters.budget import Budget
-from ledger.errors import StoreUnavailable
 from ledger.money import from_nanos
+from ledger.store import unavailable_as_store_error
 
 PROJECTION = "budget_windows"  # the projection that maintains the views read here
 
@@ -113,7 +113,7 @@ def _tag_of(subject: str) -> str | None:
 
 async def window_state(pool: asyncpg.Pool, budget: Budget) -> WindowState:
     w = budget.window
-    try:
+    async with unavailable_as_store_error("cannot read the budget window from the log"):
         row = await pool.fetchrow(
             WINDOW_STATE_SQL,
             budget.subject,
@@ -124,8 +124,6 @@ async def window_state(pool: asyncpg.Pool, budget: Budget) -> WindowState:
             budget.counts_from,
             budget.base_nanos,
         )
-    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as e:
-        raise StoreUnavailable(f"cannot read the budget window from the log: {e}") from e
     assert row is not None
     held = zip(map(int, row[3]), row[4], strict=True)
     return WindowState(int(row[0]), int(row[1]), dict(zip(row[2], held, strict=True)))
@@ -133,10 +131,8 @@ async def window_state(pool: asyncpg.Pool, budget: Budget) -> WindowState:
 
 async def expired_reservations(pool: asyncpg.Pool, now: datetime, limit: int = 200) -> list[str]:
     """Request ids admitted in the log, with no terminal event, past their deadline."""
-    try:
+    async with unavailable_as_store_error("cannot read open reservations from the log"):
         rows = await pool.fetch(EXPIRED_SQL, now, limit)
-    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as e:
-        raise StoreUnavailable(f"cannot read open reservations from the log: {e}") from e
     return list(dict.fromkeys(r[0] for r in rows))
 
 
