@@ -8,7 +8,7 @@ import platform
 import time
 
 from ledger import logs
-from tests.bench import bench_counters, bench_gateway, bench_lag, bench_replay, bench_store
+from tests.bench import bench_ceiling, bench_counters, bench_gateway, bench_lag, bench_replay, bench_store
 
 BENCHES = {
     "store": bench_store.main,
@@ -16,6 +16,7 @@ BENCHES = {
     "gateway": bench_gateway.main,
     "replay": bench_replay.main,
     "lag": bench_lag.main,
+    "ceiling": bench_ceiling.main,
 }
 
 
