@@ -6,12 +6,13 @@ a connection of its own so PostgreSQL writes one view while Python prepares the
 next, and the next batch is read meanwhile.
 
 The fresh tables are built in a schema per projection (so index names never
-collide), up to the head of the log. The swap then happens in one transaction
-that first locks each projection's checkpoint row — the live worker takes the
+collide), up to the head of the log. Each swap then happens in one transaction
+that first locks the projection's checkpoint row — the live worker takes the
 same lock for each batch, so it waits — catches the fresh tables up to the live
 checkpoint or the head, whichever is later, drops the live tables and moves the
-fresh ones in. Readers see the old views or the new ones, never half of either;
-and a projection that fails fails the whole replay before anything is swapped.
+fresh ones in. Readers see the old view or the new one, never half of either;
+and a projection that fails to build fails the whole replay before anything is
+swapped.
 
 ``until`` replays only the events recorded up to a moment, into a schema of its
 own, and leaves the live views alone: "what did each tag spend as of then".
@@ -192,10 +193,10 @@ async def replay_all(
     batch_size: int = 5000,
     progress: Progress | None = None,
 ) -> list[ReplayResult]:
-    """Rebuild ``projections`` from ONE pass over the log, then swap them all in, in
-    one transaction (unless ``until``/``until_position``/``swap=False``).
+    """Rebuild ``projections`` from ONE pass over the log, then swap each in (unless
+    ``until``/``until_position``/``swap=False``).
 
-    All or nothing: if any projection fails, the replay raises and no view is swapped."""
+    If any projection fails to build, the replay raises and no view is swapped."""
     started = time.perf_counter()
     conn = await asyncpg.connect(dsn, statement_cache_size=0)
     targets: list[_Target] = []
@@ -232,10 +233,26 @@ async def replay_all(
                 )
                 for t in targets
             ]
-        async with conn.transaction():
-            # lock every checkpoint row (in one order, so two replays cannot deadlock)
-            for t in sorted(targets, key=lambda t: t.projection.name):
-                name = t.projection.name
+        # Catch up together with what was committed while building, still one read
+        # for all, so that each swap below has only the last moments to read.
+        position, count = await _build(
+            reader,
+            targets,
+            after=position,
+            stop_position=None,
+            until=None,
+            progress=progress,
+            total=total,
+            done=count,
+        )
+        # Then each projection is swapped in its own transaction, as a single
+        # replay always was: locks on one projection's tables at a time, so a
+        # reader joining views of two projections cannot deadlock with the swap.
+        last_use = {where: t for t in targets if (where := schemas[t.projection.name])}
+        results = []
+        for t in targets:
+            name = t.projection.name
+            async with conn.transaction():
                 checkpoint = await conn.fetchval(
                     "select position from projection_checkpoints where name = $1 for update", name
                 )
@@ -243,34 +260,31 @@ async def replay_all(
                     await conn.execute(
                         "insert into projection_checkpoints (name, position) values ($1, 0)", name
                     )
-            # catch up with everything committed while we were building
-            swapping = [_Target(t.projection, conn, t.tables) for t in targets]
-            position, count = await _build(
-                reader,
-                swapping,
-                after=position,
-                stop_position=None,
-                until=None,
-                progress=progress,
-                total=total,
-                done=count,
-            )
-            for t in targets:
+                # catch up with everything committed since
+                at, done = await _build(
+                    reader,
+                    [_Target(t.projection, conn, t.tables)],
+                    after=position,
+                    stop_position=None,
+                    until=None,
+                    progress=progress,
+                    total=total,
+                    done=count,
+                )
                 for table in t.projection.tables:
                     await conn.execute(f"drop table if exists public.{table}")
                     await conn.execute(f"alter table {t.tables[table]} set schema public")
                 await conn.execute(
                     "update projection_checkpoints set position = $2, updated_at = now() where name = $1",
-                    t.projection.name,
-                    position,
+                    name,
+                    at,
                 )
-            for where in dict.fromkeys(schemas.values()):
-                await conn.execute(f"drop schema {where}")
-        seconds = time.perf_counter() - started
-        return [
-            ReplayResult(t.projection.name, count, position, seconds, "public", reader.events)
-            for t in targets
-        ]
+                if last_use[schemas[name]] is t:
+                    await conn.execute(f"drop schema {schemas[name]}")
+            results.append(
+                ReplayResult(name, done, at, time.perf_counter() - started, "public", reader.events)
+            )
+        return results
     finally:
         for t in targets:
             await t.conn.close()
