@@ -12,6 +12,9 @@ Streams:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -302,8 +305,31 @@ def to_new(event: msgspec.Struct) -> NewEvent:
     return NewEvent(kind, _encoder.encode(raw))
 
 
+# Set by shared_decoding(): log position -> the event decoded there.
+_shared: ContextVar[dict[int, Event] | None] = ContextVar("shared_decoding", default=None)
+
+
+@contextmanager
+def shared_decoding() -> Iterator[None]:
+    """Within this block (and the tasks it starts), decode() decodes each log
+    position once: a replay hands one batch to several projections, which would
+    otherwise each decode the same events. Events are immutable and a position
+    always holds the same event, so sharing the decoded value is safe."""
+    token = _shared.set({})
+    try:
+        yield
+    finally:
+        _shared.reset(token)
+
+
 def decode(recorded: RecordedEvent) -> Event:
-    return _decoder.decode(tagged(recorded))
+    shared = _shared.get()
+    if shared is None:
+        return _decoder.decode(tagged(recorded))
+    event = shared.get(recorded.position)
+    if event is None:
+        event = shared[recorded.position] = _decoder.decode(tagged(recorded))
+    return event
 
 
 def decode_tag(recorded: RecordedEvent) -> TagEvent:

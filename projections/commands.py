@@ -16,7 +16,6 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    TaskID,
     TextColumn,
     TimeRemainingColumn,
 )
@@ -27,7 +26,7 @@ from ledger.budgets import BudgetBook, rebuild_missing
 from ledger.counters import Counters, connect_redis
 from ledger.settings import Settings
 from ledger.store import EventStore, create_pool, replica_lag
-from projections.replay import replay
+from projections.replay import replay_all
 from projections.runtime import Worker, lag
 from projections.spend import PROJECTIONS, create
 from projections.verify import Report, verify_counters, verify_projection
@@ -112,34 +111,40 @@ async def replay_command(settings: Settings, names: list[str] | None, until: dat
             )
     elif start is None:
         console.print("the event log is empty: the views are rebuilt empty")
-    for name in names or list(PROJECTIONS):
-        projection = create(name)
-        with Progress(
-            TextColumn(f"[bold]{name}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]:>10} events/s"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        ) as bar:
-            task = bar.add_task(name, total=None, rate="-")
-            started = asyncio.get_running_loop().time()
+    names = names or list(PROJECTIONS)
+    # one pass over the log for all of them: each batch is read once, applied to each
+    label = names[0] if len(names) == 1 else f"{len(names)} projections"
+    with Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>10} events/s"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task(label, total=None, rate="-")
+        started = asyncio.get_running_loop().time()
 
-            def advance(done: int, total: int, task: TaskID = task, started: float = started) -> None:
-                elapsed = max(asyncio.get_running_loop().time() - started, 1e-6)
-                bar.update(task, completed=done, total=max(total, done), rate=f"{done / elapsed:,.0f}")
+        def advance(done: int, total: int) -> None:
+            elapsed = max(asyncio.get_running_loop().time() - started, 1e-6)
+            bar.update(task, completed=done, total=max(total, done), rate=f"{done / elapsed:,.0f}")
 
-            result = await replay(settings.database_url, projection, until=until, progress=advance)
-            # an empty or short log never called advance: the bar ends full, not at "0/?"
-            bar.update(task, completed=result.events, total=result.events)
-        where = "swapped into the live views" if result.schema == "public" else f"in schema {result.schema}"
-        console.print(
-            f"{name}: {result.events:,} events in {result.seconds:.1f}s "
-            f"({result.events / max(result.seconds, 1e-6):,.0f}/s), up to position {result.position}, {where}"
+        results = await replay_all(
+            settings.database_url, [create(n) for n in names], until=until, progress=advance
         )
-        if until is not None and name == "spend_rollups":
-            await _as_of_report(settings.database_url, result.schema, until)
+        # an empty or short log never called advance: the bar ends full, not at "0/?"
+        bar.update(task, completed=results[0].events, total=results[0].events)
+    first = results[0]
+    where = "swapped into the live views" if first.schema == "public" else f"in schema {first.schema}"
+    console.print(
+        f"{', '.join(names)}: {first.events:,} events in {first.seconds:.1f}s "
+        f"({first.events / max(first.seconds, 1e-6):,.0f}/s), read once ({first.read:,} events read), "
+        f"up to position {first.position}, {where}"
+    )
+    rollups = next((r for r in results if r.projection == "spend_rollups"), None)
+    if until is not None and rollups is not None:
+        await _as_of_report(settings.database_url, rollups.schema, until)
     if until is not None:
         console.print("list these schemas with `ledger asof list`, drop them with `ledger asof drop NAME`")
     return 0

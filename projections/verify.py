@@ -17,7 +17,7 @@ from ledger.counters import Budget, Counters
 from ledger.counters.log import window_state
 from ledger.store import RecordedEvent
 from ledger.subjects import DEFINITION_TYPES, Definitions
-from projections.replay import _build, _create_shadow
+from projections.replay import LogReader, _build, _create_shadow, _Target
 from projections.runtime import Projection
 
 
@@ -51,14 +51,13 @@ async def verify_projection(dsn: str, projection: Projection, report: Report, *,
                 projection.name,
             )
         )
+        targets = [_Target(projection, conn, tables)]
         position, _ = await _build(
-            conn,
-            projection,
-            tables,
+            LogReader(conn, 5000),
+            targets,
             after=0,
             stop_position=live,
             until=None,
-            batch_size=5000,
             progress=None,
             total=live,
         )
@@ -69,13 +68,11 @@ async def verify_projection(dsn: str, projection: Projection, report: Report, *,
             )
             checkpoint = int(checkpoint or 0)
             await _build(
-                conn,
-                projection,
-                tables,
+                LogReader(conn, 5000),
+                targets,
                 after=position,
                 stop_position=checkpoint,
                 until=None,
-                batch_size=5000,
                 progress=None,
                 total=checkpoint,
             )

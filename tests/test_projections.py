@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -22,10 +22,10 @@ from ledger import events as ev
 from ledger.admission import Admission, Admitted
 from ledger.budgets import BudgetBook
 from ledger.counters import Counters, connect_redis
-from ledger.store import EventStore
+from ledger.store import EventStore, RecordedEvent
 from ledger.tags import TagService
-from projections.replay import replay
-from projections.runtime import lock_key
+from projections.replay import replay, replay_all
+from projections.runtime import Projection, lock_key
 from projections.spend import PROJECTIONS, create
 from projections.verify import Report, verify_counters, verify_projection
 
@@ -326,3 +326,99 @@ async def test_replay_until_a_past_moment(
     assert as_of == expected
     assert as_of < everything
     assert live
+
+
+class _Failing(Projection):
+    """A projection that fails on the first spend it sees."""
+
+    name = "failing"
+    tables = ()
+    types = frozenset({"SpendRecorded"})
+
+    async def apply(
+        self, conn: asyncpg.Connection, events: list[RecordedEvent], tables: Mapping[str, str]
+    ) -> None:
+        raise RuntimeError("this projection cannot apply spend")
+
+
+async def all_views(database_url: str) -> dict[str, list[Any]]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        out = {}
+        for name in PROJECTIONS:
+            for table in create(name).tables:
+                out[table] = sorted(tuple(r) for r in await conn.fetch(f"select * from {table}"))  # noqa: S608
+        out["checkpoints"] = sorted(
+            tuple(r) for r in await conn.fetch("select name, position from projection_checkpoints")
+        )
+        return out
+    finally:
+        await conn.close()
+
+
+async def test_replay_all_reads_the_log_once_and_equals_one_replay_per_projection(
+    database_url: str, ledger_parts: tuple[Admission, TagService, Counters]
+) -> None:
+    admission, tags, _ = ledger_parts
+    await workload(admission, 300)
+    await tags.update("team:a", ev.TagFields(max_budget=Decimal("2000")))
+    await tags.delete("fixed")
+    await workload(admission, 200)
+    conn = await asyncpg.connect(database_url)
+    try:
+        head = await conn.fetchval("select max(position) from events")
+    finally:
+        await conn.close()
+    for name in PROJECTIONS:
+        alone = await replay(database_url, create(name), batch_size=97)
+        assert alone.read == head  # one projection: the log read once, too
+    expected = await all_views(database_url)
+    assert all(expected[t] for t in ("spend_allocations", "budget_charges", "spend_logs"))
+    assert [c[1] for c in expected["checkpoints"]] == [head] * len(PROJECTIONS)
+
+    # small batches, so that a batch is handed to several projections many times over
+    results = await replay_all(database_url, [create(n) for n in PROJECTIONS], batch_size=97)
+    assert [r.projection for r in results] == list(PROJECTIONS)
+    assert all(r.schema == "public" and r.position == head and r.events == head for r in results)
+    assert {r.read for r in results} == {head}  # not head times the number of projections
+    assert await all_views(database_url) == expected
+
+    # the operator's command takes the same single pass, and says so
+    env = {**os.environ, "LEDGER_DATABASE_URL": database_url, "LEDGER_LOG_LEVEL": "warning", "COLUMNS": "300"}
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "ledger.cli", "replay", "--all"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"read once ({head:,} events read)" in done.stdout, done.stdout
+    assert await all_views(database_url) == expected
+
+
+_LIVE_OIDS = (
+    "select relname, oid from pg_class where relnamespace = 'public'::regnamespace "
+    "and relname = any($1::text[]) order by relname"
+)
+
+
+async def test_replay_all_swaps_nothing_when_one_projection_fails(
+    database_url: str, ledger_parts: tuple[Admission, TagService, Counters]
+) -> None:
+    admission, _, _ = ledger_parts
+    await workload(admission, 100)
+    for name in PROJECTIONS:
+        await replay(database_url, create(name))
+    before = await all_views(database_url)
+    conn = await asyncpg.connect(database_url)
+    try:
+        oids = await conn.fetch(_LIVE_OIDS, VIEW_TABLES)
+        with pytest.raises(RuntimeError, match="cannot apply spend"):
+            await replay_all(database_url, [*(create(n) for n in PROJECTIONS), _Failing()])
+        # the live tables are the very same ones: none was swapped
+        assert await conn.fetch(_LIVE_OIDS, VIEW_TABLES) == oids
+    finally:
+        await conn.close()
+    assert await all_views(database_url) == before

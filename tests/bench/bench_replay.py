@@ -1,15 +1,20 @@
 """Replay speed: 1,000,000 realistic events, then `replay --all`.
 
 Events are written through the store's batch writer (RequestAdmitted and
-SpendRecorded pairs with tags, users, metadata, some denials); each projection
-is replayed from position 0, then `ledger replay --all` (the CLI, in its own
-process) is timed end to end.
+SpendRecorded pairs with tags, users, metadata, some denials); then, in each
+of ``LEDGER_BENCH_REPLAY_RUNS`` rounds: a ``read_all`` scan of the whole log
+(batches of 5,000, the store benchmark's scan), each projection replayed from
+position 0, and `ledger replay --all` (the CLI, in its own process) timed end
+to end. Figures are medians of the rounds; each ratio compares a replay with
+the scan of its own round, which is what compares across noisy runs.
+``LEDGER_BENCH_REPLAY_EVENTS`` sets the log's size (200000 is enough to iterate).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +32,7 @@ from projections.replay import replay
 from projections.spend import PROJECTIONS, create
 
 EVENTS = int(os.environ.get("LEDGER_BENCH_REPLAY_EVENTS", "1000000"))
+RUNS = int(os.environ.get("LEDGER_BENCH_REPLAY_RUNS", "2"))
 
 
 async def generate(store: EventStore, n_events: int) -> float:
@@ -87,26 +93,18 @@ async def generate(store: EventStore, n_events: int) -> float:
     return time.perf_counter() - started
 
 
-async def run(url: str) -> list[tuple[str, float]]:
-    await migrate(url)
-    store = await EventStore.open(Settings.from_dsn(url))
-    try:
-        gen_s = await generate(store, EVENTS)
-        head = await store.head()
-    finally:
-        await store.close()
-    rows: list[tuple[str, float]] = [
-        (f"generated events (batch writer, {gen_s:.0f}s)", float(head)),
-        ("generation events/s", head / gen_s),
-    ]
-    total = 0.0
-    for name in PROJECTIONS:
-        result = await replay(url, create(name))
-        rows.append((f"replay {name}: events/s", result.events / result.seconds))
-        total += result.seconds
-    rows.append(("sum of the per-projection replays: seconds", total))
-    # `ledger replay --all` as an operator runs it, timed end to end: process
-    # start, every projection rebuilt and swapped in.
+async def _scan(store: EventStore) -> float:
+    started = time.perf_counter()
+    after, n = 0, 0
+    while batch := await store.read_all(after, 5000):
+        n += len(batch)
+        after = batch[-1].position
+    return n / (time.perf_counter() - started)
+
+
+async def _replay_all_cli(url: str) -> float:
+    """`ledger replay --all` as an operator runs it: process start, every projection
+    rebuilt and swapped in. Returns the wall seconds."""
     env = {**os.environ, "LEDGER_DATABASE_URL": url, "LEDGER_LOG_LEVEL": "warning"}
     started = time.perf_counter()
     done = await asyncio.to_thread(
@@ -119,8 +117,38 @@ async def run(url: str) -> list[tuple[str, float]]:
     )
     wall = time.perf_counter() - started
     assert done.returncode == 0, done.stdout + done.stderr
-    rows.append(("`ledger replay --all`, end to end: events/s", head / wall))
-    rows.append(("`ledger replay --all`, end to end: seconds", wall))
+    return wall
+
+
+async def run(url: str) -> list[tuple[str, float]]:
+    await migrate(url)
+    store = await EventStore.open(Settings.from_dsn(url))
+    try:
+        gen_s = await generate(store, EVENTS)
+        head = await store.head()
+        rates: dict[str, list[float]] = {}
+        ratios: dict[str, list[float]] = {}
+        for _ in range(RUNS):
+            scan = await _scan(store)
+            rates.setdefault("read_all scan", []).append(scan)
+            for name in PROJECTIONS:
+                result = await replay(url, create(name))
+                rate = result.events / result.seconds
+                rates.setdefault(f"replay {name}", []).append(rate)
+                ratios.setdefault(f"replay {name}", []).append(rate / scan)
+            rate = head / await _replay_all_cli(url)
+            rates.setdefault("`ledger replay --all`, end to end", []).append(rate)
+            ratios.setdefault("`ledger replay --all`, end to end", []).append(rate / scan)
+    finally:
+        await store.close()
+    rows: list[tuple[str, float]] = [
+        (f"generated events (batch writer, {gen_s:.0f}s)", float(head)),
+        ("generation events/s", head / gen_s),
+    ]
+    for label, values in rates.items():
+        rows.append((f"{label}: events/s (median of {len(values)})", statistics.median(values)))
+        if label in ratios:
+            rows.append((f"{label}: ratio to the scan of its run", statistics.median(ratios[label])))
     return rows
 
 

@@ -35,7 +35,8 @@ def main() -> None:
         started = time.perf_counter()
         print(f"\n## {name}")
         for label, value in BENCHES[name]():
-            print(f"{label:70s} {value:12,.1f}")
+            # ratios are small: three decimals, not one
+            print(f"{label:70s} {value:12,.1f}" if abs(value) >= 10 else f"{label:70s} {value:12.3f}")
         print(f"({time.perf_counter() - started:.0f}s)")
 
 
