@@ -29,7 +29,7 @@ run: $(STAMP)
 # Each run gets a temp dir of its own: pytest keeps only the 3 newest under
 # /tmp/pytest-of-<user>, and would delete a concurrent run's embedded servers.
 test: $(STAMP)
-	@d=$$(mktemp -d /tmp/ledger-test-XXXXXX); $(BIN)/pytest --basetemp=$$d $(PYTEST_ARGS); rc=$$?; rm -rf $$d; exit $$rc
+	@d=$$(mktemp -d /tmp/ledger-test-XXXXXX); $(BIN)/pytest --basetemp=$$d --cov --cov-report=term $(PYTEST_ARGS); rc=$$?; rm -rf $$d; exit $$rc
 
 # The fault suite, with many more randomized counter schedules than `make test` runs.
 test-faults: $(STAMP)
