@@ -21,12 +21,12 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from gateway.appkeys import KEY_BOOK, READ_POOL, USER_SECRET
 from gateway.errors import ApiError
-from gateway.keys import KEY_BOOK, READ_POOL, USER_SECRET
-from gateway.spend import check_params, date_range, int_param, json_response, key_filter
-from ledger import queries
+from gateway.spend_api import check_params, date_range, int_param, json_response, key_filter
 from ledger.apikeys import KeyBook
-from ledger.privacy import hash_user
+from ledger.domain.privacy import hash_user
+from ledger.postgres import queries
 
 routes = web.RouteTableDef()
 

@@ -21,14 +21,14 @@ import msgspec
 from aiohttp import web
 from msgspec import UNSET, UnsetType
 
+from gateway.appkeys import BUDGET_BOOK, COUNTERS, METRICS, REQUEST_ID, SETTINGS, STORE, TAGS
 from gateway.errors import ApiError
-from gateway.keys import BUDGET_BOOK, COUNTERS, METRICS, REQUEST_ID, SETTINGS, STORE, TAGS
 from gateway.metrics import render
 from ledger import events as ev
 from ledger.alerts import forecast
-from ledger.money import from_nanos
-from ledger.queries import seen_tags, tag_totals_view
-from ledger.store import NUL_ESCAPE
+from ledger.domain.money import from_nanos
+from ledger.postgres.queries import seen_tags, tag_totals_view
+from ledger.postgres.store import NUL_ESCAPE
 from ledger.tags import TagState
 
 routes = web.RouteTableDef()
@@ -263,7 +263,7 @@ async def decode_body(request: web.Request, kind: type[T]) -> T:
         raise ApiError(400, f"request body is not valid UTF-8 JSON: {e.reason}", param="body") from None
 
 
-def json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         body=_encoder.encode(data), status=status, content_type="application/json", headers=headers
     )
@@ -371,7 +371,7 @@ async def tag_new(request: web.Request) -> web.Response:
     state = await request.app[TAGS].create(body.name, _fields(body), request_id=request[REQUEST_ID])
     await _fresh(request)
     [info] = await tag_infos(request, [state])
-    return json(TagChanged(message=f"tag {body.name!r} created", tag=info))
+    return json_response(TagChanged(message=f"tag {body.name!r} created", tag=info))
 
 
 @routes.post("/tag/update")
@@ -382,7 +382,7 @@ async def tag_update(request: web.Request) -> web.Response:
     )
     await _fresh(request)
     [info] = await tag_infos(request, [state])
-    return json(TagChanged(message=f"tag {body.name!r} updated", tag=info))
+    return json_response(TagChanged(message=f"tag {body.name!r} updated", tag=info))
 
 
 @routes.post("/tag/delete")
@@ -390,7 +390,7 @@ async def tag_delete(request: web.Request) -> web.Response:
     body = await decode_body(request, TagName)
     await request.app[TAGS].delete(body.name, request_id=request[REQUEST_ID])
     await _fresh(request)
-    return json(TagDeleted(message=f"tag {body.name!r} deleted", name=body.name))
+    return json_response(TagDeleted(message=f"tag {body.name!r} deleted", name=body.name))
 
 
 @routes.post("/tag/info")
@@ -417,7 +417,7 @@ async def _info(request: web.Request, names: list[str]) -> web.Response:
     states = await request.app[TAGS].get_many([n for n in names if n not in known])
     states += [TagState(name=n, version=0, exists=True) for n in known]
     infos = await tag_infos(request, states)
-    return json({i.name: i for i in infos})
+    return json_response({i.name: i for i in infos})
 
 
 def _day(request: web.Request, name: str) -> date | None:
@@ -478,7 +478,7 @@ async def tag_list(request: web.Request) -> web.Response:
                 defined=False,
             )
         )
-    return json(out)
+    return json_response(out)
 
 
 @routes.get("/tag/{name}/history")
@@ -512,7 +512,7 @@ async def tag_history(request: web.Request) -> web.Response:
                 changes=changes,
             )
         )
-    return json(items)
+    return json_response(items)
 
 
 @routes.get("/metrics")

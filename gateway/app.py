@@ -12,10 +12,8 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway import activity, admin, customers, dashboard, health, keys_api, openapi, proxy, spend, ui
-from gateway.auth import authenticate
-from gateway.errors import ApiError
-from gateway.keys import (
+from gateway import activity, admin, customers, dashboard, health, keys_api, openapi, proxy, spend_api, ui
+from gateway.appkeys import (
     ADMISSION,
     BUDGET_BOOK,
     COUNTERS,
@@ -31,6 +29,8 @@ from gateway.keys import (
     UPSTREAMS,
     USER_SECRET,
 )
+from gateway.auth import authenticate
+from gateway.errors import ApiError
 from gateway.metrics import create_metrics
 from gateway.middlewares import errors, request_context
 from gateway.upstreams import Upstreams
@@ -38,14 +38,14 @@ from ledger.admission import Admission
 from ledger.apikeys import KeyBook
 from ledger.budgets import BudgetBook
 from ledger.counters import Counters, connect_redis
+from ledger.domain.pricing import PriceBook
+from ledger.domain.privacy import stored_secret
 from ledger.errors import StoreError
 from ledger.gate import Gate
 from ledger.loops import background, run_forever
-from ledger.pricing import PriceBook
-from ledger.privacy import stored_secret
-from ledger.queries import projection_lag
+from ledger.postgres.queries import projection_lag
+from ledger.postgres.store import EventStore, create_pool, replica_lag
 from ledger.settings import Settings
-from ledger.store import EventStore, create_pool, replica_lag
 from ledger.tags import TagService
 
 log = structlog.get_logger("gateway")
@@ -122,7 +122,7 @@ def create_app(settings: Settings, contexts: Sequence[CleanupContext] = ()) -> w
     app.add_routes(keys_api.routes)
     app.add_routes(customers.routes)
     app.add_routes(proxy.routes)
-    app.add_routes(spend.routes)
+    app.add_routes(spend_api.routes)
     app.add_routes(activity.routes)
     app.add_routes(openapi.routes)
     app.add_routes(ui.routes)

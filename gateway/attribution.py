@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from gateway.errors import ApiError
-from ledger.privacy import hash_user, redact, secret_value
+from ledger.domain.privacy import hash_user, redact, secret_value
 from ledger.subjects import TEMPLATE_SUFFIX
 
 TAG_HEADERS = ("x-ledger-tags", "x-litellm-tags")

@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gateway.appkeys import API_KEY, KEY_BOOK, SETTINGS
 from gateway.errors import ApiError
-from gateway.keys import API_KEY, KEY_BOOK, SETTINGS
 
 PUBLIC = "public"
 ADMIN = "admin"

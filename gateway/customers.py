@@ -26,12 +26,12 @@ from gateway.admin import (
     ModelBudgets,
     budget_table,
     decode_body,
-    json,
+    json_response,
     model_budgets,
     refuse_unsupported,
 )
+from gateway.appkeys import CUSTOMER_BOOK, READ_POOL, REQUEST_ID, SETTINGS, STORE, USER_SECRET
 from gateway.errors import ApiError
-from gateway.keys import CUSTOMER_BOOK, READ_POOL, REQUEST_ID, SETTINGS, STORE, USER_SECRET
 from ledger import events as ev
 from ledger.customers import (
     CustomerBook,
@@ -40,9 +40,9 @@ from ledger.customers import (
     CustomerState,
     validate_user_id,
 )
-from ledger.privacy import hash_user
-from ledger.queries import spend_of
-from ledger.windows import LIFETIME
+from ledger.domain.privacy import hash_user
+from ledger.domain.windows import LIFETIME
+from ledger.postgres.queries import spend_of
 
 routes = web.RouteTableDef()
 
@@ -236,7 +236,7 @@ async def customer_new(request: web.Request) -> web.Response:
     except CustomerError as e:
         raise _bad(e) from None
     await _fresh(request)
-    return json(await view(request, state, body.user_id))
+    return json_response(await view(request, state, body.user_id))
 
 
 async def customer_info(request: web.Request) -> web.Response:
@@ -261,7 +261,7 @@ async def customer_info(request: web.Request) -> web.Response:
         state = await _service(request).get(user_hash)
     except CustomerError as e:
         raise ApiError(404, "no such end user", type="not_found_error", param="end_user_id") from e
-    return json(await view(request, state, shown))
+    return json_response(await view(request, state, shown))
 
 
 async def customer_update(request: web.Request) -> web.Response:
@@ -275,7 +275,7 @@ async def customer_update(request: web.Request) -> web.Response:
     except CustomerError as e:
         raise _bad(e) from None
     await _fresh(request)
-    return json(await view(request, state, body.user_id))
+    return json_response(await view(request, state, body.user_id))
 
 
 def _ids(request: web.Request, body: UserIds) -> list[tuple[str, str]]:
@@ -302,7 +302,9 @@ async def customer_delete(request: web.Request) -> web.Response:
         except CustomerError as e:
             raise _bad(e) from None
     await _fresh(request)
-    return json(CustomersDeleted(deleted_customers=len(ids), message=f"{len(ids)} end user(s) deleted"))
+    return json_response(
+        CustomersDeleted(deleted_customers=len(ids), message=f"{len(ids)} end user(s) deleted")
+    )
 
 
 async def customer_list(request: web.Request) -> web.Response:
@@ -314,7 +316,7 @@ async def customer_list(request: web.Request) -> web.Response:
     states = sorted(
         book.customers.values(), key=lambda s: (s.created_at or datetime.min.replace(tzinfo=UTC), s.user_hash)
     )
-    return json([await view(request, s) for s in states])
+    return json_response([await view(request, s) for s in states])
 
 
 async def customer_block(request: web.Request) -> web.Response:
@@ -329,7 +331,7 @@ async def customer_block(request: web.Request) -> web.Response:
             raise _bad(e) from None
         views.append(await view(request, state, user_id))
     await _fresh(request)
-    return json(BlockedUsers(blocked_users=views))
+    return json_response(BlockedUsers(blocked_users=views))
 
 
 async def customer_unblock(request: web.Request) -> web.Response:
@@ -350,7 +352,7 @@ async def customer_unblock(request: web.Request) -> web.Response:
     book = request.app[CUSTOMER_BOOK]
     await book.refresh()
     still = [await view(request, s) for s in book.customers.values() if s.blocked]
-    return json(BlockedUsers(blocked_users=still, unblocked_users=unblocked))
+    return json_response(BlockedUsers(blocked_users=still, unblocked_users=unblocked))
 
 
 for _path, _method, _handler in (

@@ -16,10 +16,10 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from gateway.appkeys import READ_POOL, TAGS
 from gateway.errors import ApiError
-from gateway.keys import READ_POOL, TAGS
-from gateway.spend import check_params
-from ledger import queries
+from gateway.spend_api import check_params
+from ledger.postgres import queries
 
 routes = web.RouteTableDef()
 

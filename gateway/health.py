@@ -8,8 +8,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from gateway.appkeys import REDIS, STORE
 from gateway.auth import public
-from gateway.keys import REDIS, STORE
 from ledger.errors import StoreUnavailable
 
 routes = web.RouteTableDef()

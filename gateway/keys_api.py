@@ -22,16 +22,16 @@ from gateway.admin import (
     ModelBudgets,
     budget_table,
     decode_body,
-    json,
+    json_response,
     model_budgets,
     refuse_unsupported,
 )
+from gateway.appkeys import KEY_BOOK, REQUEST_ID, STORE
 from gateway.errors import ApiError
-from gateway.keys import KEY_BOOK, REQUEST_ID, STORE
 from ledger import events as ev
-from ledger.apikeys import ApiKey, KeyBook, KeyError_, KeyFields
-from ledger.queries import spend_of
-from ledger.windows import LIFETIME
+from ledger.apikeys import ApiKey, ApiKeyError, KeyBook, KeyFields
+from ledger.domain.windows import LIFETIME
+from ledger.postgres.queries import spend_of
 
 routes = web.RouteTableDef()
 
@@ -243,7 +243,7 @@ class KeyList(msgspec.Struct):
     total_pages: int
 
 
-def _bad_key(e: KeyError_) -> ApiError:
+def _bad_key(e: ApiKeyError) -> ApiError:
     type_ = {404: "not_found_error", 409: "conflict_error"}.get(e.status, "invalid_request_error")
     return ApiError(e.status, str(e), type=type_, param=e.field)
 
@@ -350,13 +350,13 @@ async def key_generate(request: web.Request) -> web.Response:
             duration=body.duration,
             settings=settings,
         )
-    except KeyError_ as e:
+    except ApiKeyError as e:
         raise _bad_key(e) from None
     info = await key_info(request, key)
     created = KeyCreated(
         **msgspec.structs.asdict(info), key=secret, token_id=key.key_hash, duration=body.duration
     )
-    return json(created)
+    return json_response(created)
 
 
 @routes.get("/key/info")
@@ -381,9 +381,9 @@ async def key_info_post(request: web.Request) -> web.Response:
 async def _info(request: web.Request, given: str) -> web.Response:
     try:
         key = await request.app[KEY_BOOK].lookup(given)
-    except KeyError_ as e:
+    except ApiKeyError as e:
         raise _bad_key(e) from None
-    return json(KeyInfoView(key=given, info=await key_info(request, key)))
+    return json_response(KeyInfoView(key=given, info=await key_info(request, key)))
 
 
 async def _by_alias(book: KeyBook, alias: str) -> ApiKey:
@@ -442,10 +442,10 @@ async def key_update(request: web.Request) -> web.Response:
         key = await book.update(
             name, fields, duration=body.duration, spend=body.spend, request_id=request[REQUEST_ID]
         )
-    except KeyError_ as e:
+    except ApiKeyError as e:
         raise _bad_key(e) from None
     info = await key_info(request, key)
-    return json(KeyUpdated(**msgspec.structs.asdict(info), key=name))
+    return json_response(KeyUpdated(**msgspec.structs.asdict(info), key=name))
 
 
 @routes.post("/key/delete")
@@ -475,9 +475,9 @@ async def key_delete(request: web.Request) -> web.Response:
     for key_hash in hashes:
         try:
             await book.delete(key_hash, request_id=request[REQUEST_ID])
-        except KeyError_ as e:
+        except ApiKeyError as e:
             raise _bad_key(e) from None
-    return json(
+    return json_response(
         KeysDeleted(
             deleted_keys=[*given, *(body.key_aliases or [])],
             key_hashes=hashes,
@@ -555,7 +555,7 @@ async def key_list(request: web.Request) -> web.Response:
         keys.reverse()
     chosen = keys[(page - 1) * size : page * size]
     listed: list[str | KeyInfo] = [await key_info(request, k) if full else k.key_hash for k in chosen]
-    return json(
+    return json_response(
         KeyList(
             keys=listed,
             total_count=len(keys),

@@ -10,13 +10,13 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gateway.appkeys import REQUEST_ID
 from gateway.errors import ApiError, error_response, from_api_error
-from gateway.keys import REQUEST_ID
 from ledger.admission import DuplicateRequest
 from ledger.counters import CountersUnavailable
 from ledger.errors import ConcurrencyError, InvalidEvent, StoreUnavailable
 from ledger.gate import Refused
-from ledger.store import is_unavailable
+from ledger.postgres.store import is_unavailable
 from ledger.tags import TagError
 
 log = structlog.get_logger("gateway")

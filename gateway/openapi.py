@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from gateway import activity, admin, customers, keys_api, spend
+from gateway import activity, admin, customers, keys_api, spend_api
 from gateway.auth import public
 from gateway.errors import ErrorEnvelope
 
@@ -52,8 +52,8 @@ _RESPONSES = (
     customers.CustomerView,
     customers.CustomersDeleted,
     customers.BlockedUsers,
-    spend.TagSpend,
-    spend.SpendLog,
+    spend_api.TagSpend,
+    spend_api.SpendLog,
     activity.DailyActivity,
     activity.KeyReport,
     ErrorEnvelope,
@@ -221,7 +221,7 @@ def build() -> dict[str, Any]:
         },
         "/spend/tags": {
             "get": _op(
-                "Spend per tag", "200", {"type": "array", "items": _ref(spend.TagSpend)}, params=_DATES
+                "Spend per tag", "200", {"type": "array", "items": _ref(spend_api.TagSpend)}, params=_DATES
             )
         },
         "/spend/users": {

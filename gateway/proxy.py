@@ -36,10 +36,7 @@ import structlog
 from aiohttp import web
 
 from gateway import sse
-from gateway.attribution import Attribution, Limits, attribute
-from gateway.auth import client
-from gateway.errors import ApiError, error_response
-from gateway.keys import (
+from gateway.appkeys import (
     ADMISSION,
     API_KEY,
     GATE,
@@ -50,16 +47,19 @@ from gateway.keys import (
     UPSTREAMS,
     USER_SECRET,
 )
+from gateway.attribution import Attribution, Limits, attribute
+from gateway.auth import client
+from gateway.errors import ApiError, error_response
 from gateway.upstreams import Upstream
 from ledger.admission import Admitted, BudgetExceeded, DuplicateRequest, RateLimited, Recorded
 from ledger.counters.limits import SETTING, UNIT
+from ledger.domain.estimate import Bound
+from ledger.domain.pricing import Price, PriceBook, Tokens
+from ledger.domain.tokens import count as count_tokens
+from ledger.domain.tokens import delta_texts
 from ledger.errors import StoreUnavailable
-from ledger.estimate import Bound
 from ledger.gate import Ask, Blocked
-from ledger.pricing import Price, PriceBook, Tokens
 from ledger.subjects import describe
-from ledger.tokens import count as count_tokens
-from ledger.tokens import delta_texts
 
 log = structlog.get_logger("gateway.proxy")
 # Token counts beyond this are not usage but an upstream fault: clamped (and flagged).

@@ -14,12 +14,12 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from gateway.appkeys import READ_POOL
 from gateway.auth import public
 from gateway.errors import ApiError
-from gateway.keys import READ_POOL
 from ledger import events as ev
-from ledger.queries import recent_events
-from ledger.store import RecordedEvent
+from ledger.events import RecordedEvent
+from ledger.postgres.queries import recent_events
 
 routes = web.RouteTableDef()
 STATIC = Path(__file__).resolve().parent / "static"

@@ -42,9 +42,9 @@ from ledger.counters import Budget, Counters, CountersUnavailable, Denied, Holdi
 from ledger.counters.limits import SETTING
 from ledger.counters.log import expired_reservations, window_state
 from ledger.counters.scripts import Dup
+from ledger.domain.money import from_nanos, to_nanos
 from ledger.errors import AppendOutcomeUnknown, ConcurrencyError, LedgerError, StoreError, StoreUnavailable
-from ledger.money import from_nanos, to_nanos
-from ledger.store import EventStore, NotWritten, Pending
+from ledger.postgres.store import EventStore, NotWritten, Pending
 
 log = structlog.get_logger(__name__)
 

@@ -12,10 +12,10 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from ledger import events as ev
+from ledger.domain.windows import LIFETIME, Window
 from ledger.errors import ConcurrencyError
-from ledger.store import EventStore
+from ledger.postgres.store import EventStore
 from ledger.tags import TagState
-from ledger.windows import LIFETIME, Window
 
 
 def forecast(

@@ -29,13 +29,13 @@ import structlog
 from msgspec import UNSET, UnsetType
 
 from ledger import events as ev
-from ledger import limits
+from ledger.domain import limits
+from ledger.domain.windows import LIFETIME, Window, parse_duration, window_at
 from ledger.errors import ConcurrencyError, LedgerError
-from ledger.events import tagged, to_new
-from ledger.follow import FollowedCache
-from ledger.store import EventStore, RecordedEvent
+from ledger.events import RecordedEvent, tagged, to_new
+from ledger.postgres.follow import FollowedCache
+from ledger.postgres.store import EventStore
 from ledger.tags import TagError, validate_name
-from ledger.windows import LIFETIME, Window, parse_duration, window_at
 
 log = structlog.get_logger(__name__)
 
@@ -125,7 +125,7 @@ KEY_EVENT_TYPES = ("KeyGenerated", "KeyUpdated", "KeySpendReset", "KeyDeleted")
 _decoder: msgspec.json.Decoder[KeyEvent] = msgspec.json.Decoder(KeyEvent)
 
 
-class KeyError_(LedgerError):
+class ApiKeyError(LedgerError):
     status = 400
 
     def __init__(self, message: str, field: str | None = None) -> None:
@@ -133,15 +133,15 @@ class KeyError_(LedgerError):
         self.field = field
 
 
-class KeyNotFound(KeyError_):
+class KeyNotFound(ApiKeyError):
     status = 404
 
 
-class InvalidKey(KeyError_):
+class InvalidKey(ApiKeyError):
     status = 422
 
 
-class KeyConflict(KeyError_):
+class KeyConflict(ApiKeyError):
     status = 409
 
 

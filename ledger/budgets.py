@@ -18,11 +18,12 @@ import structlog
 from ledger import events as ev
 from ledger.counters import Budget, Counters, Limit
 from ledger.counters.limits import limits_of as limits_from
-from ledger.follow import FollowedCache
-from ledger.store import EventStore, RecordedEvent
+from ledger.domain.windows import LIFETIME, Window
+from ledger.events import RecordedEvent
+from ledger.postgres.follow import FollowedCache
+from ledger.postgres.store import EventStore
 from ledger.subjects import DEFINITION_TYPES, Definitions, Spec
 from ledger.tags import TagState
-from ledger.windows import LIFETIME, Window
 
 log = structlog.get_logger(__name__)
 

@@ -21,11 +21,12 @@ from typing import Any
 from msgspec import UNSET
 
 from ledger import events as ev
-from ledger import limits
+from ledger.domain import limits
+from ledger.domain.windows import LIFETIME, Window, parse_duration, window_at
 from ledger.errors import ConcurrencyError, LedgerError
-from ledger.follow import FollowedCache
-from ledger.store import EventStore, RecordedEvent
-from ledger.windows import LIFETIME, Window, parse_duration, window_at
+from ledger.events import RecordedEvent
+from ledger.postgres.follow import FollowedCache
+from ledger.postgres.store import EventStore
 
 MAX_USER_ID = 4096
 

@@ -22,9 +22,25 @@ from typing import Any
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from ledger.store import NewEvent, RecordedEvent
-
 # --------------------------------------------------------------------- tags
+
+
+class NewEvent(msgspec.Struct, frozen=True):
+    """An event to append. ``data`` is its JSON payload, already encoded."""
+
+    type: str
+    data: bytes
+
+
+class RecordedEvent(msgspec.Struct, frozen=True):
+    """An event as stored. ``data`` is its JSON text; decode it with a typed Decoder."""
+
+    position: int
+    stream: str
+    version: int
+    type: str
+    data: str
+    recorded_at: datetime
 
 
 class ModelBudget(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -24,9 +24,9 @@ from typing import Any, Literal
 from ledger.admission import Admission, Admitted, BudgetExceeded, RateLimited
 from ledger.apikeys import ApiKey
 from ledger.budgets import BudgetBook, budgets_at
+from ledger.domain.estimate import Bound, BoundError, request_bound
+from ledger.domain.pricing import Price, PriceBook, Tokens
 from ledger.errors import LedgerError
-from ledger.estimate import Bound, BoundError, request_bound
-from ledger.pricing import Price, PriceBook, Tokens
 from ledger.settings import Settings
 
 
@@ -48,7 +48,7 @@ class Ask:
     """One parsed request, as the gate needs it."""
 
     request_id: str
-    kind: str  # "chat" | "completions" | "embeddings" (ledger/estimate.py)
+    kind: str  # "chat" | "completions" | "embeddings" (ledger/domain/estimate.py)
     body: dict[str, Any]
     model: str  # as the client named it
     upstream_model: str  # as the upstream names it (routing is the gateway's)

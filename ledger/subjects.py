@@ -36,10 +36,10 @@ from ledger.apikeys import decode_event as decode_key_event
 from ledger.apikeys import from_generated as key_from_generated
 from ledger.counters import Budget
 from ledger.customers import CustomerState
-from ledger.money import limit_to_nanos, to_nanos
-from ledger.store import RecordedEvent
+from ledger.domain.money import limit_to_nanos, to_nanos
+from ledger.domain.windows import LIFETIME, Window, parse_duration, window_at
+from ledger.events import RecordedEvent
 from ledger.tags import TagState
-from ledger.windows import LIFETIME, Window, parse_duration, window_at
 
 TAG = "tag:"
 KEY = "key:"

@@ -20,11 +20,12 @@ import msgspec
 from msgspec import UNSET
 
 from ledger import events as ev
-from ledger import limits
+from ledger.domain import limits
+from ledger.domain.money import MoneyError, parse_usd
+from ledger.domain.windows import LIFETIME, Duration, DurationError, Window, parse_duration, window_at
 from ledger.errors import ConcurrencyError, LedgerError
-from ledger.money import MoneyError, parse_usd
-from ledger.store import EventStore, RecordedEvent
-from ledger.windows import LIFETIME, Duration, DurationError, Window, parse_duration, window_at
+from ledger.events import RecordedEvent
+from ledger.postgres.store import EventStore
 
 MAX_NAME = 128
 DEFAULT_THRESHOLDS = (Decimal("0.5"), Decimal("0.8"), Decimal("1.0"))

@@ -20,7 +20,8 @@ import asyncpg
 from ledger import events as ev
 from ledger.alerts import check_window
 from ledger.counters.log import charged_up_to
-from ledger.store import EventStore, RecordedEvent
+from ledger.events import RecordedEvent
+from ledger.postgres.store import EventStore
 from ledger.subjects import DEFINITION_TYPES, Definitions
 from projections.runtime import Projection
 

@@ -9,8 +9,8 @@ from decimal import Decimal
 import asyncpg
 
 from ledger import events as ev
-from ledger.allocation import allocate
-from ledger.store import RecordedEvent
+from ledger.domain.allocation import allocate
+from ledger.events import RecordedEvent
 from projections.rows import Row, copy_rows
 from projections.runtime import Projection
 

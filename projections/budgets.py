@@ -27,10 +27,10 @@ from decimal import Decimal
 import asyncpg
 
 from ledger import events as ev
-from ledger.money import to_nanos
-from ledger.store import RecordedEvent
+from ledger.domain.money import to_nanos
+from ledger.domain.windows import LIFETIME
+from ledger.events import RecordedEvent
 from ledger.subjects import DEFINITION_TYPES, Definitions, Spec
-from ledger.windows import LIFETIME
 from projections.rows import Row, Upsert, copy_rows
 from projections.runtime import Projection
 

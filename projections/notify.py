@@ -30,8 +30,9 @@ import msgspec
 import structlog
 
 from ledger import events as ev
+from ledger.events import RecordedEvent
+from ledger.postgres.store import EventStore
 from ledger.settings import WebhookConfig
-from ledger.store import EventStore, RecordedEvent
 from projections.runtime import Projection
 
 log = structlog.get_logger(__name__)

@@ -31,7 +31,7 @@ from datetime import datetime
 import asyncpg
 
 from ledger import events as ev
-from ledger.store import RecordedEvent
+from ledger.events import RecordedEvent
 from projections.runtime import Projection, read_batch
 
 Progress = Callable[[int, int], None]  # (events done, events total)

@@ -23,10 +23,11 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from ledger.events import RecordedEvent
 from ledger.loops import cancelling
-from ledger.queries import projection_lag
+from ledger.postgres.queries import projection_lag
+from ledger.postgres.store import CHANNEL, EventStore, Notifications
 from ledger.settings import WebhookConfig
-from ledger.store import CHANNEL, EventStore, Notifications, RecordedEvent
 
 log = structlog.get_logger(__name__)
 
@@ -235,7 +236,7 @@ async def alert_workers(
     webhook_secret: str | None,
 ) -> list[Worker]:
     """The alerting worker and one delivery worker per webhook."""
-    from ledger.privacy import stored_secret
+    from ledger.domain.privacy import stored_secret
     from projections.alerts import Alerts
     from projections.notify import Notifier
 

@@ -12,7 +12,7 @@ import asyncpg
 import msgspec
 
 from ledger import events as ev
-from ledger.store import RecordedEvent
+from ledger.events import RecordedEvent
 from ledger.tags import TagState
 from projections.allocation import SpendAllocations
 from projections.budgets import BudgetWindows

@@ -15,7 +15,7 @@ import asyncpg
 
 from ledger.counters import Budget, Counters
 from ledger.counters.log import window_state
-from ledger.store import RecordedEvent
+from ledger.events import RecordedEvent
 from ledger.subjects import DEFINITION_TYPES, Definitions
 from projections.replay import LogReader, _build, _create_shadow, _Target
 from projections.runtime import Projection

@@ -25,10 +25,10 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from ledger.embedded import EmbeddedPostgres, EmbeddedRedis
-from ledger.migrations import migrate
+from ledger.postgres.migrations import migrate
+from ledger.postgres.store import EventStore
+from ledger.run.embedded import EmbeddedPostgres, EmbeddedRedis
 from ledger.settings import Settings
-from ledger.store import EventStore
 
 # Speed over durability for throwaway test clusters.
 FAST_PG = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
@@ -200,8 +200,8 @@ async def store(database_url: str) -> AsyncIterator[EventStore]:
 
 async def projected(app: Any, timeout: float = 10.0) -> None:
     """Wait until the app's projection workers have applied everything in the log."""
-    from gateway.keys import STORE
-    from ledger.queries import projection_lag
+    from gateway.appkeys import STORE
+    from ledger.postgres.queries import projection_lag
 
     pool = app[STORE].pool
     deadline = asyncio.get_running_loop().time() + timeout
@@ -216,7 +216,7 @@ async def projected(app: Any, timeout: float = 10.0) -> None:
 def gateway_app(settings: Settings) -> Any:
     """The gateway app as `ledger serve` builds it, projection workers included."""
     from gateway.app import create_app
-    from gateway.keys import STORE
+    from gateway.appkeys import STORE
     from projections.runtime import workers_context
 
     return create_app(settings, [workers_context(lambda a: a[STORE], settings.poll_interval_s)])

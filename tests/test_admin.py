@@ -12,8 +12,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
+from gateway.appkeys import ADMISSION
 from gateway.auth import ADMIN, PUBLIC, access_of
-from gateway.keys import ADMISSION
 from ledger.admission import Admitted
 from ledger.settings import Settings
 from tests.conftest import gateway_app, projected

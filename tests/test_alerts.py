@@ -17,8 +17,9 @@ from pytest_aiohttp import AiohttpServer
 
 from ledger import events as ev
 from ledger.alerts import forecast
+from ledger.events import RecordedEvent
+from ledger.postgres.store import EventStore
 from ledger.settings import WebhookConfig
-from ledger.store import EventStore, RecordedEvent
 from ledger.tags import TagService
 from projections.alerts import Alerts
 from projections.notify import Notifier

@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpClient
 
-from gateway.keys import ADMISSION, STORE
-from ledger import focus
+from gateway.appkeys import ADMISSION, STORE
 from ledger.admission import Admitted
-from ledger.allocation import UNTAGGED, allocate, split
+from ledger.domain.allocation import UNTAGGED, allocate, split
+from ledger.postgres import focus
 from ledger.settings import Settings
 from projections.replay import replay
 from projections.spend import create

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.keys import SETTINGS
+from gateway.appkeys import SETTINGS
 from tests.conftest import projected
 from tests.test_embedded import _cmd, alive, wait_dead
 from tests.test_proxy import CHAT, Gateway, gateway
@@ -45,7 +45,7 @@ def ledger(
 ) -> subprocess.CompletedProcess[str]:
     """Run a ledger command to the end (wide rich tables: nothing wraps)."""
     return subprocess.run(
-        [sys.executable, "-m", "ledger.cli", *args],
+        [sys.executable, "-m", "ledger.run.cli", *args],
         env={**dev_env(), "COLUMNS": "200", **(env or {})},
         capture_output=True,
         text=True,
@@ -59,7 +59,7 @@ def start_dev(data_dir: Path, port: int) -> subprocess.Popen[str]:
         [
             sys.executable,
             "-m",
-            "ledger.cli",
+            "ledger.run.cli",
             "dev",
             "--data-dir",
             str(data_dir),
@@ -373,7 +373,7 @@ async def test_serve_with_two_workers_shares_the_port_and_restarts_a_dead_worker
         "LEDGER_ADMIN_KEY": "test-admin-key-0123456789",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ledger.cli", "serve", "--workers", "2", "--port", str(port)],
+        [sys.executable, "-m", "ledger.run.cli", "serve", "--workers", "2", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -421,7 +421,7 @@ def test_serve_workers_that_cannot_stay_up_stop_the_supervisor() -> None:
         "LEDGER_CONNECT_TIMEOUT_S": "0.5",
     }
     run = subprocess.run(
-        [sys.executable, "-m", "ledger.cli", "serve", "--workers", "2", "--port", str(free_port())],
+        [sys.executable, "-m", "ledger.run.cli", "serve", "--workers", "2", "--port", str(free_port())],
         env=env,
         capture_output=True,
         text=True,

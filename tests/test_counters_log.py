@@ -14,8 +14,8 @@ import pytest
 
 from ledger import events as ev
 from ledger.counters.log import CHARGED_BEFORE_SQL, EXPIRED_SQL, WINDOW_STATE_SQL
-from ledger.store import EventStore
-from ledger.windows import parse_duration, window_at
+from ledger.domain.windows import parse_duration, window_at
+from ledger.postgres.store import EventStore
 from projections.budgets import BudgetWindows
 from projections.runtime import Worker
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from ledger.embedded import DataDirBusy, DataDirLock, EmbeddedPostgres, EmbeddedRedis, Owner
+from ledger.run.embedded import DataDirBusy, DataDirLock, EmbeddedPostgres, EmbeddedRedis, Owner
 from tests.conftest import FAST_PG
 
 
@@ -143,7 +143,7 @@ def test_data_dir_lock_names_its_owner_and_dies_with_it(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from ledger.embedded import DataDirLock; "
+            "import sys, time; from pathlib import Path; from ledger.run.embedded import DataDirLock; "
             "DataDirLock(Path(sys.argv[1])).acquire('replay'); print('held', flush=True); time.sleep(60)",
             str(tmp_path),
         ],

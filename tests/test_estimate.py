@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from ledger.estimate import CHAT, COMPLETIONS, EMBEDDINGS, BoundError, request_bound
+from ledger.domain.estimate import CHAT, COMPLETIONS, EMBEDDINGS, BoundError, request_bound
 
 CHAT_BODY: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

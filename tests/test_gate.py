@@ -18,10 +18,10 @@ from ledger.admission import Admission, BudgetExceeded
 from ledger.apikeys import ApiKey
 from ledger.budgets import BudgetBook
 from ledger.counters import Counters, connect_redis
+from ledger.domain.pricing import PriceBook
 from ledger.gate import Ask, Blocked, Gate, Passed, Refused
-from ledger.pricing import PriceBook
+from ledger.postgres.store import EventStore
 from ledger.settings import PriceOverride, Settings
-from ledger.store import EventStore
 from ledger.tags import TagService
 
 

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from ledger.errors import MigrationError
-from ledger.migrations import load, migrate, sql_dir
+from ledger.postgres.migrations import load, migrate, sql_dir
 
 
 async def applied(url: str) -> list[str]:

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from ledger.money import MoneyError, from_nanos, limit_to_nanos, parse_usd, to_nanos
+from ledger.domain.money import MoneyError, from_nanos, limit_to_nanos, parse_usd, to_nanos
 
 
 def test_parse_accepts_numbers_and_strings_exactly() -> None:

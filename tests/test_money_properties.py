@@ -34,10 +34,10 @@ from pytest_aiohttp import AiohttpServer
 
 from gateway.mock_upstream import create_mock_app
 from ledger import events as ev
-from ledger.estimate import CHAT, COMPLETIONS, image_token_bound, request_bound
-from ledger.pricing import Price, PriceBook, Tokens
+from ledger.domain.estimate import CHAT, COMPLETIONS, image_token_bound, request_bound
+from ledger.domain.pricing import Price, PriceBook, Tokens
+from ledger.postgres.store import EventStore
 from ledger.settings import PriceOverride, ProviderConfig, Settings
-from ledger.store import EventStore
 from tests.conftest import gateway_app
 
 # ------------------------------------------------------------- price shapes

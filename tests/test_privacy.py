@@ -19,10 +19,10 @@ import msgspec
 import pytest
 from pytest_aiohttp import AiohttpServer
 
-from gateway.keys import KEY_BOOK, STORE
+from gateway.appkeys import KEY_BOOK, STORE
 from gateway.mock_upstream import create_mock_app
 from ledger import events as ev
-from ledger.privacy import REDACTED
+from ledger.domain.privacy import REDACTED
 from ledger.settings import ProviderConfig, Settings, SettingsError
 from tests.conftest import gateway_app
 from tests.test_proxy import CHAT, Gateway, gateway
@@ -212,7 +212,7 @@ def _serve_log(settings: Settings, env: dict[str, str]) -> list[dict[str, Any]]:
     }
     lines: list[dict[str, Any]] = []
     with subprocess.Popen(
-        [sys.executable, "-m", "ledger.cli", "serve"],
+        [sys.executable, "-m", "ledger.run.cli", "serve"],
         env=full,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -22,7 +22,8 @@ from ledger import events as ev
 from ledger.admission import Admission, Admitted
 from ledger.budgets import BudgetBook
 from ledger.counters import Counters, connect_redis
-from ledger.store import EventStore, RecordedEvent
+from ledger.events import RecordedEvent
+from ledger.postgres.store import EventStore
 from ledger.tags import TagService
 from projections.replay import replay, replay_all
 from projections.runtime import Projection, lock_key
@@ -102,7 +103,7 @@ def start_worker(database_url: str) -> subprocess.Popen[bytes]:
         "LEDGER_POLL_INTERVAL_S": "0.2",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "ledger.cli", "projections", "run"],
+        [sys.executable, "-m", "ledger.run.cli", "projections", "run"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -387,7 +388,7 @@ async def test_replay_all_reads_the_log_once_and_equals_one_replay_per_projectio
     env = {**os.environ, "LEDGER_DATABASE_URL": database_url, "LEDGER_LOG_LEVEL": "warning", "COLUMNS": "300"}
     done = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "ledger.cli", "replay", "--all"],
+        [sys.executable, "-m", "ledger.run.cli", "replay", "--all"],
         env=env,
         capture_output=True,
         text=True,

@@ -23,13 +23,13 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from gateway.keys import BUDGET_BOOK, COUNTERS, KEY_BOOK, SETTINGS, STORE, TAGS, USER_SECRET
+from gateway.appkeys import BUDGET_BOOK, COUNTERS, KEY_BOOK, SETTINGS, STORE, TAGS, USER_SECRET
 from gateway.mock_upstream import REQUESTS, MockConfig, create_mock_app
 from ledger import events as ev
 from ledger.apikeys import KeyFields
-from ledger.money import to_nanos
+from ledger.domain.money import to_nanos
+from ledger.postgres.store import EventStore
 from ledger.settings import ProviderConfig, Settings
-from ledger.store import EventStore
 from tests.conftest import gateway_app
 from tests.faults.facts import ledger_facts
 

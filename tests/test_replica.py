@@ -18,11 +18,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from gateway.keys import ADMISSION, BUDGET_BOOK, TAGS
+from gateway.appkeys import ADMISSION, BUDGET_BOOK, TAGS
 from ledger import events as ev
 from ledger.admission import Admitted
-from ledger.embedded import EmbeddedPostgres
-from ledger.migrations import migrate
+from ledger.postgres.migrations import migrate
+from ledger.run.embedded import EmbeddedPostgres
 from ledger.settings import Settings
 from tests.conftest import gateway_app, projected
 

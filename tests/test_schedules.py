@@ -36,10 +36,10 @@ from ledger.admission import Admission, AdmissionHooks, Admitted, BudgetExceeded
 from ledger.budgets import BudgetBook, rebuild_missing
 from ledger.counters import Counters, CountersUnavailable, connect_redis
 from ledger.counters.log import window_state
-from ledger.embedded import EmbeddedRedis
 from ledger.errors import StoreUnavailable
+from ledger.postgres.store import EventStore
+from ledger.run.embedded import EmbeddedRedis
 from ledger.settings import Settings
-from ledger.store import EventStore
 from ledger.tags import TagService
 from projections.budgets import BudgetWindows
 from projections.runtime import Worker

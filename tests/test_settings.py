@@ -116,7 +116,7 @@ def test_secrets_are_redacted() -> None:
 
 def test_cli_reports_bad_setting_without_traceback() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "ledger.cli", "migrate"],
+        [sys.executable, "-m", "ledger.run.cli", "migrate"],
         env={"LEDGER_DATABASE_URL": "nonsense", "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
@@ -262,7 +262,7 @@ def test_an_empty_optional_value_is_unset() -> None:
 @pytest.mark.parametrize("command", ["serve", "dev"])
 def test_serve_and_dev_name_the_bad_variable(command: str, tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "ledger.cli", command],
+        [sys.executable, "-m", "ledger.run.cli", command],
         env={"LEDGER_ON_REDIS_DOWN": "maybe", "LEDGER_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,

@@ -15,7 +15,7 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
 from gateway.app import server_options
-from gateway.keys import KEY_BOOK
+from gateway.appkeys import KEY_BOOK
 from gateway.mock_upstream import create_mock_app
 from ledger.apikeys import KeyFields
 from ledger.settings import ProviderConfig, Settings

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from gateway.keys import ADMISSION, BUDGET_BOOK, TAGS, USER_SECRET
+from gateway.appkeys import ADMISSION, BUDGET_BOOK, TAGS, USER_SECRET
 from ledger import events as ev
 from ledger.admission import Admitted
 from ledger.settings import Settings

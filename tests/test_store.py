@@ -11,8 +11,9 @@ import msgspec
 import pytest
 
 from ledger.errors import ConcurrencyError, InvalidEvent, StoreUnavailable
+from ledger.events import NewEvent, RecordedEvent
+from ledger.postgres.store import EventStore
 from ledger.settings import Settings
-from ledger.store import EventStore, NewEvent, RecordedEvent
 
 
 def ev(i: int, kind: str = "Tested") -> NewEvent:

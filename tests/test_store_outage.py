@@ -14,11 +14,12 @@ import asyncpg
 import msgspec
 import pytest
 
-from ledger.embedded import EmbeddedPostgres
 from ledger.errors import StoreUnavailable
-from ledger.migrations import migrate
+from ledger.events import NewEvent
+from ledger.postgres.migrations import migrate
+from ledger.postgres.store import EventStore
+from ledger.run.embedded import EmbeddedPostgres
 from ledger.settings import Settings
-from ledger.store import EventStore, NewEvent
 from tests.conftest import FAST_PG
 
 pytestmark = pytest.mark.faults

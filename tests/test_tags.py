@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 
 from ledger.events import TagFields
-from ledger.store import EventStore
+from ledger.postgres.store import EventStore
 from ledger.tags import InvalidTag, TagExists, TagNotFound, TagService, validate_name
 
 

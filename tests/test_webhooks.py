@@ -13,8 +13,8 @@ from pytest_aiohttp import AiohttpServer
 from structlog.testing import capture_logs
 
 from ledger import events as ev
+from ledger.postgres.store import EventStore
 from ledger.settings import WebhookConfig
-from ledger.store import EventStore
 from projections.notify import SIGNATURE_HEADER, SIGNATURE_TOLERANCE_S, Notifier
 from tests.test_alerts import alert_in_log, all_events
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ledger.windows import Duration, DurationError, parse_duration, window_at
+from ledger.domain.windows import Duration, DurationError, parse_duration, window_at
 
 T = datetime(2026, 11, 27, 19, 30, 15, tzinfo=UTC)  # a Friday
 ANCHOR = datetime(2026, 1, 15, 10, 0, tzinfo=UTC)

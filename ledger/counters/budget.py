@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from ledger.counters import keys
-from ledger.windows import LIFETIME, Window
+from ledger.domain.windows import LIFETIME, Window
 
 
 @dataclass(frozen=True, slots=True)

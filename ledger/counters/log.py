@@ -17,8 +17,8 @@ from decimal import Decimal
 import asyncpg
 
 from ledger.counters.budget import Budget
-from ledger.money import from_nanos
-from ledger.store import unavailable_as_store_error
+from ledger.domain.money import from_nanos
+from ledger.postgres.store import unavailable_as_store_error
 
 PROJECTION = "budget_windows"  # the projection that maintains the views read here
 

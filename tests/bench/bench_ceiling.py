@@ -37,10 +37,11 @@ from pathlib import Path
 
 import asyncpg
 
-from ledger import logs
-from ledger.embedded import EmbeddedPostgres, EmbeddedRedis
+from ledger.events import NewEvent
+from ledger.postgres.store import EventStore
+from ledger.run import logs
+from ledger.run.embedded import EmbeddedPostgres, EmbeddedRedis
 from ledger.settings import Settings
-from ledger.store import EventStore, NewEvent
 from tests.bench.bench_gateway import ADMIN, DURATION, _admin, _cpu_s, _load, _port, _wait
 from tests.bench.bench_store import PAYLOAD, _reset
 
@@ -288,7 +289,7 @@ def _gateway(pg: EmbeddedPostgres, redis: EmbeddedRedis, repeats: int) -> list[t
     try:
         mock_port = _port()
         mock = subprocess.Popen(
-            [sys.executable, "-m", "ledger.cli", "mock-upstream", "--port", str(mock_port)], **quiet
+            [sys.executable, "-m", "ledger.run.cli", "mock-upstream", "--port", str(mock_port)], **quiet
         )
         procs.append(mock)
         env = {
@@ -304,15 +305,24 @@ def _gateway(pg: EmbeddedPostgres, redis: EmbeddedRedis, repeats: int) -> list[t
                 [{"name": "mock", "base_url": f"http://127.0.0.1:{mock_port}/v1", "price_provider": "openai"}]
             ),
         }
-        subprocess.run([sys.executable, "-m", "ledger.cli", "migrate"], check=True, env=env, **quiet)
+        subprocess.run([sys.executable, "-m", "ledger.run.cli", "migrate"], check=True, env=env, **quiet)
         projections = subprocess.Popen(
-            [sys.executable, "-m", "ledger.cli", "projections", "run"], env=env, **quiet
+            [sys.executable, "-m", "ledger.run.cli", "projections", "run"], env=env, **quiet
         )
         procs.append(projections)
         gateways: dict[int, tuple[subprocess.Popen[bytes], int]] = {}
         for n in PROCESSES:
             port = _port()
-            serve = [sys.executable, "-m", "ledger.cli", "serve", "--port", str(port), "--workers", str(n)]
+            serve = [
+                sys.executable,
+                "-m",
+                "ledger.run.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--workers",
+                str(n),
+            ]
             gateways[n] = (subprocess.Popen(serve, env=env, **quiet), port)
             procs.append(gateways[n][0])
         for _, port in gateways.values():

@@ -32,10 +32,10 @@ from typing import Any
 import asyncpg
 
 from ledger.counters import Budget, Counters, connect_redis
-from ledger.embedded import EmbeddedPostgres, EmbeddedRedis
-from ledger.migrations import migrate
-from ledger.money import to_nanos
-from ledger.windows import parse_duration, window_at
+from ledger.domain.money import to_nanos
+from ledger.domain.windows import parse_duration, window_at
+from ledger.postgres.migrations import migrate
+from ledger.run.embedded import EmbeddedPostgres, EmbeddedRedis
 
 N = 5000
 
@@ -143,8 +143,8 @@ on conflict (subject, window_start, window_end) do update set
 async def rebuild_runs(database_url: str, redis_url: str) -> list[tuple[str, float]]:
     from ledger import events as ev
     from ledger.budgets import BudgetBook
+    from ledger.postgres.store import EventStore
     from ledger.settings import Settings
-    from ledger.store import EventStore
     from ledger.tags import TagService
 
     await migrate(database_url)

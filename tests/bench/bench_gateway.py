@@ -20,7 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ledger.embedded import EmbeddedPostgres, EmbeddedRedis
+from ledger.run.embedded import EmbeddedPostgres, EmbeddedRedis
 
 ADMIN = "bench-admin-key-0123456789"
 DURATION = float(os.environ.get("LEDGER_BENCH_DURATION", "5"))
@@ -113,7 +113,7 @@ def main(repeats: int = 3) -> list[tuple[str, float]]:
             quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "ledger.cli", "mock-upstream", "--port", str(mock_port)],
+                    [sys.executable, "-m", "ledger.run.cli", "mock-upstream", "--port", str(mock_port)],
                     **quiet,
                 )
             )
@@ -132,7 +132,7 @@ def main(repeats: int = 3) -> list[tuple[str, float]]:
                 )
             )
             subprocess.run(
-                [sys.executable, "-m", "ledger.cli", "migrate"],
+                [sys.executable, "-m", "ledger.run.cli", "migrate"],
                 check=True,
                 **quiet,
                 env={**os.environ, "LEDGER_DATABASE_URL": pg.url},
@@ -157,9 +157,11 @@ def main(repeats: int = 3) -> list[tuple[str, float]]:
                 ),
             }
             procs.append(
-                subprocess.Popen([sys.executable, "-m", "ledger.cli", "projections", "run"], env=env, **quiet)
+                subprocess.Popen(
+                    [sys.executable, "-m", "ledger.run.cli", "projections", "run"], env=env, **quiet
+                )
             )
-            serve = [sys.executable, "-m", "ledger.cli", "serve"]
+            serve = [sys.executable, "-m", "ledger.run.cli", "serve"]
             one = subprocess.Popen([*serve, "--port", str(one_port)], env=env, **quiet)
             two = subprocess.Popen([*serve, "--port", str(two_port), "--workers", "2"], env=env, **quiet)
             procs += [one, two]

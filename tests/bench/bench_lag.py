@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from ledger.queries import projection_lag
+from ledger.postgres.queries import projection_lag
 from tests.faults.harness import Cluster, http
 
 RATE = int(os.environ.get("LEDGER_BENCH_RATE", "500"))
@@ -32,7 +32,7 @@ async def run(cluster: Cluster, separate: bool) -> list[tuple[str, float]]:
     if separate:  # the workers in a process of their own: the second core
         url = await asyncio.to_thread(cluster.start_gateway, 0, log_level="info", run_projections="false")
         worker = subprocess.Popen(
-            [sys.executable, "-m", "ledger.cli", "projections", "run"],
+            [sys.executable, "-m", "ledger.run.cli", "projections", "run"],
             env=cluster.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -24,10 +24,10 @@ from decimal import Decimal
 from pathlib import Path
 
 from ledger import events as ev
-from ledger.embedded import EmbeddedPostgres
-from ledger.migrations import migrate
+from ledger.postgres.migrations import migrate
+from ledger.postgres.store import EventStore
+from ledger.run.embedded import EmbeddedPostgres
 from ledger.settings import Settings
-from ledger.store import EventStore
 from projections.replay import replay
 from projections.spend import PROJECTIONS, create
 
@@ -109,7 +109,7 @@ async def _replay_all_cli(url: str) -> float:
     started = time.perf_counter()
     done = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "ledger.cli", "replay", "--all"],
+        [sys.executable, "-m", "ledger.run.cli", "replay", "--all"],
         env=env,
         capture_output=True,
         text=True,

@@ -18,10 +18,11 @@ from pathlib import Path
 import asyncpg
 import msgspec
 
-from ledger.embedded import EmbeddedPostgres
-from ledger.migrations import migrate
+from ledger.events import NewEvent
+from ledger.postgres.migrations import migrate
+from ledger.postgres.store import EventStore
+from ledger.run.embedded import EmbeddedPostgres
 from ledger.settings import Settings
-from ledger.store import EventStore, NewEvent
 
 PAYLOAD = msgspec.json.encode(
     {

@@ -7,7 +7,7 @@ import os
 import platform
 import time
 
-from ledger import logs
+from ledger.run import logs
 from tests.bench import bench_ceiling, bench_counters, bench_gateway, bench_lag, bench_replay, bench_store
 
 BENCHES = {

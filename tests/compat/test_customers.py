@@ -4,7 +4,7 @@ answers but are stored nowhere."""
 
 from __future__ import annotations
 
-from gateway.keys import STORE
+from gateway.appkeys import STORE
 from tests.compat.conftest import LiteLLM, assert_daily_activity
 
 # LiteLLM_EndUserTable (litellm/proxy/_types.py)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import openai
 import pytest
 
-from gateway.keys import KEY_BOOK
+from gateway.appkeys import KEY_BOOK
 from tests.compat.conftest import LiteLLM
 
 # GenerateKeyResponse (litellm/proxy/_types.py): the fields a LiteLLM script reads

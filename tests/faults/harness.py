@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ledger.embedded import EmbeddedPostgres, EmbeddedRedis
+from ledger.run.embedded import EmbeddedPostgres, EmbeddedRedis
 
 ADMIN = "fault-admin-key-0123456789"
 FAST_PG = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
@@ -68,7 +68,7 @@ class Cluster:
         self.redis = EmbeddedRedis(self.root / "redis").start()
         self.mock_port = free_port()
         self._mock = subprocess.Popen(
-            [sys.executable, "-m", "ledger.cli", "mock-upstream", "--port", str(self.mock_port)],
+            [sys.executable, "-m", "ledger.run.cli", "mock-upstream", "--port", str(self.mock_port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -91,7 +91,7 @@ class Cluster:
             **{f"LEDGER_{k.upper()}": v for k, v in settings.items()},
         }
         subprocess.run(
-            [sys.executable, "-m", "ledger.cli", "migrate"],
+            [sys.executable, "-m", "ledger.run.cli", "migrate"],
             env=self.env,
             check=True,
             stdout=subprocess.DEVNULL,
@@ -105,7 +105,7 @@ class Cluster:
         env = {**self.env, **{f"LEDGER_{k.upper()}": v for k, v in settings.items()}}
         log = open(self.root / f"gateway-{i}.log", "ab")  # noqa: SIM115 - the child writes to it
         self.gateways[i] = subprocess.Popen(
-            [sys.executable, "-m", "ledger.cli", "serve", "--port", str(port)],
+            [sys.executable, "-m", "ledger.run.cli", "serve", "--port", str(port)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -156,7 +156,7 @@ class Cluster:
 
     def ledger(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "ledger.cli", *args],
+            [sys.executable, "-m", "ledger.run.cli", *args],
             env=self.env,
             capture_output=True,
             text=True,

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from ledger.money import to_nanos
+from ledger.domain.money import to_nanos
 from tests.faults.facts import ledger_facts, verify
 from tests.faults.harness import FLAT_MODEL, Cluster, http
 

@@ -22,17 +22,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpServer
 
+from gateway.appkeys import BUDGET_BOOK, KEY_BOOK, SETTINGS, STORE, TAGS
 from gateway.attribution import Limits, attribute
 from gateway.auth import same_secret
 from gateway.errors import ApiError
-from gateway.keys import BUDGET_BOOK, KEY_BOOK, SETTINGS, STORE, TAGS
 from gateway.mock_upstream import MockConfig, create_mock_app
 from ledger import events as ev
 from ledger.apikeys import KeyFields
-from ledger.embedded import EmbeddedPostgres
-from ledger.privacy import REDACTED, secret_value
+from ledger.domain.privacy import REDACTED, secret_value
+from ledger.run.embedded import EmbeddedPostgres
 from ledger.settings import PriceOverride, ProviderConfig, Settings
-from projections import commands
+from projections import cli_commands as commands
 from tests.conftest import gateway_app, projected
 from tests.faults.conftest import Row
 from tests.faults.facts import caught_up, ledger_facts, verify

@@ -20,8 +20,8 @@ from ledger import events as ev
 from ledger.admission import Admission
 from ledger.budgets import BudgetBook
 from ledger.counters import Counters, connect_redis
+from ledger.postgres.store import EventStore
 from ledger.settings import Settings
-from ledger.store import EventStore
 from ledger.tags import TagService
 from tests.faults.conftest import Row
 from tests.faults.facts import ledger_facts, verify

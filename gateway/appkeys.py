@@ -13,10 +13,10 @@ from ledger.apikeys import ApiKey, KeyBook
 from ledger.budgets import BudgetBook
 from ledger.counters import Counters
 from ledger.customers import CustomerBook
+from ledger.domain.pricing import PriceBook
 from ledger.gate import Gate
-from ledger.pricing import PriceBook
+from ledger.postgres.store import EventStore
 from ledger.settings import Settings
-from ledger.store import EventStore
 from ledger.tags import TagService
 
 SETTINGS = web.AppKey("settings", Settings)

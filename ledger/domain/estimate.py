@@ -28,7 +28,7 @@ _encoder = msgspec.json.Encoder()
 _PER_MESSAGE = 8
 _BASE = 16
 # Largest output cap the bound accepts: far above any model's context, far
-# below what could overflow a counter (see ledger/money.py).
+# below what could overflow a counter (see ledger/domain/money.py).
 MAX_OUTPUT_CAP = 10_000_000
 MAX_CHOICES = 128  # OpenAI's limit for n and best_of
 MAX_PROMPTS = 2048  # legacy completions: prompts in one list

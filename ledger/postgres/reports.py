@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 from rich.table import Table
 
-from ledger import queries
+from ledger.postgres import queries
 
 _EARLIEST = datetime(1, 1, 2, tzinfo=UTC)  # a previous period cannot start before year 1
 

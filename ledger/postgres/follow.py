@@ -11,8 +11,9 @@ import asyncio
 
 import structlog
 
+from ledger.events import RecordedEvent
 from ledger.loops import cancelling
-from ledger.store import CHANNEL, EventStore, Notifications, RecordedEvent, payload_types
+from ledger.postgres.store import CHANNEL, EventStore, Notifications, payload_types
 
 log = structlog.get_logger(__name__)
 

@@ -18,11 +18,9 @@ import contextlib
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Self
 
 import asyncpg
-import msgspec
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
@@ -34,6 +32,7 @@ from ledger.errors import (
     StoreOverloaded,
     StoreUnavailable,
 )
+from ledger.events import NewEvent, RecordedEvent
 from ledger.loops import cancelling
 from ledger.settings import Settings
 
@@ -54,24 +53,6 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     # A connection broken mid-operation can surface as a client state error.
     asyncpg.InternalClientError,
 )
-
-
-class NewEvent(msgspec.Struct, frozen=True):
-    """An event to append. ``data`` is its JSON payload, already encoded."""
-
-    type: str
-    data: bytes
-
-
-class RecordedEvent(msgspec.Struct, frozen=True):
-    """An event as stored. ``data`` is its JSON text; decode it with a typed Decoder."""
-
-    position: int
-    stream: str
-    version: int
-    type: str
-    data: str
-    recorded_at: datetime
 
 
 @dataclass(slots=True)

@@ -21,11 +21,11 @@ from urllib.parse import urlencode
 import msgspec
 from aiohttp import web
 
+from gateway.appkeys import KEY_BOOK, READ_POOL, USER_SECRET
 from gateway.errors import ApiError
-from gateway.keys import KEY_BOOK, READ_POOL, USER_SECRET
-from ledger import focus, queries, reports
 from ledger.apikeys import ApiKey, KeyBook, as_key_hash
-from ledger.privacy import hash_user
+from ledger.domain.privacy import hash_user
+from ledger.postgres import focus, queries, reports
 
 routes = web.RouteTableDef()
 _encoder = msgspec.json.Encoder(decimal_format="number")
@@ -275,7 +275,7 @@ def _report_csv(report: reports.Report) -> web.Response:
 
 @routes.get("/spend/export")
 async def spend_export(request: web.Request) -> web.StreamResponse:
-    """The period's charges as a FOCUS 1.2 dataset (ledger/focus.py): CSV, streamed,
+    """The period's charges as a FOCUS 1.2 dataset (ledger/postgres/focus.py): CSV, streamed,
     or Parquet (``file=parquet``, built in memory: pyarrow writes whole row groups)."""
     check_params(request)
     start, end = date_range(request)

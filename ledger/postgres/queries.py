@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from ledger.allocation import UNTAGGED, valid_dimension
+from ledger.domain.allocation import UNTAGGED, valid_dimension
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 import asyncpg
 import msgspec
 
-from ledger.allocation import UNTAGGED, allocate, dimension_of
+from ledger.domain.allocation import UNTAGGED, allocate, dimension_of
+from ledger.postgres.store import create_pool
 from ledger.settings import Settings
-from ledger.store import create_pool
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy

@@ -37,12 +37,13 @@ class Migration:
 
 
 def sql_dir() -> Path:
-    """The migrations folder: inside the wheel, or at the repository root."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "sql", here.parent / "sql"):
+    """The migrations folder: inside the wheel (``ledger/sql``), or at the
+    repository root (this module is ``ledger/postgres/migrations.py``)."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "sql", package.parent / "sql"):
         if candidate.is_dir():
             return candidate
-    raise MigrationError(f"no sql/ folder found next to {here}")
+    raise MigrationError(f"no sql/ folder found next to {package}")
 
 
 def load(directory: Path | None = None) -> list[Migration]:

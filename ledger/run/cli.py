@@ -25,10 +25,10 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from ledger import logs
-from ledger.embedded import DataDirBusy, DataDirLock, EmbeddedPostgres, EmbeddedRedis, Owner
 from ledger.errors import LedgerError, SettingsError
-from ledger.migrations import migrate
+from ledger.postgres.migrations import migrate
+from ledger.run import logs
+from ledger.run.embedded import DataDirBusy, DataDirLock, EmbeddedPostgres, EmbeddedRedis, Owner
 from ledger.settings import ProviderConfig, Settings, redact_url
 
 log = structlog.get_logger("ledger")
@@ -70,7 +70,7 @@ def _port(raw: str) -> int:
 
 
 def _group(raw: str) -> str:
-    from ledger.queries import dimension_group, valid_group
+    from ledger.postgres.queries import dimension_group, valid_group
 
     if not valid_group(raw) and dimension_group(raw) is None:
         raise argparse.ArgumentTypeError(
@@ -80,7 +80,7 @@ def _group(raw: str) -> str:
 
 
 def _since(raw: str) -> str:
-    from projections.commands import parse_since
+    from projections.cli_commands import parse_since
 
     try:
         parse_since(raw, datetime.now(UTC))
@@ -90,7 +90,7 @@ def _since(raw: str) -> str:
 
 
 def _month(raw: str) -> str:
-    from ledger.focus import month_bounds
+    from ledger.postgres.focus import month_bounds
 
     try:
         month_bounds(raw)
@@ -375,7 +375,7 @@ def _servers(settings: Settings, args: argparse.Namespace, *, redis: bool) -> It
 
 
 def _operate(settings: Settings, args: argparse.Namespace) -> int:
-    from projections import commands
+    from projections import cli_commands as commands
 
     with _servers(settings, args, redis=args.command in ("verify", "counters")) as s:
         assert s.database_url is not None
@@ -407,8 +407,8 @@ def _operate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _export(settings: Settings, args: argparse.Namespace) -> int:
-    from ledger import focus
-    from projections.commands import parse_since
+    from ledger.postgres import focus
+    from projections.cli_commands import parse_since
 
     if args.month:
         start, end = focus.month_bounds(args.month)
@@ -429,7 +429,7 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _asof(settings: Settings, args: argparse.Namespace) -> int:
-    from projections import commands
+    from projections import cli_commands as commands
 
     if args.action == "list" and (args.schemas or args.all):
         raise UsageError("asof list takes no schema names and no --all")
@@ -594,7 +594,7 @@ def _supervise(settings: Settings) -> int:
         argv = [
             sys.executable,
             "-m",
-            "ledger.cli",
+            "ledger.run.cli",
             "serve",
             "--host",
             settings.host,
@@ -666,7 +666,7 @@ async def _serve(
     reuse_port: bool = False,
 ) -> int:
     from gateway.app import create_app, server_options  # the composition root may know every package
-    from gateway.keys import KEY_BOOK
+    from gateway.appkeys import KEY_BOOK
     from gateway.mock_upstream import MockConfig, create_mock_app
 
     if settings.database_url is None or settings.redis_url is None:
@@ -693,7 +693,7 @@ async def _serve(
             settings = msgspec.structs.replace(settings, providers=(provider,))
         contexts = []
         if settings.run_projections:
-            from gateway.keys import STORE
+            from gateway.appkeys import STORE
             from projections.runtime import workers_context
 
             contexts.append(

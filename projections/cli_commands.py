@@ -21,11 +21,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ledger import reports
 from ledger.budgets import BudgetBook, rebuild_missing
 from ledger.counters import Counters, connect_redis
+from ledger.postgres import reports
+from ledger.postgres.store import EventStore, create_pool, replica_lag
 from ledger.settings import Settings
-from ledger.store import EventStore, create_pool, replica_lag
 from projections.replay import replay_all
 from projections.runtime import Worker, lag
 from projections.spend import PROJECTIONS, create
@@ -363,7 +363,7 @@ _NONE_LABELS = {"tag": "(untagged)", "user": "(no user)", "model": "(none: swept
 async def report(settings: Settings, by: str, since: str) -> int:
     """Spend per group over a span: a total, requests and a sparkline per row, and a
     total line that counts every request once (tags overlap; the total does not)."""
-    from ledger import queries
+    from ledger.postgres import queries
 
     if not queries.valid_group(by):
         return _error(f"--by must be tag, user, model or metadata.<key>; got {by!r}")

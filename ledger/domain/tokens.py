@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from ledger.estimate import prompt_bound
+from ledger.domain.estimate import prompt_bound
 
 with warnings.catch_warnings():
     # bpe-openai 0.1 loads its vocabularies with a deprecated importlib call

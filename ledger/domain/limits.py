@@ -11,9 +11,9 @@ import unicodedata
 from decimal import Decimal
 
 from ledger import events as ev
+from ledger.domain.money import MoneyError, parse_usd
+from ledger.domain.windows import DurationError, parse_duration
 from ledger.errors import LedgerError
-from ledger.money import MoneyError, parse_usd
-from ledger.windows import DurationError, parse_duration
 
 MAX_TPM = 10**12
 MAX_RPM = 10**9
