@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -377,8 +378,16 @@ class EventStore:
             raise _NotStarted(e) from e
         try:
             await self._write_on(conn, batch)
-        finally:
+        except BaseException:
+            await self.pool.release(conn)  # asyncpg's full reset
+            raise
+        # The batch was one statement in its own transaction (the append lock is
+        # transaction-level): no session state to reset, so no reset round trip.
+        token = _NO_RESET.set(True)
+        try:
             await self.pool.release(conn)
+        finally:
+            _NO_RESET.reset(token)
 
     async def _write_on(self, conn: PoolConnectionProxy[asyncpg.Record], batch: list[_Append]) -> None:
         # One call, one implicit transaction, one round trip: the function takes
@@ -489,7 +498,8 @@ def _check_storable(stream: str, events: Sequence[NewEvent]) -> None:
     if "\x00" in stream:
         raise InvalidEvent("stream names cannot contain NUL characters")
     for event in events:
-        if "\x00" in event.type or NUL_ESCAPE.search(event.data):
+        # the substring test first (memchr speed): the regex only where an escape is
+        if "\x00" in event.type or (b"\\u0000" in event.data and NUL_ESCAPE.search(event.data)):
             raise InvalidEvent(f"{event.type} event contains a NUL character, which cannot be stored")
 
 
@@ -626,6 +636,21 @@ class Notifications:
                 conn.terminate()
 
 
+# Set around a release whose connection holds no session state (see EventStore._write);
+# a context variable, since asyncpg runs the reset in a task of its own (a copy).
+_NO_RESET: contextvars.ContextVar[bool] = contextvars.ContextVar("ledger_no_reset", default=False)
+
+
+async def _reset(conn: asyncpg.Connection[Any]) -> None:
+    """asyncpg's reset (after its own rollback of an open transaction): the session
+    reset query, skipped only where ``_NO_RESET`` says there is nothing to reset."""
+    if _NO_RESET.get():
+        return
+    query = conn.get_reset_query()
+    if query:
+        await conn.execute(query)
+
+
 async def create_pool(settings: Settings, url: str | None = None) -> asyncpg.Pool:
     """An asyncpg pool with bounded connect and statement times (on ``url``, by
     default the primary's)."""
@@ -638,6 +663,7 @@ async def create_pool(settings: Settings, url: str | None = None) -> asyncpg.Poo
             max_size=settings.pool_max_size,
             timeout=settings.connect_timeout_s,
             command_timeout=settings.statement_timeout_s,
+            reset=_reset,
             server_settings={
                 "application_name": "budget-ledger",
                 # LEDGER_COMMIT_MODE=fast: commits return before the WAL fsync

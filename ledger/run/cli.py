@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import gc
 import os
 import secrets
 import signal
@@ -724,6 +725,14 @@ async def _serve(
             if e.errno == errno.EADDRINUSE:
                 raise UsageError(_port_taken(settings.host, settings.port)) from None
             raise
+        # The cyclic collector was ~5% of a request's CPU under load. Everything built
+        # at startup (price tables, caches, modules) lives as long as the process:
+        # frozen, full collections no longer walk it. And a young generation of 10,000
+        # (not 700) lets in-flight requests' objects die before a collection sees them,
+        # rather than be walked and promoted while they wait on I/O.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(10_000, 20, 20)
         url = f"http://{settings.host}:{settings.port}"
         log.info("listening", url=url, database=redact_url(settings.database_url or ""))
         if dev:

@@ -28,9 +28,12 @@ def configure(log_format: str = "json", level: str = "info") -> None:
         shared.append(structlog.processors.format_exc_info)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    # The ledger's own lines are rendered and written here, not routed through a
+    # stdlib LogRecord and handler: the same line, at a fraction of the per-request
+    # cost. Other libraries' stdlib logging goes through the handler below.
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
+        processors=[*shared, renderer],
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         cache_logger_on_first_use=True,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -24,6 +25,16 @@ from ledger.run.embedded import EmbeddedPostgres, EmbeddedRedis
 
 ADMIN = "bench-admin-key-0123456789"
 DURATION = float(os.environ.get("LEDGER_BENCH_DURATION", "5"))
+# Knobs for iterating on one figure (the defaults are the published run):
+# LEDGER_BENCH_REPEATS (3), LEDGER_BENCH_CONCURRENCY ("1,32,128"),
+# LEDGER_BENCH_WORKERS2=0 skips the `--workers 2` gateway, and
+# LEDGER_BENCH_PROFILE=<file> attaches py-spy to the one-process gateway once it
+# is ready (raw collapsed stacks to <file>, extra py-spy flags in
+# LEDGER_BENCH_PROFILE_ARGS); its figures are then not comparable.
+REPEATS = int(os.environ.get("LEDGER_BENCH_REPEATS", "3"))
+CONCURRENCY = tuple(int(c) for c in os.environ.get("LEDGER_BENCH_CONCURRENCY", "1,32,128").split(","))
+WORKERS2 = os.environ.get("LEDGER_BENCH_WORKERS2", "1") != "0"
+PROFILE = os.environ.get("LEDGER_BENCH_PROFILE", "")
 
 
 def _port() -> int:
@@ -101,8 +112,9 @@ def _cpu_s(root: int) -> float:
     return total
 
 
-def main(repeats: int = 3) -> list[tuple[str, float]]:
+def main(repeats: int = REPEATS) -> list[tuple[str, float]]:
     procs: list[subprocess.Popen[bytes]] = []
+    profiler: subprocess.Popen[bytes] | None = None
     with (
         tempfile.TemporaryDirectory() as tmp,
         EmbeddedPostgres(Path(tmp) / "pg") as pg,
@@ -117,20 +129,19 @@ def main(repeats: int = 3) -> list[tuple[str, float]]:
                     **quiet,
                 )
             )
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "tests.bench.bare_proxy",
-                        "--port",
-                        str(bare_port),
-                        "--upstream",
-                        f"http://127.0.0.1:{mock_port}",
-                    ],
-                    **quiet,
-                )
+            bare_proxy = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.bench.bare_proxy",
+                    "--port",
+                    str(bare_port),
+                    "--upstream",
+                    f"http://127.0.0.1:{mock_port}",
+                ],
+                **quiet,
             )
+            procs.append(bare_proxy)
             subprocess.run(
                 [sys.executable, "-m", "ledger.run.cli", "migrate"],
                 check=True,
@@ -163,9 +174,12 @@ def main(repeats: int = 3) -> list[tuple[str, float]]:
             )
             serve = [sys.executable, "-m", "ledger.run.cli", "serve"]
             one = subprocess.Popen([*serve, "--port", str(one_port)], env=env, **quiet)
-            two = subprocess.Popen([*serve, "--port", str(two_port), "--workers", "2"], env=env, **quiet)
-            procs += [one, two]
-            gateways = {"1 process": (one, one_port), "--workers 2": (two, two_port)}
+            procs.append(one)
+            gateways = {"1 process": (one, one_port)}
+            if WORKERS2:
+                two = subprocess.Popen([*serve, "--port", str(two_port), "--workers", "2"], env=env, **quiet)
+                procs.append(two)
+                gateways["--workers 2"] = (two, two_port)
             for _, port in gateways.values():
                 _wait(f"http://127.0.0.1:{port}/health/ready")
             _wait(f"http://127.0.0.1:{mock_port}/v1/models")
@@ -176,15 +190,25 @@ def main(repeats: int = 3) -> list[tuple[str, float]]:
             )
             key = str(made["key"])
             time.sleep(1.5)  # the other gateway learns the key and the tag (NOTIFY, 1 s poll)
+            if PROFILE:  # attached once ready: the profile is the load's alone
+                spy = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw"]
+                spy += ["--rate", "250", "-o", PROFILE, "--pid", str(one.pid)]
+                spy += os.environ.get("LEDGER_BENCH_PROFILE_ARGS", "").split()
+                profiler = subprocess.Popen(spy, **quiet)
+                procs.append(profiler)
             rows: list[tuple[str, float]] = []
-            for concurrency in (1, 32, 128):
+            for concurrency in CONCURRENCY:
                 bare: list[dict[str, float]] = []
+                bare_cpu: list[float] = []
                 full: dict[str, list[dict[str, float]]] = {name: [] for name in gateways}
                 cpu: dict[str, list[float]] = {name: [] for name in gateways}
                 for _ in range(repeats):  # interleaved: the machine's noise hits all alike
+                    before = _cpu_s(bare_proxy.pid)
                     bare.append(
                         _load(f"http://127.0.0.1:{bare_port}/v1/chat/completions", "none", "", concurrency)
                     )
+                    used = _cpu_s(bare_proxy.pid) - before
+                    bare_cpu.append(used * 1000 / max(1.0, bare[-1]["requests"]))
                     for name, (proc, port) in gateways.items():
                         before = _cpu_s(proc.pid)
                         result = _load(
@@ -197,6 +221,7 @@ def main(repeats: int = 3) -> list[tuple[str, float]]:
                 b50 = statistics.median(r["p50_ms"] for r in bare)
                 b99 = statistics.median(r["p99_ms"] for r in bare)
                 rows.append((f"c={concurrency}: bare proxy requests/s", b_rps))
+                rows.append((f"c={concurrency}: bare proxy CPU ms per request", statistics.median(bare_cpu)))
                 for name, results in full.items():
                     g_rps = statistics.median(r["rps"] for r in results)
                     rows += [
@@ -219,7 +244,10 @@ def main(repeats: int = 3) -> list[tuple[str, float]]:
             return rows
         finally:
             for p in reversed(procs):
-                p.terminate()
+                if p is profiler:
+                    p.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+                else:
+                    p.terminate()
                 p.wait(30)
 
 
