@@ -27,7 +27,8 @@ ADMIN = "bench-admin-key-0123456789"
 DURATION = float(os.environ.get("LEDGER_BENCH_DURATION", "5"))
 # Knobs for iterating on one figure (the defaults are the published run):
 # LEDGER_BENCH_REPEATS (3), LEDGER_BENCH_CONCURRENCY ("1,32,128"),
-# LEDGER_BENCH_WORKERS2=0 skips the `--workers 2` gateway, and
+# LEDGER_BENCH_WORKERS2=0 skips the `--workers 2` gateway, LEDGER_BENCH_UPSTREAM_DELAY_MS
+# (0) delays the mock upstream's answers, and
 # LEDGER_BENCH_PROFILE=<file> attaches py-spy to the one-process gateway once it
 # is ready (raw collapsed stacks to <file>, extra py-spy flags in
 # LEDGER_BENCH_PROFILE_ARGS); its figures are then not comparable.
@@ -35,6 +36,9 @@ REPEATS = int(os.environ.get("LEDGER_BENCH_REPEATS", "3"))
 CONCURRENCY = tuple(int(c) for c in os.environ.get("LEDGER_BENCH_CONCURRENCY", "1,32,128").split(","))
 WORKERS2 = os.environ.get("LEDGER_BENCH_WORKERS2", "1") != "0"
 PROFILE = os.environ.get("LEDGER_BENCH_PROFILE", "")
+# The mock upstream's wait before its first byte (the second table: 20 ms).
+UPSTREAM_DELAY_MS = float(os.environ.get("LEDGER_BENCH_UPSTREAM_DELAY_MS", "0"))
+MOCK = [sys.executable, "-m", "ledger.run.cli", "mock-upstream"]
 
 
 def _port() -> int:
@@ -125,7 +129,7 @@ def main(repeats: int = REPEATS) -> list[tuple[str, float]]:
             quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "ledger.run.cli", "mock-upstream", "--port", str(mock_port)],
+                    [*MOCK, "--port", str(mock_port), "--delay-ms", str(UPSTREAM_DELAY_MS)],
                     **quiet,
                 )
             )
