@@ -39,6 +39,10 @@ PROFILE = os.environ.get("LEDGER_BENCH_PROFILE", "")
 # The mock upstream's wait before its first byte (the second table: 20 ms).
 UPSTREAM_DELAY_MS = float(os.environ.get("LEDGER_BENCH_UPSTREAM_DELAY_MS", "0"))
 MOCK = [sys.executable, "-m", "ledger.run.cli", "mock-upstream"]
+# A LiteLLM proxy to compare with (the third row): the path of its `litellm`
+# command, from a virtualenv of its own (`pip install litellm` and its proxy's
+# dependencies); it runs with 2 workers, no database, in front of the same mock.
+LITELLM = os.environ.get("LEDGER_BENCH_LITELLM", "")
 
 
 def _port() -> int:
@@ -184,8 +188,25 @@ def main(repeats: int = REPEATS) -> list[tuple[str, float]]:
                 two = subprocess.Popen([*serve, "--port", str(two_port), "--workers", "2"], env=env, **quiet)
                 procs.append(two)
                 gateways["--workers 2"] = (two, two_port)
-            for _, port in gateways.values():
-                _wait(f"http://127.0.0.1:{port}/health/ready")
+            ready = dict.fromkeys(gateways, "/health/ready")
+            if LITELLM:
+                litellm_port = _port()
+                config = Path(tmp) / "litellm.yaml"
+                config.write_text(
+                    "model_list:\n  - model_name: gpt-4o-mini\n    litellm_params:\n"
+                    f"      model: openai/gpt-4o-mini\n      api_base: http://127.0.0.1:{mock_port}/v1\n"
+                    "      api_key: sk-mock\n"
+                )
+                litellm = subprocess.Popen(
+                    [LITELLM, "--config", str(config), "--port", str(litellm_port), "--num_workers", "2"],
+                    env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"},
+                    **quiet,
+                )
+                procs.append(litellm)
+                gateways["LiteLLM, 2 workers"] = (litellm, litellm_port)
+                ready["LiteLLM, 2 workers"] = "/health/liveliness"
+            for name, (_, port) in gateways.items():
+                _wait(f"http://127.0.0.1:{port}{ready[name]}", timeout=180)
             _wait(f"http://127.0.0.1:{mock_port}/v1/models")
             gw = f"http://127.0.0.1:{one_port}"
             _admin(gw, "/tag/new", {"name": "bench", "max_budget": 1000000, "budget_duration": "1d"})
@@ -215,8 +236,12 @@ def main(repeats: int = REPEATS) -> list[tuple[str, float]]:
                     bare_cpu.append(used * 1000 / max(1.0, bare[-1]["requests"]))
                     for name, (proc, port) in gateways.items():
                         before = _cpu_s(proc.pid)
+                        litellm_target = name.startswith("LiteLLM")
                         result = _load(
-                            f"http://127.0.0.1:{port}/v1/chat/completions", key, "bench", concurrency
+                            f"http://127.0.0.1:{port}/v1/chat/completions",
+                            "sk-any" if litellm_target else key,
+                            "" if litellm_target else "bench",
+                            concurrency,
                         )
                         used = _cpu_s(proc.pid) - before
                         full[name].append(result)
