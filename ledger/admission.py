@@ -773,7 +773,7 @@ class Admission:
             if confirmation == "unknown":
                 # the limits in force: the definitions' windows at admission time
                 in_force = self.charged_budgets(logged.at, ev.subjects_of(logged))
-                cost = await self._room_for(request_id, in_force, logged.estimate)
+                cost = await self._room_for(request_id, logged.at, in_force, logged.estimate)
             expired = ev.ReservationExpired(
                 request_id=request_id,
                 admitted_at=logged.at,
@@ -823,7 +823,9 @@ class Admission:
         )
         report.settled += 1
 
-    async def _room_for(self, request_id: str, budgets: Sequence[Budget], estimate: Decimal) -> Decimal:
+    async def _room_for(
+        self, request_id: str, admitted_at: datetime, budgets: Sequence[Budget], estimate: Decimal
+    ) -> Decimal:
         """The most an expired admission may be charged when Redis lost whether it was
         confirmed: its estimate, capped at the room its windows have left beside
         everything else the log holds (charges and other open reservations). Had it
@@ -832,6 +834,8 @@ class Admission:
         have been admitted into its room — charging it in full would overshoot."""
         wanted = room = to_nanos(estimate)
         for budget in budgets:
+            if admitted_at < budget.counts_from:
+                continue  # a spend reset since: this window does not count the charge
             state = await window_state(self.store.pool, budget)
             others = sum(n for rid, (n, _) in state.open.items() if rid != request_id)
             room = min(room, max(0, budget.limit_nanos - state.spent_nanos - others))

@@ -376,8 +376,9 @@ _BOOL_WORDS = {"yes": "true", "on": "true", "no": "false", "off": "false"}
 
 def _prepare(type_: mi.Type, value: Any, label: str) -> Any:
     """What a string means before conversion: surrounding blanks never matter,
-    modes and booleans ignore case, an empty optional text is unset, and a list
-    of objects is JSON (with exact Decimal prices)."""
+    modes and booleans ignore case, numbers read as int() and float() read them,
+    an empty optional text is unset, and a list of objects is JSON (with exact
+    Decimal prices)."""
     if not isinstance(value, str):
         return value
     value = value.strip()
@@ -389,6 +390,18 @@ def _prepare(type_: mi.Type, value: Any, label: str) -> Any:
         return value.lower()
     if isinstance(bare, mi.BoolType):
         return _BOOL_WORDS.get(value.lower(), value)
+    if isinstance(bare, mi.IntType | mi.FloatType):
+        # as int() and float() read them (".5", "+1", "1_000"), as before: only a form
+        # msgspec refuses is rewritten (errors quote the value as given); what
+        # int() and float() refuse too, the conversion explains
+        kind: type = int if isinstance(bare, mi.IntType) else float
+        try:
+            msgspec.convert(value, kind, strict=False)
+        except msgspec.ValidationError:
+            try:
+                return str(kind(value))
+            except ValueError:
+                return value
     if isinstance(bare, mi.VarTupleType):
         try:
             return json.loads(value, parse_float=Decimal)

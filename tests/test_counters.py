@@ -491,6 +491,59 @@ async def test_an_expired_reservation_redis_held_throughout_is_charged_in_full(
     await verified(survivor)
 
 
+@pytest.mark.parametrize("redis_lost", [False, True])
+async def test_a_confirmed_admission_is_charged_in_full_after_a_spend_reset(
+    gateways: GatewayFactory, flush: Callable[[], Any], redis_lost: bool
+) -> None:
+    """Confirmed (its counter held it throughout), then the tag's spend was reset
+    and its gateway died. The reset's counter is of a newer epoch, built after the
+    admission: that is no loss of Redis, and the reset window does not count this
+    charge at all. The cap computed on it charged $0.10 of a $0.60 request; and
+    when Redis did lose the answer, that window still leaves no reason to cap."""
+    clock = Clock(WED)
+    gw = await gateways(clock)
+    await with_budget(gw, "t", "1")
+    a = await gw.admission.admit("a", ["t"], Decimal("0.6"))
+    assert isinstance(a, Admitted)
+    assert a.reserved  # confirmed: it went upstream; its gateway dies before settling
+    clock.now += timedelta(seconds=30)
+    await gw.tags.update("t", ev.TagFields(), spend=Decimal(0))
+    await gw.refresh()
+    clock.now += timedelta(seconds=20)
+    assert isinstance(await gw.admission.admit("b", ["t"], Decimal("0.9")), Admitted)
+    clock.now += timedelta(seconds=11)  # a is past its deadline, b is not
+    if redis_lost:
+        await flush()
+    assert (await gw.admission.sweep()).expired == 1
+    [_, expired] = await gw.store.read_stream("request:a")
+    event = ev.decode(expired)
+    assert isinstance(event, ev.ReservationExpired)
+    assert (event.cost, event.estimate) == (Decimal("0.6"), None)
+
+
+async def test_a_confirmed_admission_is_charged_in_full_after_its_windows_changed(
+    gateways: GatewayFactory,
+) -> None:
+    """Confirmed under $1 a day; then the tag became $0.50 a week (a new epoch) and
+    its gateway died. Lowering max_budget alone charges it in full (the counter
+    still says held); a changed duration must not turn that into a cap ($0.50)."""
+    clock = Clock(WED)
+    gw = await gateways(clock)
+    await with_budget(gw, "t", "1")
+    a = await gw.admission.admit("a", ["t"], Decimal("0.6"))
+    assert isinstance(a, Admitted)
+    assert a.reserved
+    clock.now += timedelta(seconds=10)
+    await gw.tags.update("t", ev.TagFields(budget_duration="7d", max_budget=Decimal("0.5")))
+    await gw.refresh()
+    clock.now += timedelta(seconds=51)
+    assert (await gw.admission.sweep()).expired == 1
+    [_, expired] = await gw.store.read_stream("request:a")
+    event = ev.decode(expired)
+    assert isinstance(event, ev.ReservationExpired)
+    assert (event.cost, event.estimate) == (Decimal("0.6"), None)
+
+
 async def test_a_reservation_that_never_reached_the_log_is_given_back(gateways: GatewayFactory) -> None:
     clock = Clock(WED)
     dead, survivor = await gateways(clock), await gateways(clock)

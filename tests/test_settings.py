@@ -254,6 +254,23 @@ def test_an_unknown_ledger_variable_is_ignored() -> None:
     assert Settings.from_env(unknown) == Settings.from_env({})
 
 
+def test_numbers_take_what_int_and_float_took_before_msgspec() -> None:
+    """Values an existing deployment may set (``.5``, ``5.``, ``+1``, ``1_000``) were
+    read by int()/float() before the settings became msgspec Structs; refusing them
+    now would stop such a deployment at start."""
+    s = Settings.from_env(
+        {
+            "LEDGER_WRITER_MAX_WAIT_MS": ".5",
+            "LEDGER_CONNECT_TIMEOUT_S": "5.",
+            "LEDGER_PORT": "+4001",
+            "LEDGER_WRITER_QUEUE_SIZE": "20_000",
+        }
+    )
+    assert (s.writer_max_wait_ms, s.connect_timeout_s, s.port, s.writer_queue_size) == (0.5, 5.0, 4001, 20000)
+    assert _refusal({"LEDGER_CONNECT_TIMEOUT_S": "nan"}).startswith("LEDGER_CONNECT_TIMEOUT_S must be")
+    assert _refusal({"LEDGER_CONNECT_TIMEOUT_S": "inf"}).startswith("LEDGER_CONNECT_TIMEOUT_S must be")
+
+
 def test_an_empty_optional_value_is_unset() -> None:
     s = Settings.from_env({"LEDGER_DATABASE_URL": " ", "LEDGER_ADMIN_KEY": "", "LEDGER_DEFAULT_PROVIDER": ""})
     assert (s.database_url, s.admin_key, s.default_provider) == (None, None, None)

@@ -371,6 +371,11 @@ class Counters:
         run: str | None = None
         answer: Literal["held", "unknown"] = "held"
         for budget in budgets:
+            if budget.epoch > admitted_position:
+                # A definition changed after the admission (an epoch is a log position):
+                # every counter of it was built from a log holding the admission, so it
+                # can neither lack it nor have lost it. Not evidence either way.
+                continue
             values = await self._redis(self.redis.hmget(budget.key, ["pos", "run", field]))
             if run is None:
                 run = (await self._redis(self.redis.info("server")))["run_id"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from typing import Any, TextIO
 
 import structlog
 
@@ -13,6 +15,27 @@ _LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+
+
+class _LineWriter(structlog.WriteLogger):
+    """Writes each line to the stream; a line that cannot be written (its reader
+    gone: EPIPE, a closed stream) is dropped, as the stdlib handler drops it,
+    rather than raised into the request or the loop that logged it."""
+
+    def msg(self, message: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            super().msg(message)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+class _LineWriterFactory:
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def __call__(self, *args: Any) -> _LineWriter:
+        return _LineWriter(self.stream)
 
 
 def configure(log_format: str = "json", level: str = "info") -> None:
@@ -33,7 +56,7 @@ def configure(log_format: str = "json", level: str = "info") -> None:
     # cost. Other libraries' stdlib logging goes through the handler below.
     structlog.configure(
         processors=[*shared, renderer],
-        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
+        logger_factory=_LineWriterFactory(sys.stderr),
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         cache_logger_on_first_use=True,
     )
