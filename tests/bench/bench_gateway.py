@@ -40,9 +40,10 @@ PROFILE = os.environ.get("LEDGER_BENCH_PROFILE", "")
 UPSTREAM_DELAY_MS = float(os.environ.get("LEDGER_BENCH_UPSTREAM_DELAY_MS", "0"))
 MOCK = [sys.executable, "-m", "ledger.run.cli", "mock-upstream"]
 # A LiteLLM proxy to compare with (the third row): the path of its `litellm`
-# command, from a virtualenv of its own (`pip install litellm` and its proxy's
-# dependencies); it runs with 2 workers, no database, in front of the same mock.
+# command, from a virtualenv of its own (`pip install 'litellm[proxy]'`); it runs
+# with 2 workers, a master key and no database, in front of the same mock.
 LITELLM = os.environ.get("LEDGER_BENCH_LITELLM", "")
+LITELLM_KEY = "sk-litellm-bench"  # it refuses to start without a master key
 
 
 def _port() -> int:
@@ -196,6 +197,7 @@ def main(repeats: int = REPEATS) -> list[tuple[str, float]]:
                     "model_list:\n  - model_name: gpt-4o-mini\n    litellm_params:\n"
                     f"      model: openai/gpt-4o-mini\n      api_base: http://127.0.0.1:{mock_port}/v1\n"
                     "      api_key: sk-mock\n"
+                    f"general_settings:\n  master_key: {LITELLM_KEY}\n"
                 )
                 litellm = subprocess.Popen(
                     [LITELLM, "--config", str(config), "--port", str(litellm_port), "--num_workers", "2"],
@@ -239,7 +241,7 @@ def main(repeats: int = REPEATS) -> list[tuple[str, float]]:
                         litellm_target = name.startswith("LiteLLM")
                         result = _load(
                             f"http://127.0.0.1:{port}/v1/chat/completions",
-                            "sk-any" if litellm_target else key,
+                            LITELLM_KEY if litellm_target else key,
                             "" if litellm_target else "bench",
                             concurrency,
                         )
