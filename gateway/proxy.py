@@ -342,6 +342,8 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
     key = request[API_KEY]
     limits = Limits(settings.max_tags, settings.max_tag_length, settings.max_metadata_bytes)
     attribution = attribute(body, request.headers, key.tags if key else (), limits, app[USER_SECRET])
+    gate = app[GATE]
+    gate.check_scope(key, attribution.tags)  # before routing: a 403, whatever the route
     upstream, upstream_model = app[UPSTREAMS].route(model)
     ask = Ask(
         _scoped_request_id(request, key),
@@ -361,7 +363,7 @@ async def _relay(request: web.Request, kind: str) -> web.StreamResponse:
         # Refusals raise Refused (mapped in the error middleware). Redis down: the
         # policy (LEDGER_ON_REDIS_DOWN) is applied inside; under "deny" it raises
         # CountersUnavailable (a 503, recorded).
-        result = await app[GATE].admit(ask)
+        result = await gate.admit(ask)
     except DuplicateRequest as e:
         raise ApiError(
             409,

@@ -87,26 +87,33 @@ class Gate:
         self.prices = prices
         self.admission = admission
 
+    @staticmethod
+    def check_scope(key: ApiKey | None, tags: Sequence[str]) -> None:
+        """A tag outside the key's scope is refused before anything is reserved, read
+        or routed: nothing about that tag (its budget, its models) is said."""
+        if key is None:
+            return
+        outside = [t for t in tags if not key.may_tag(t)]
+        if outside:
+            raise Refused(
+                f"this API key may not use tag {outside[0]!r} "
+                "(the key's allowed_tags set its scope; an admin can widen it)",
+                reason="forbidden",
+                param="tags",
+                code="tag_not_allowed",
+            )
+
     def check(self, ask: Ask) -> tuple[Price | None, Bound, Decimal]:
         """Every refusal, then the price, the bound and the estimate."""
         key = ask.key
-        if key is not None:
-            outside = [t for t in ask.tags if not key.may_tag(t)]
-            if outside:
-                raise Refused(
-                    f"this API key may not use tag {outside[0]!r} "
-                    "(the key's allowed_tags set its scope; an admin can widen it)",
-                    reason="forbidden",
-                    param="tags",
-                    code="tag_not_allowed",
-                )
-            if not (key.may_use(ask.model) or key.may_use(ask.upstream_model)):
-                raise Refused(
-                    f"this API key may not use model {ask.model!r}",
-                    reason="forbidden",
-                    param="model",
-                    code="model_not_allowed",
-                )
+        self.check_scope(key, ask.tags)
+        if key is not None and not (key.may_use(ask.model) or key.may_use(ask.upstream_model)):
+            raise Refused(
+                f"this API key may not use model {ask.model!r}",
+                reason="forbidden",
+                param="model",
+                code="model_not_allowed",
+            )
         for tag in ask.tags:
             state = self.book.get(tag)
             if state is not None and state.models and not {ask.model, ask.upstream_model} & set(state.models):
