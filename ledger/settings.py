@@ -292,6 +292,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 value = redact_url(value)
             elif isinstance(value, Path):
                 value = str(value)
+            elif name == "webhooks":
+                # a Slack or Teams webhook URL is itself the credential: its path is the secret
+                value = [{**msgspec.structs.asdict(w), "url": _origin(w.url) + "/***"} for w in value]
             out[name] = value
         return out
 
@@ -316,6 +319,12 @@ def redact_url(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+
+
+def _origin(url: str) -> str:
+    """scheme://host[:port] of a URL (no user, path or query)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
 
 def _is_url(value: str, schemes: tuple[str, ...], *, query_ok: bool = False) -> bool:

@@ -106,11 +106,14 @@ def test_secrets_are_redacted() -> None:
         {
             "LEDGER_DATABASE_URL": "postgresql://app:hunter2@db/ledger",
             "LEDGER_ADMIN_KEY": "a-very-secret-admin-key",
+            "LEDGER_WEBHOOKS": '[{"name": "ops", "url": "https://hooks.slack.com/services/T0/B0/sEcReTpAtH"}]',
         }
     )
     shown = repr(s.redacted())
     assert "hunter2" not in shown
     assert "a-very-secret-admin-key" not in shown
+    assert "sEcReTpAtH" not in shown  # a webhook URL's path is its credential
+    assert "https://hooks.slack.com/***" in shown
     assert redact_url("redis://:pw@h:1/0") == "redis://:***@h:1/0"
 
 
