@@ -800,6 +800,24 @@ async def test_a_key_can_neither_charge_nor_read_a_tag_outside_its_scope(gateway
         )
 
 
+async def test_a_tag_outside_the_keys_scope_is_refused_before_routing(
+    settings: Settings, aiohttp_server: AiohttpServer
+) -> None:
+    """The scope answers first: with no upstream configured, a tag outside the key's
+    scope is still a 403 naming the tag, not a 503 about routing."""
+    app = gateway_app(msgspec.structs.replace(settings, admin_key=ADMIN_KEY, providers=()))
+    server = await aiohttp_server(app)
+    raw, _ = await app[KEY_BOOK].generate(key_alias="scoped", tags=["team:a"])
+    async with aiohttp.ClientSession() as http:
+        for tags, status, code in (("team:b", 403, "tag_not_allowed"), ("team:a", 503, "no_upstream")):
+            r = await http.post(
+                server.make_url("/v1/chat/completions"),
+                json=CHAT,
+                headers={"Authorization": f"Bearer {raw}", "x-ledger-tags": tags},
+            )
+            assert (r.status, (await r.json())["error"]["code"]) == (status, code)
+
+
 async def test_request_ids_are_scoped_per_key(gateway: Gateway) -> None:
     """Issue 11 item 7: key B's request with an id key A used first got a 409 forever,
     and the 409 told B that someone had used it."""
