@@ -28,6 +28,7 @@ from gateway.admin import (
 )
 from gateway.appkeys import KEY_BOOK, REQUEST_ID, STORE
 from gateway.errors import ApiError
+from gateway.spend_api import int_param
 from ledger import events as ev
 from ledger.apikeys import ApiKey, ApiKeyError, KeyBook, KeyFields
 from ledger.domain.windows import LIFETIME
@@ -502,19 +503,6 @@ _LIST_PARAMS = {
 _SORTS = ("created_at", "updated_at", "key_alias", "user_id", "team_id", "expires")
 
 
-def _int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, f"{name} must be a whole number, got {raw[:40]!r}", param=name) from None
-    if not lo <= value <= hi:
-        raise ApiError(400, f"{name} must be between {lo} and {hi}", param=name)
-    return value
-
-
 def _flag(request: web.Request, name: str) -> bool:
     raw = request.query.get(name, "false").lower()
     if raw not in ("true", "false", "1", "0"):
@@ -531,8 +519,8 @@ async def key_list(request: web.Request) -> web.Response:
             )
         if "\x00" in value:
             raise ApiError(400, f"{name} contains a NUL character", param=name)
-    page = _int(request, "page", 1, 1, 1_000_000)
-    size = _int(request, "size", 10, 1, 100)
+    page = int_param(request, "page", 1, 1, 1_000_000)
+    size = int_param(request, "size", 10, 1, 100)
     full = _flag(request, "return_full_object")
     _flag(request, "include_team_keys")  # the admin sees every key anyway
     if request.query.get("organization_id"):

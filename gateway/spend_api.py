@@ -15,7 +15,7 @@ import re
 from collections import defaultdict
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, overload
 from urllib.parse import urlencode
 
 import msgspec
@@ -116,7 +116,12 @@ def days(start: datetime, end: datetime) -> tuple[date, date]:
     return start.date(), (end - timedelta(microseconds=1)).date()
 
 
+@overload
+def int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int: ...
+@overload
+def int_param(request: web.Request, name: str, default: None, lo: int, hi: int) -> int | None: ...
 def int_param(request: web.Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    """A whole-number query parameter within [lo, hi]; a 400 naming it otherwise."""
     raw = request.query.get(name)
     if raw is None:
         return default
