@@ -748,16 +748,15 @@ class Admission:
         # before unless Redis's index says so (held=() and swept): no terminal event
         # means no settle ran; a terminal event found through the index means its
         # settle never completed.
-        charged = [
-            *self.charged_budgets(logged.at, ev.subjects_of(logged)),
-            *self.book.budgets_of_windows(logged.windows),
-        ]
+        # current: the windows in force at admission time (their limits apply);
+        # held: the windows the admission reserved on (possibly older definitions)
+        current = self.charged_budgets(logged.at, ev.subjects_of(logged))
+        held = self.book.budgets_of_windows(logged.windows)
+        charged = [*current, *held]
         confirmation: Literal["no", "held", "unknown"] = "held"
         if len(recorded) == 1 and logged.windows:
-            held = self.book.budgets_of_windows(logged.windows)
-            current = self.charged_budgets(logged.at, ev.subjects_of(logged))
             confirmation = await self.counters.confirmed(
-                request_id, logged.reservation, recorded[0].position, [*current, *held]
+                request_id, logged.reservation, recorded[0].position, charged
             )
             if confirmation == "no":
                 # Its gateway died between recording the admission and confirming it:
@@ -771,9 +770,7 @@ class Admission:
         if len(recorded) == 1:
             cost = logged.estimate
             if confirmation == "unknown":
-                # the limits in force: the definitions' windows at admission time
-                in_force = self.charged_budgets(logged.at, ev.subjects_of(logged))
-                cost = await self._room_for(request_id, logged.at, in_force, logged.estimate)
+                cost = await self._room_for(request_id, logged.at, current, logged.estimate)
             expired = ev.ReservationExpired(
                 request_id=request_id,
                 admitted_at=logged.at,
