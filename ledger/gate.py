@@ -116,7 +116,12 @@ class Gate:
             )
         for tag in ask.tags:
             state = self.book.get(tag)
-            if state is not None and state.models and not {ask.model, ask.upstream_model} & set(state.models):
+            if (
+                state is not None
+                and state.models
+                and ask.model not in state.models
+                and ask.upstream_model not in state.models
+            ):
                 raise Refused(
                     f"tag {tag!r} may not use model {ask.model!r} (allowed: {', '.join(state.models)})",
                     reason="forbidden",
