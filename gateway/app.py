@@ -162,6 +162,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.redis_url,
         max_connections=settings.redis_max_connections,
         timeout_s=settings.connect_timeout_s,
+        cluster=settings.redis_cluster,
     )
     app[REDIS] = client
     yield
@@ -172,7 +173,7 @@ async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
     settings, store = app[SETTINGS], app[STORE]
     book = BudgetBook(store, poll_interval_s=settings.poll_interval_s)
     await book.start()
-    counters = Counters(app[REDIS], store.pool)
+    counters = Counters(app[REDIS], store.pool, max_connections=settings.redis_max_connections)
     app[BUDGET_BOOK] = book
     app[COUNTERS] = counters
     app[TAGS] = TagService(store)

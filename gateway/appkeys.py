@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncpg
-import redis.asyncio as redis
 from aiohttp import web
 
 from gateway.metrics import Metrics
@@ -11,7 +10,7 @@ from gateway.upstreams import Upstreams
 from ledger.admission import Admission
 from ledger.apikeys import ApiKey, KeyBook
 from ledger.budgets import BudgetBook
-from ledger.counters import Counters
+from ledger.counters import Counters, RedisClient
 from ledger.customers import CustomerBook
 from ledger.domain.pricing import PriceBook
 from ledger.gate import Gate
@@ -24,7 +23,7 @@ STORE = web.AppKey("store", EventStore)
 # Where spend reports and the dashboard read: the replica of
 # LEDGER_DATABASE_READ_URL, else the store's own pool (the primary).
 READ_POOL = web.AppKey("read_pool", asyncpg.Pool)
-REDIS = web.AppKey("redis", redis.Redis)
+REDIS: web.AppKey[RedisClient] = web.AppKey("redis")
 COUNTERS = web.AppKey("counters", Counters)
 BUDGET_BOOK = web.AppKey("budget_book", BudgetBook)
 TAGS = web.AppKey("tags", TagService)

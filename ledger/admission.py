@@ -730,18 +730,22 @@ class Admission:
     async def _sweep_one(self, request_id: str, report: SweepReport) -> None:
         stream = ev.stream_of_request(request_id)
         recorded = await self.store.read_stream(stream)
-        indexed = await self.counters.reserved_keys(request_id)
         logged = ev.decode(recorded[0]) if recorded else None
         assert logged is None or isinstance(logged, ev.RequestAdmitted)
-        if indexed is not None and (logged is None or logged.reservation != indexed[0]):
+        held_subjects = [b.subject for b in self.book.budgets_of_windows(logged.windows)] if logged else []
+        orphans = [
+            (nonce, keys)
+            for nonce, keys in await self.counters.reserved_keys(request_id, held_subjects)
+            if logged is None or logged.reservation != nonce
+        ]
+        if orphans:
             # Reserved in Redis by an attempt that never reached the log, deadline
             # passed: it never will. (Another attempt under this id may have.)
-            nonce, keys = indexed
-            await self.counters.release_orphan(request_id, keys, nonce)
+            for nonce, keys in orphans:
+                await self.counters.release_orphan(request_id, keys, nonce)
             report.dropped += 1
             if logged is None or len(recorded) > 1:
                 return
-            indexed = None
         if logged is None:
             return
         # Whatever held the reservation, this settle assumes nothing was settled

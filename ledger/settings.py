@@ -112,6 +112,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # primary); the request path, admin writes and projections stay on the primary.
     database_read_url: str | None = None
     redis_url: str | None = None
+    # LEDGER_REDIS_URL names one node of a Redis Cluster (any: the client learns the
+    # rest): budget scripts then run subject by subject, each in its own hash slot.
+    redis_cluster: bool = False
 
     # HTTP
     host: Host = "127.0.0.1"

@@ -248,7 +248,7 @@ async def verify(settings: Settings) -> int:
         await verify_projection(settings.database_url, create(name), report)
     if settings.redis_url is not None:
         pool = await create_pool(settings)
-        client = connect_redis(settings.redis_url)
+        client = connect_redis(settings.redis_url, cluster=settings.redis_cluster)
         counters = Counters(client, pool)
         try:
             await verify_counters(counters, report)
@@ -273,7 +273,7 @@ async def verify(settings: Settings) -> int:
 async def counters_rebuild(settings: Settings) -> int:
     assert settings.redis_url is not None
     store = await EventStore.open(settings)
-    client = connect_redis(settings.redis_url)
+    client = connect_redis(settings.redis_url, cluster=settings.redis_cluster)
     counters = Counters(client, store.pool)
     try:
         book = BudgetBook(store)

@@ -113,9 +113,7 @@ async def live_budgets(counters: Counters, now: datetime) -> list[Budget]:
     per-model budgets) or a budget of its own."""
     definitions = await definitions_from_log(counters.pool)
     subjects = {s.subject for s in definitions.budgeted()}
-    async for reg in counters.redis.scan_iter(match="ledger:{*}:reg", count=1000):
-        name = reg.decode() if isinstance(reg, bytes) else str(reg)
-        subjects.add(name[len("ledger:{") : -len("}:reg")])
+    subjects.update(await counters.subjects_with_registries())
     out = []
     for subject in sorted(subjects):
         spec = definitions.spec(subject)

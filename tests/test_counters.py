@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 from ledger import events as ev
 from ledger.admission import Admission, AdmissionHooks, Admitted, BudgetExceeded, DuplicateRequest
 from ledger.budgets import BudgetBook, rebuild_missing
-from ledger.counters import Budget, CounterHooks, Counters, CountersUnavailable, connect_redis
+from ledger.counters import Budget, CounterHooks, Counters, CountersUnavailable, RedisClient, connect_redis
 from ledger.counters.log import WindowState, window_state
 from ledger.domain.money import to_nanos
 from ledger.errors import StoreUnavailable
@@ -90,7 +90,7 @@ class Gate(AdmissionHooks, CounterHooks):
 @dataclasses.dataclass
 class Gateway:
     store: EventStore
-    client: aioredis.Redis
+    client: RedisClient
     counters: Counters
     book: BudgetBook
     admission: Admission
@@ -136,7 +136,8 @@ async def gateways(database_url: str, redis_url: str) -> AsyncIterator[GatewayFa
 
     async def make(clock: Clock | None = None, **kw: Any) -> Gateway:
         store = await EventStore.open(Settings.from_dsn(database_url, pool_max_size=kw.pop("pool", 8)))
-        client = connect_redis(kw.pop("redis_url", redis_url), timeout_s=1)
+        url, timeout = kw.pop("redis_url", redis_url), kw.pop("redis_timeout", 1)
+        client = connect_redis(url, timeout_s=timeout, cluster=kw.pop("cluster", False))
         gate = Gate()
         counters = Counters(client, store.pool, hooks=gate)
         book = BudgetBook(store)

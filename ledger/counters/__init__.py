@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -33,6 +33,7 @@ from typing import Any, Literal
 import asyncpg
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
 
 from ledger.counters import keys, scripts
 from ledger.counters.budget import Budget, tag_subject
@@ -48,6 +49,7 @@ __all__ = [
     "Holding",
     "Limit",
     "Limited",
+    "RedisClient",
     "Reserved",
     "WindowSpend",
     "connect_redis",
@@ -57,6 +59,9 @@ __all__ = [
 # A terminal position that sorts after every real one (orphans never reached the log).
 NEVER = 2**62
 _RETRY_FOR_S = 30.0  # missing counters keep being rebuilt for this long, then give up
+
+
+RedisClient = aioredis.Redis | RedisCluster
 
 
 def _give_up() -> float:
@@ -104,14 +109,23 @@ class CounterHooks:
 class Counters:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         pool: asyncpg.Pool,
         *,
         hooks: CounterHooks | None = None,
         rebuild_concurrency: int = 4,
+        max_connections: int = 64,  # the client's (per node, on a cluster)
     ) -> None:
         self.redis = client
         self.pool = pool
+        # On Redis Cluster a script may only touch one hash slot: calls go subject by subject.
+        self.sharded = isinstance(client, RedisCluster)
+        self._indexed_in: dict[str, set[str]] = {}  # request id -> subjects whose index lists it
+        # A cluster client fails a call at once when a node's pool is full (a single
+        # Redis's pool queues it): at most that many calls in flight, the rest wait.
+        self._in_flight = asyncio.Semaphore(max_connections)
+        self._initializing = asyncio.Lock()
+        self._initialized = not self.sharded
         self.hooks = hooks or CounterHooks()
         self._scripts = {name: client.register_script(scripts.source(name)) for name in scripts.NAMES}
         self._batcher = _ScriptBatcher(client)
@@ -145,38 +159,99 @@ class Counters:
         request id cannot)."""
         now = now or datetime.now(UTC)
         holding = self.holding(request_id, nonce, limits, now, tokens) if limits else None
-        counter_keys = [b.key for b in budgets]
+        call = _ReserveCall(request_id, estimate_nanos, _ms(deadline), nonce, _ms(now), tokens, holding)
+        taken: list[_Group] = []
+        tightest: int | None = None
+        try:
+            # On a cluster, subject by subject in one fixed order (each subject's keys
+            # share a slot); on one Redis, a single group and a single round trip.
+            for group in self._groups([b.subject for b in budgets], [lim.subject for lim in limits]):
+                reply = await self._reserve_group(call, group, budgets, limits, now)
+                if isinstance(reply, scripts.Ok):
+                    taken.append(group)
+                    if group.budgets and (tightest is None or reply.room_nanos < tightest):
+                        tightest = reply.room_nanos
+                    continue
+                # Refused here: give back what the subjects before it took (all or nothing).
+                await self._give_back_groups(call, taken, budgets, limits, now)
+                if isinstance(reply, scripts.Dup):
+                    return Reserved(request_id, estimate_nanos, tuple(budgets), duplicate=True)
+                if isinstance(reply, scripts.OverLimit):
+                    limit = limits[group.limits[reply.index]]
+                    return Limited(limit, reply.used, retry_after(limit, now))
+                budget = budgets[group.budgets[reply.index]]
+                return Denied(budget, reply.spent_nanos, reply.reserved_nanos, estimate_nanos)
+        except BaseException:
+            if taken:  # best effort: else the sweeper releases them after the deadline
+                with contextlib.suppress(Exception):
+                    await self._give_back_groups(call, taken, budgets, limits, now)
+            raise
+        return Reserved(request_id, estimate_nanos, tuple(budgets), remaining_nanos=tightest, holding=holding)
+
+    async def _reserve_group(
+        self,
+        call: _ReserveCall,
+        group: _Group,
+        budgets: Sequence[Budget],
+        limits: Sequence[Limit],
+        now: datetime,
+    ) -> scripts.Ok | scripts.Deny | scripts.OverLimit | scripts.Dup:
+        """The reserve script over one group's counters and rate limits; indices in
+        its reply are the group's."""
+        mine = [budgets[i] for i in group.budgets]
+        my_limits = [limits[j] for j in group.limits]
+        counter_keys = [b.key for b in mine]
         args: list[Any] = [
-            request_id,
-            estimate_nanos,
-            _ms(deadline),
+            call.request_id,
+            call.estimate_nanos,
+            call.deadline_ms,
             keys.join(counter_keys),
-            nonce,
-            len(budgets),
-            *(b.limit_nanos for b in budgets),
-            _ms(now),
-            tokens,
-            holding.member if holding else "",
+            call.nonce,
+            len(mine),
+            *(b.limit_nanos for b in mine),
+            call.now_ms,
+            call.tokens,
+            call.holding.member if call.holding else "",
         ]
-        for limit in limits:
+        for limit in my_limits:
             args += [limit.kind, limit.maximum]
         minute = minute_of(now)
-        script_keys = [keys.OPEN, keys.OPEN_KEYS, *counter_keys, *(lim.key(minute) for lim in limits)]
+        script_keys = [
+            *keys.open_index(group.subject),
+            *counter_keys,
+            *(lim.key(minute) for lim in my_limits),
+        ]
         give_up = _give_up()
         while True:
             reply = scripts.reserve_reply(await self._call("reserve", script_keys, args))
             if not isinstance(reply, scripts.Missing):
-                break
-            await self._rebuild_missing(budgets, reply, give_up)
-        if isinstance(reply, scripts.Ok):
-            room = reply.room_nanos if budgets else None
-            return Reserved(request_id, estimate_nanos, tuple(budgets), remaining_nanos=room, holding=holding)
-        if isinstance(reply, scripts.Dup):
-            return Reserved(request_id, estimate_nanos, tuple(budgets), duplicate=True)
-        if isinstance(reply, scripts.OverLimit):
-            limit = limits[reply.index]
-            return Limited(limit, reply.used, retry_after(limit, now))
-        return Denied(budgets[reply.index], reply.spent_nanos, reply.reserved_nanos, estimate_nanos)
+                return reply
+            await self._rebuild_missing(mine, reply, give_up)
+
+    async def _give_back_groups(
+        self,
+        call: _ReserveCall,
+        groups: Sequence[_Group],
+        budgets: Sequence[Budget],
+        limits: Sequence[Limit],
+        now: datetime,
+    ) -> None:
+        """Undo the reservations of the groups a refused (or failed) reserve took:
+        their counters' reservations and parallel slots and tpm bounds. A request
+        counted in an rpm minute stays counted (at worst it denies another)."""
+        for group in groups:
+            if group.budgets:
+                await self.release_orphan(
+                    call.request_id, [budgets[i].key for i in group.budgets], call.nonce
+                )
+            if call.holding is not None and group.limits:
+                taken = Holding(
+                    tuple(limits[j] for j in group.limits),
+                    call.holding.minute,
+                    call.tokens,
+                    call.holding.member,
+                )
+                await self.unlimit(taken, now, 0)
 
     @staticmethod
     def holding(request_id: str, nonce: str, limits: Sequence[Limit], now: datetime, tokens: int) -> Holding:
@@ -189,17 +264,18 @@ class Counters:
         for tpm its prompt bound, counting ``used_tokens`` (its actual total, None if
         it was never counted: an attempt whose reserve may not have run) in the
         minute that holds ``now``."""
-        script_keys: list[str] = []
-        args: list[Any] = [holding.member]
-        for limit in holding.limits:
-            if limit.kind == "parallel":
-                script_keys.append(limit.key(holding.minute))
-                args += ["zrem", 0]
-            elif limit.kind == "tpm" and used_tokens is not None:
-                script_keys += [limit.key(holding.minute), limit.key(minute_of(now))]
-                args += ["take", holding.tokens, "add", used_tokens]
-        if script_keys:
-            await self._call("unlimit", script_keys, args)
+        for group in self._groups([], [lim.subject for lim in holding.limits]):
+            script_keys: list[str] = []
+            args: list[Any] = [holding.member]
+            for limit in (holding.limits[j] for j in group.limits):
+                if limit.kind == "parallel":
+                    script_keys.append(limit.key(holding.minute))
+                    args += ["zrem", 0]
+                elif limit.kind == "tpm" and used_tokens is not None:
+                    script_keys += [limit.key(holding.minute), limit.key(minute_of(now))]
+                    args += ["take", holding.tokens, "add", used_tokens]
+            if script_keys:
+                await self._call("unlimit", script_keys, args)
 
     async def confirm(
         self,
@@ -214,7 +290,24 @@ class Counters:
         reservation does — its own, and any of a newer definition that the
         registries know — or a Denied if one that lacks it cannot take it (Dup
         if another attempt under this request id holds it)."""
-        budgets = list(budgets)
+        for group in self._groups([b.subject for b in budgets], []):
+            mine = [budgets[i] for i in group.budgets]
+            verdict = await self._confirm_group(
+                request_id, mine, estimate_nanos, admitted_position, admitted_at, nonce
+            )
+            if verdict is not None:
+                return verdict
+        return None
+
+    async def _confirm_group(
+        self,
+        request_id: str,
+        budgets: list[Budget],
+        estimate_nanos: int,
+        admitted_position: int,
+        admitted_at: datetime,
+        nonce: str,
+    ) -> Denied | scripts.Dup | None:
         subjects = _subjects(budgets)
         give_up = _give_up()
         while True:
@@ -287,48 +380,52 @@ class Counters:
         confirm from a gateway that stalled past the deadline adds nothing back.
         """
         held_keys = {b.key for b in held}
-        ordered = list({b.key: b for b in [*budgets, *held]}.values())
-        subjects = _subjects(ordered)
-        if not subjects:
-            return 0
-        while True:
-            flags = "".join("1" if b.key in held_keys else "0" for b in ordered)
-            script_keys = [
-                keys.OPEN,
-                keys.OPEN_KEYS,
-                *(keys.registry(s) for s in subjects),
-                *(b.key for b in ordered),
-                *(b.gen_key for b in ordered),
-            ]
-            args = [
-                request_id,
-                actual_nanos,
-                position,
-                admitted_position,
-                _ms(admitted_at),
-                len(subjects),
-                flags,
-                nonce,
-                position,  # the fence: later rebuilds must have read this charge
-                "1" if swept else "0",
-                "1" if mark else "0",
-            ]
-            reply = scripts.settle_reply(await self._call("settle", script_keys, args))
-            if isinstance(reply, scripts.Settled):
-                return reply.charged
-            known = {b.key for b in ordered}
-            ordered += [Budget.from_registry(k, e) for k, e in reply.counters if k not in known]
+        everything = list({b.key: b for b in [*budgets, *held]}.values())
+        charged = 0
+        for group in self._groups([b.subject for b in everything], []):
+            ordered = [everything[i] for i in group.budgets]
+            subjects = _subjects(ordered)
+            while True:
+                flags = "".join("1" if b.key in held_keys else "0" for b in ordered)
+                script_keys = [
+                    *keys.open_index(group.subject),
+                    *(keys.registry(s) for s in subjects),
+                    *(b.key for b in ordered),
+                    *(b.gen_key for b in ordered),
+                ]
+                args = [
+                    request_id,
+                    actual_nanos,
+                    position,
+                    admitted_position,
+                    _ms(admitted_at),
+                    len(subjects),
+                    flags,
+                    nonce,
+                    position,  # the fence: later rebuilds must have read this charge
+                    "1" if swept else "0",
+                    "1" if mark else "0",
+                ]
+                reply = scripts.settle_reply(await self._call("settle", script_keys, args))
+                if isinstance(reply, scripts.Settled):
+                    charged += reply.charged
+                    break
+                known = {b.key for b in ordered}
+                ordered += [Budget.from_registry(k, e) for k, e in reply.counters if k not in known]
+        return charged
 
     async def release_orphan(self, request_id: str, counter_keys: Sequence[str], nonce: str) -> None:
         """Give back the reservation of the admission attempt ``nonce`` that never
         reached the log (and never will). Nothing is charged, nothing fans out, no
         fence moves; another attempt's reservation under the same id is left alone."""
-        counter_keys = [k for k in counter_keys if keys.parse_counter(k) is not None]
-        await self._call(
-            "settle",
-            [keys.OPEN, keys.OPEN_KEYS, *counter_keys, *(keys.generation_of(k) for k in counter_keys)],
-            [request_id, 0, NEVER, 0, 0, 0, "1" * len(counter_keys), nonce, 0, "0", "0"],
-        )
+        parsed = [(k, p.subject) for k in counter_keys if (p := keys.parse_counter(k)) is not None]
+        for group in self._groups([subject for _, subject in parsed], []):
+            mine = [parsed[i][0] for i in group.budgets]
+            await self._call(
+                "settle",
+                [*keys.open_index(group.subject), *mine, *(keys.generation_of(k) for k in mine)],
+                [request_id, 0, NEVER, 0, 0, 0, "1" * len(mine), nonce, 0, "0", "0"],
+            )
 
     # ------------------------------------------------------------- read
 
@@ -345,11 +442,9 @@ class Counters:
 
     async def peek(self, key: str) -> WindowSpend | None:
         """A counter as it is (None if missing, or from another server life): never rebuilds."""
-        values: dict[bytes, bytes] = await self._redis(self.redis.hgetall(key))
-        if not values or b"pos" not in values:
-            return None
-        run = (await self._redis(self.redis.info("server")))["run_id"]
-        if values.get(b"run", b"").decode() != run:
+        run, flat = await self._call("peek", [key], [""])
+        values = dict(zip(flat[0::2], flat[1::2], strict=True))
+        if not values or b"pos" not in values or values.get(b"run") != run:
             return None
         held = frozenset(k[2:].decode() for k in values if k.startswith(b"r:"))
         return WindowSpend(
@@ -367,8 +462,7 @@ class Counters:
         since, so every later admission counted it. "unknown": a counter was lost
         (rebuilt from the log after the admission, or missing), so whether the
         confirm ran, and whether others were admitted into its room, is lost too."""
-        field = f"r:{request_id}".encode()
-        run: str | None = None
+        field = f"r:{request_id}"
         answer: Literal["held", "unknown"] = "held"
         for budget in budgets:
             if budget.epoch > admitted_position:
@@ -376,34 +470,67 @@ class Counters:
                 # every counter of it was built from a log holding the admission, so it
                 # can neither lack it nor have lost it. Not evidence either way.
                 continue
-            values = await self._redis(self.redis.hmget(budget.key, ["pos", "run", field]))
-            if run is None:
-                run = (await self._redis(self.redis.info("server")))["run_id"]
-            same_run = values[1] is not None and values[1].decode() == run
-            if values[0] is None or not same_run or int(values[0]) >= admitted_position:
+            run, (pos, built_in, reservation) = await self._call("peek", [budget.key], [field])
+            if pos is None or built_in != run or int(pos) >= admitted_position:
                 answer = "unknown"
-            elif values[2] is None:
+            elif reservation is None:
                 return "no"
         return answer
 
     async def expired(self, now: datetime, limit: int = 200) -> list[str]:
-        """Request ids in Redis's index whose reservation deadline has passed."""
-        members = await self._redis(
-            self.redis.zrangebyscore(keys.OPEN, "-inf", int(now.timestamp() * 1000), start=0, num=limit)
-        )
-        return [_text(m) for m in members]
+        """Request ids in Redis's index whose reservation deadline has passed (on a
+        cluster, found in every subject's index: a SCAN of every master)."""
+        until = int(now.timestamp() * 1000)
+        if not self.sharded:
+            members = await self._redis(
+                self.redis.zrangebyscore(keys.OPEN, "-inf", until, start=0, num=limit)
+            )
+            return [_text(m) for m in members]
+        self._indexed_in = {}
+        async for name in self._scan(keys.OPEN_PATTERN, "zset"):
+            subject = keys.subject_of_index(name)
+            if subject is None:
+                continue
+            members = await self._redis(
+                self.redis.zrangebyscore(keys.open_index(subject)[0], "-inf", until, start=0, num=limit)
+            )
+            for member in members:
+                self._indexed_in.setdefault(_text(member), set()).add(subject)
+            if len(self._indexed_in) >= limit:
+                break
+        return list(self._indexed_in)
 
-    async def reserved_keys(self, request_id: str) -> tuple[str, list[str]] | None:
-        """(nonce, counter keys) of an open reservation, if Redis's index has it."""
-        value = await self._redis(self.redis.hget(keys.OPEN_KEYS, request_id))
-        if value is None:
-            return None
-        nonce, _, joined = _text(value).partition("|")
-        return nonce, keys.split(joined)
+    async def reserved_keys(
+        self, request_id: str, subjects: Sequence[str] = ()
+    ) -> list[tuple[str, list[str]]]:
+        """The open reservations Redis's index holds for ``request_id``: (nonce, counter
+        keys) per admission attempt. On a cluster, looked up in the indexes of
+        ``subjects`` and of those where ``expired`` found it."""
+        if not self.sharded:
+            where: list[str | None] = [None]
+        else:
+            where = list(dict.fromkeys([*subjects, *sorted(self._indexed_in.get(request_id, ()))]))
+        found: dict[str, list[str]] = {}
+        for subject in where:
+            value = await self._redis(self.redis.hget(keys.open_index(subject)[1], request_id))
+            if value is not None:
+                nonce, _, joined = _text(value).partition("|")
+                found.setdefault(nonce, []).extend(keys.split(joined))
+        return list(found.items())
 
-    async def forget(self, request_id: str) -> None:
-        await self._redis(self.redis.zrem(keys.OPEN, request_id))
-        await self._redis(self.redis.hdel(keys.OPEN_KEYS, request_id))
+    async def subjects_with_registries(self) -> list[str]:
+        """Every subject that has a counter registry in Redis (every master's, on a cluster)."""
+        out = []
+        async for name in self._scan("ledger:{*}:reg", None):
+            out.append(name[len("ledger:{") : -len("}:reg")])
+        return out
+
+    async def _scan(self, match: str, kind: str | None) -> AsyncIterator[str]:
+        try:
+            async for name in self.redis.scan_iter(match=match, count=1000, _type=kind):
+                yield _text(name)
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:
+            raise CountersUnavailable(f"Redis unavailable: {e}") from e
 
     # ------------------------------------------------------------- rebuild
 
@@ -454,8 +581,45 @@ class Counters:
 
     # ------------------------------------------------------------- plumbing
 
+    def _groups(self, budget_subjects: Sequence[str], limit_subjects: Sequence[str]) -> list[_Group]:
+        if not budget_subjects and not limit_subjects:
+            return []
+        if not self.sharded:
+            return [_Group(None, tuple(range(len(budget_subjects))), tuple(range(len(limit_subjects))))]
+        # One fixed order (by subject) for every request, so that two requests
+        # racing for the last room of two tags see them in the same order.
+        return [
+            _Group(
+                subject,
+                tuple(i for i, s in enumerate(budget_subjects) if s == subject),
+                tuple(j for j, s in enumerate(limit_subjects) if s == subject),
+            )
+            for subject in sorted({*budget_subjects, *limit_subjects})
+        ]
+
     async def _call(self, name: str, script_keys: list[str], args: list[Any]) -> Any:
-        return await self._batcher.call(self._scripts[name], script_keys, args)
+        if not self.sharded:
+            return await self._batcher.call(self._scripts[name], script_keys, args)
+        # redis-py refuses EVALSHA in a cluster pipeline: each call goes on its own,
+        # concurrently, over the pool of the node that owns its slot.
+        try:
+            async with self._in_flight:
+                if not self._initialized:
+                    await self._initialize()
+                return await self._scripts[name](keys=script_keys, args=args)
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as e:
+            raise CountersUnavailable(f"Redis unavailable: {e}") from e
+        except Exception as e:  # as the batcher: whatever the driver raises is Redis failing
+            raise CountersUnavailable(f"Redis script failed: {type(e).__name__}: {e}") from e
+
+    async def _initialize(self) -> None:
+        # redis-py's cluster client learns the slot map on its first command; commands
+        # sent concurrently while it does can fail (a connection closed under them):
+        # the first caller learns it, the others wait.
+        async with self._initializing:
+            if not self._initialized and isinstance(self.redis, RedisCluster):
+                await self.redis.initialize()
+            self._initialized = True
 
     async def _redis(self, command: Awaitable[Any]) -> Any:
         try:
@@ -464,12 +628,34 @@ class Counters:
             raise CountersUnavailable(f"Redis unavailable: {e}") from e
 
 
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """Budgets and rate limits one script call covers (indices into the caller's
+    lists): all of them on a single Redis (``subject`` None), one subject's on a
+    cluster, whose keys share its hash slot."""
+
+    subject: str | None
+    budgets: tuple[int, ...]
+    limits: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _ReserveCall:
+    request_id: str
+    estimate_nanos: int
+    deadline_ms: int
+    nonce: str
+    now_ms: int
+    tokens: int
+    holding: Holding | None
+
+
 class _ScriptBatcher:
     """Sends every script call queued while the previous round trip was in
     flight as one pipeline: under load, one round trip serves many requests;
     a lone call goes out at once."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self._client = client
         self._pending: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
         self._wake = asyncio.Event()
@@ -531,9 +717,20 @@ class _ScriptBatcher:
                 future.set_result(result)
 
 
-def connect_redis(url: str, *, max_connections: int = 64, timeout_s: float = 3.0) -> aioredis.Redis:
+def connect_redis(
+    url: str, *, max_connections: int = 64, timeout_s: float = 3.0, cluster: bool = False
+) -> RedisClient:
     """A client whose pool blocks (up to ``timeout_s``) when all connections are
-    busy, instead of failing: bursts queue rather than error."""
+    busy, instead of failing: bursts queue rather than error. ``cluster``: ``url``
+    names any node of a Redis Cluster, whose slot map the client then follows."""
+    if cluster:
+        return RedisCluster.from_url(
+            url,
+            max_connections=max_connections,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            health_check_interval=30,
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,

@@ -17,7 +17,9 @@ ends there; it still ends there for every key of that subject.)
   holds the admission time through it, whatever the caller's definitions say.
 * ``ledger:open`` / ``ledger:open:keys`` — the index of open reservations
   (deadline by request id, and the counter keys each one holds), so the
-  sweeper finds reservations that never reached the log.
+  sweeper finds reservations that never reached the log. On Redis Cluster each
+  subject keeps its own (``ledger:{<subject>}:open`` / ``...:open:keys``), in
+  its counters' slot, so that one script updates a counter and its index.
 """
 
 from __future__ import annotations
@@ -27,6 +29,25 @@ from dataclasses import dataclass
 PREFIX = "ledger:"
 OPEN = "ledger:open"
 OPEN_KEYS = "ledger:open:keys"
+
+
+OPEN_PATTERN = "ledger:{*}:open"  # the per-subject indexes, for SCAN on a cluster
+
+
+def open_index(subject: str | None) -> tuple[str, str]:
+    """The open-reservation index (zset, hash) for ``subject``'s counters: the one
+    global index on a single Redis (``subject`` None), the subject's own on a cluster."""
+    if subject is None:
+        return OPEN, OPEN_KEYS
+    return f"{PREFIX}{{{subject}}}:open", f"{PREFIX}{{{subject}}}:open:keys"
+
+
+def subject_of_index(key: str) -> str | None:
+    """The subject of a per-subject index key (``ledger:{<subject>}:open``)."""
+    head, tail = PREFIX + "{", "}:open"
+    if key.startswith(head) and key.endswith(tail) and len(key) > len(head) + len(tail):
+        return key[len(head) : -len(tail)]
+    return None
 
 
 def counter(subject: str, epoch: int, window_start: int) -> str:

@@ -19,7 +19,7 @@ def source(name: str) -> str:
     return lib + "\n" + (files / f"{name}.lua").read_text()
 
 
-NAMES = ("reserve", "confirm", "settle", "begin", "init", "unlimit")
+NAMES = ("reserve", "confirm", "settle", "begin", "init", "unlimit", "peek")
 
 
 def _text(value: Any) -> str:

@@ -9,7 +9,16 @@
 local id, est, nonce = ARGV[1], ARGV[2], ARGV[5]
 local n = tonumber(ARGV[6])
 local m = #KEYS - 2 - n
-if n > 0 and redis.call('HEXISTS', KEYS[2], id) == 1 then return {'dup'} end
+-- Listed already: another attempt's (dup), or this very call run twice (a client
+-- retrying after a lost reply): it took everything the first time, answer again.
+local again = false
+if n > 0 then
+  local indexed = redis.call('HGET', KEYS[2], id)
+  if indexed then
+    if string.sub(indexed, 1, #nonce + 1) ~= nonce .. '|' then return {'dup'} end
+    again = true
+  end
+end
 local run = current_run()
 local field = 'r:' .. id
 local values, missing = {}, {}
@@ -20,6 +29,16 @@ for i = 1, n do
 end
 if #missing > 0 then return {'missing', unpack(missing)} end
 local tight, rh, rl = 0, 0, 0
+if again then
+  for i = 1, n do
+    local v = values[i]
+    local _, owner = held(v[5])
+    if owner ~= nonce then return {'dup'} end  -- released meanwhile: not this attempt's any more
+    local _, h, l = room(v[1], v[2], '0', ARGV[6 + i])
+    if tight == 0 or greater(rh, rl, h, l) then tight, rh, rl = i, h, l end
+  end
+  return {'ok', tight, fmt(rh, rl)}
+end
 for i = 1, n do
   local v = values[i]
   if v[5] then return {'dup'} end
