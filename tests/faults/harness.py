@@ -53,19 +53,21 @@ def http(method: str, url: str, body: Any = None, key: str = ADMIN, timeout: flo
 class Cluster:
     root: Path
     pg: EmbeddedPostgres = field(init=False)
-    redis: EmbeddedRedis = field(init=False)
+    redis: EmbeddedRedis | None = field(init=False)
     mock_port: int = field(init=False)
     gateways: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     ports: dict[int, int] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     _mock: subprocess.Popen[bytes] | None = None
 
-    def start(self, *, durable: bool = False, **settings: str) -> Cluster:
+    def start(self, *, durable: bool = False, redis_cluster: str | None = None, **settings: str) -> Cluster:
         """``durable``: PostgreSQL as shipped (fsync on), for benchmarks; fault
         scenarios trade durability for speed (their crashes are processes, not
-        power cuts)."""
+        power cuts). ``redis_cluster``: a Redis Cluster node's URL (the caller owns
+        the cluster) instead of an embedded Redis of its own."""
         self.pg = EmbeddedPostgres(self.root / "pg", settings={} if durable else FAST_PG).start()
-        self.redis = EmbeddedRedis(self.root / "redis").start()
+        self.redis = None if redis_cluster else EmbeddedRedis(self.root / "redis").start()
+        redis_settings = {"LEDGER_REDIS_URL": redis_cluster, "LEDGER_REDIS_CLUSTER": "true"} if redis_cluster else {}
         self.mock_port = free_port()
         self._mock = subprocess.Popen(
             [sys.executable, "-m", "ledger.run.cli", "mock-upstream", "--port", str(self.mock_port)],
@@ -75,7 +77,8 @@ class Cluster:
         self.env = {
             **os.environ,
             "LEDGER_DATABASE_URL": self.pg.url,
-            "LEDGER_REDIS_URL": self.redis.url,
+            "LEDGER_REDIS_URL": self.redis.url if self.redis else "",
+            **redis_settings,
             "LEDGER_ADMIN_KEY": ADMIN,
             "LEDGER_LOG_LEVEL": "warning",
             "LEDGER_PROVIDERS": json.dumps(
@@ -151,7 +154,8 @@ class Cluster:
         if self._mock is not None:
             self._mock.terminate()
             self._mock.wait(10)
-        self.redis.stop()
+        if self.redis is not None:
+            self.redis.stop()
         self.pg.stop()
 
     def ledger(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
