@@ -293,3 +293,29 @@ async def test_refusals(store: EventStore, database_url: str, tmp_path: Path) ->
         assert await conn.fetchval("select to_regclass($1)", f"events_{OLD[0]:%Y_%m}") is not None
     finally:
         await conn.close()
+
+
+async def test_the_commands(store: EventStore, database_url: str, redis_url: str, tmp_path: Path) -> None:
+    from tests.test_cli import ledger
+
+    await seed(store, database_url)
+    await rebuild(database_url)
+    env = {"LEDGER_DATABASE_URL": database_url, "LEDGER_REDIS_URL": redis_url}
+    refused = ledger("archive", "--before", f"{THIS + timedelta(days=1)}", "--to", str(tmp_path), env=env)
+    assert refused.returncode == 1
+    assert "current month" in refused.stderr
+    done = ledger("archive", "--before", f"{THIS}", "--to", str(tmp_path), env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"events_{OLD[0]:%Y_%m}: " in done.stdout
+    assert "detached" in done.stdout
+    again = ledger("archive", "--before", f"{THIS}", "--to", str(tmp_path), env=env)
+    assert "nothing to archive" in again.stdout
+    ok = ledger("verify", "--archive", str(tmp_path), env=env)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "checksums match" in ok.stdout
+    replayed = ledger("replay", "--all", env={**env, "LEDGER_ARCHIVE_DIR": str(tmp_path)})
+    assert replayed.returncode == 0, replayed.stderr
+    (tmp_path / f"events_{OLD[0]:%Y_%m}.parquet").write_bytes(b"not parquet")
+    bad = ledger("verify", "--archive", str(tmp_path), env=env)
+    assert bad.returncode == 1
+    assert "does not match the manifest" in bad.stderr
