@@ -43,6 +43,7 @@ from ledger.domain.privacy import stored_secret
 from ledger.errors import StoreError
 from ledger.gate import Gate
 from ledger.loops import background, run_forever
+from ledger.postgres.partitions import ensure_partitions
 from ledger.postgres.queries import projection_lag
 from ledger.postgres.store import EventStore, create_pool, replica_lag
 from ledger.settings import Settings
@@ -99,6 +100,10 @@ async def body_deadline(request: web.Request, handler: Handler) -> web.StreamRes
     return response
 
 
+# How often each gateway checks that the coming months have their log partitions.
+_PARTITIONS_INTERVAL_S = 3600.0
+
+
 def create_app(settings: Settings, contexts: Sequence[CleanupContext] = ()) -> web.Application:
     if settings.database_url is None or settings.redis_url is None:
         raise StoreError("the gateway needs LEDGER_DATABASE_URL and LEDGER_REDIS_URL")
@@ -114,6 +119,7 @@ def create_app(settings: Settings, contexts: Sequence[CleanupContext] = ()) -> w
     app.cleanup_ctx.append(_read_pool_ctx)
     app.cleanup_ctx.append(_budgets_ctx)
     app.cleanup_ctx.append(_sweeper_ctx)
+    app.cleanup_ctx.append(_partitions_ctx)
     app.cleanup_ctx.append(_upstreams_ctx)
     app.cleanup_ctx.append(customers.customers_ctx)
     app[PRICES] = PriceBook(settings.price_overrides)
@@ -211,6 +217,25 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
 
     loop = run_forever(sweep, app[SETTINGS].sweep_interval_s, error_event="sweep_failed")
     async with background("reservation-sweeper", loop):
+        yield
+
+
+async def _partitions_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Keep the event log's month partitions created ahead (migrations create them
+    too; a gateway that runs for months must not let appends fall into the
+    default partition). Every gateway does it; the database makes it once."""
+    pool = app[STORE].pool
+
+    async def ensure() -> None:
+        await ensure_partitions(pool)
+
+    try:  # at once: the process may start months after the last migration
+        await ensure()
+    except Exception as e:
+        log.warning("partitions_failed", error=f"{type(e).__name__}: {e}")
+    async with background(
+        "event-partitions", run_forever(ensure, _PARTITIONS_INTERVAL_S, error_event="partitions_failed")
+    ):
         yield
 
 

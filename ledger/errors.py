@@ -54,3 +54,13 @@ class ConcurrencyError(StoreError):
         super().__init__(
             f"stream {stream!r} is at version {actual_version}, append expected version {expected_version}"
         )
+
+
+class ArchiveError(LedgerError):
+    """An archive of the event log cannot be written or read as it is (a file whose
+    checksum does not match its manifest, a partition that changed meanwhile)."""
+
+
+class ArchiveRefused(ArchiveError):
+    """Archiving was refused because it would break something live (the current
+    month, admissions the sweeper has yet to settle, projections behind)."""

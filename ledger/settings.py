@@ -162,6 +162,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     reservation_ttl_s: Annotated[float, Meta(ge=1, le=7 * 86400)] = 900.0
     sweep_interval_s: Annotated[float, Meta(ge=0.05, le=3600)] = 5.0
 
+    # The event log's months archived by `ledger archive --to DIR`: `replay` and
+    # `verify` read them merged with the live partitions (their --archive wins).
+    archive_dir: Path | None = None
+
     # Gateway: upstream providers and request handling
     providers: tuple[ProviderConfig, ...] = ()
     default_provider: str | None = None

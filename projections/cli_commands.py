@@ -24,6 +24,7 @@ from rich.table import Table
 from ledger.budgets import BudgetBook, rebuild_missing
 from ledger.counters import Counters, connect_redis
 from ledger.postgres import reports
+from ledger.postgres.archive import Archive
 from ledger.postgres.store import EventStore, create_pool, replica_lag
 from ledger.settings import Settings
 from projections.replay import replay_all
@@ -98,9 +99,23 @@ async def _log_start(dsn: str) -> datetime | None:
     return first
 
 
+async def open_archive(settings: Settings) -> Archive | None:
+    """The archive ``archive_dir`` names (--archive or LEDGER_ARCHIVE_DIR), checked
+    against its manifest; None when there is none."""
+    if settings.archive_dir is None:
+        return None
+    archive = await Archive.open(settings.archive_dir)
+    months = len(archive.manifest.partitions)
+    console.print(f"archive {settings.archive_dir}: {months} month(s), checksums match the manifest")
+    return archive
+
+
 async def replay_command(settings: Settings, names: list[str] | None, until: datetime | None) -> int:
     assert settings.database_url is not None
+    archive = await open_archive(settings)
     start = await _log_start(settings.database_url)
+    if archive is not None and archive.first_recorded_at is not None:
+        start = archive.first_recorded_at if start is None else min(start, archive.first_recorded_at)
     if until is not None:
         if start is None:
             return _error("the event log is empty: there is nothing to replay up to --until")
@@ -131,7 +146,7 @@ async def replay_command(settings: Settings, names: list[str] | None, until: dat
             bar.update(task, completed=done, total=max(total, done), rate=f"{done / elapsed:,.0f}")
 
         results = await replay_all(
-            settings.database_url, [create(n) for n in names], until=until, progress=advance
+            settings.database_url, [create(n) for n in names], until=until, progress=advance, archive=archive
         )
         # an empty or short log never called advance: the bar ends full, not at "0/?"
         bar.update(task, completed=results[0].events, total=results[0].events)
@@ -244,8 +259,9 @@ async def verify(settings: Settings) -> int:
     """Exit status 0 when log, views and counters agree; 1 with a readable diff otherwise."""
     assert settings.database_url is not None
     report = Report()
+    archive = await open_archive(settings)
     for name in PROJECTIONS:
-        await verify_projection(settings.database_url, create(name), report)
+        await verify_projection(settings.database_url, create(name), report, archive=archive)
     if settings.redis_url is not None:
         pool = await create_pool(settings)
         client = connect_redis(settings.redis_url, cluster=settings.redis_cluster)

@@ -17,6 +17,10 @@ swapped.
 
 ``until`` replays only the events recorded up to a moment, into a schema of its
 own, and leaves the live views alone: "what did each tag spend as of then".
+
+``archive`` (see ``ledger/postgres/archive.py``) adds the months ``ledger archive``
+detached: the log is then read from their files merged with the live partitions,
+in position order, so a replay after archiving builds the views it built before.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import asyncpg
 
 from ledger import events as ev
 from ledger.events import RecordedEvent
-from projections.runtime import Projection, read_batch
+from ledger.postgres.archive import Archive, read_log
+from projections.runtime import Projection
 
 Progress = Callable[[int, int], None]  # (events done, events total)
 
@@ -50,15 +55,17 @@ class ReplayResult:
 @dataclass(slots=True)
 class LogReader:
     """Reads the log in position order for a replay, counting what it read: a
-    single pass over several projections reads each event once."""
+    single pass over several projections reads each event once. With an archive,
+    its events come merged with the live ones (the one log source: read_log)."""
 
     conn: asyncpg.Connection
     batch_size: int
+    archive: Archive | None = None
     batches: int = 0
     events: int = 0
 
     async def read(self, after: int) -> list[RecordedEvent]:
-        events = await read_batch(self.conn, after, self.batch_size)
+        events = await read_log(self.conn, after, self.batch_size, self.archive)
         self.batches += 1
         self.events += len(events)
         return events
@@ -168,6 +175,7 @@ async def replay(
     swap: bool = True,
     batch_size: int = 20000,
     progress: Progress | None = None,
+    archive: Archive | None = None,
 ) -> ReplayResult:
     """Rebuild ``projection`` from the log. Swaps it in unless ``until``/``swap=False``."""
     [result] = await replay_all(
@@ -179,6 +187,7 @@ async def replay(
         swap=swap,
         batch_size=batch_size,
         progress=progress,
+        archive=archive,
     )
     return result
 
@@ -193,6 +202,7 @@ async def replay_all(
     swap: bool = True,
     batch_size: int = 20000,
     progress: Progress | None = None,
+    archive: Archive | None = None,
 ) -> list[ReplayResult]:
     """Rebuild ``projections`` from ONE pass over the log, then swap each in (unless
     ``until``/``until_position``/``swap=False``).
@@ -203,6 +213,8 @@ async def replay_all(
     targets: list[_Target] = []
     try:
         head = int(await conn.fetchval("select coalesce(max(position), 0) from events"))
+        if archive is not None:
+            head = max(head, archive.last_position)
         total = head if until_position is None else min(head, until_position)
         schemas: dict[str, str] = {}
         for projection in projections:
@@ -216,7 +228,7 @@ async def replay_all(
             build = await asyncpg.connect(dsn, statement_cache_size=0)
             targets.append(_Target(projection, build, tables))
             await projection.load(build, 0)
-        reader = LogReader(conn, batch_size)
+        reader = LogReader(conn, batch_size, archive)
         position, count = await _build(
             reader,
             targets,

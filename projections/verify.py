@@ -1,6 +1,7 @@
 """Drift verification: recompute every view and every live counter from the log.
 
-Each projection is rebuilt into a scratch schema up to the live checkpoint; the
+Each projection is rebuilt into a scratch schema up to the live checkpoint (from
+the archived months too, when given an archive: see ``ledger/postgres/archive.py``); the
 final catch-up and the comparison run in one transaction that holds the
 checkpoint row, so the live worker cannot move in between. Counters of every
 budget's current window are compared with what the log says they should hold.
@@ -16,6 +17,7 @@ import asyncpg
 from ledger.counters import Budget, Counters
 from ledger.counters.log import window_state
 from ledger.events import RecordedEvent
+from ledger.postgres.archive import Archive
 from ledger.subjects import DEFINITION_TYPES, Definitions
 from projections.replay import LogReader, _build, _create_shadow, _Target
 from projections.runtime import Projection
@@ -39,7 +41,9 @@ class Report:
         return not self.drifts
 
 
-async def verify_projection(dsn: str, projection: Projection, report: Report, *, sample: int = 5) -> None:
+async def verify_projection(
+    dsn: str, projection: Projection, report: Report, *, sample: int = 5, archive: Archive | None = None
+) -> None:
     conn = await asyncpg.connect(dsn, statement_cache_size=0)
     schema = f"verify_{projection.name}"
     try:
@@ -53,7 +57,7 @@ async def verify_projection(dsn: str, projection: Projection, report: Report, *,
         )
         targets = [_Target(projection, conn, tables)]
         position, _ = await _build(
-            LogReader(conn, 5000),
+            LogReader(conn, 5000, archive),
             targets,
             after=0,
             stop_position=live,
@@ -68,7 +72,7 @@ async def verify_projection(dsn: str, projection: Projection, report: Report, *,
             )
             checkpoint = int(checkpoint or 0)
             await _build(
-                LogReader(conn, 5000),
+                LogReader(conn, 5000, archive),
                 targets,
                 after=position,
                 stop_position=checkpoint,

@@ -5,6 +5,7 @@ read the budget view plus the log's tail, never the whole events table."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -110,9 +111,11 @@ async def test_rebuild_and_sweeper_queries_never_scan_the_events_table(store: Ev
             ("alerts", CHARGED_BEFORE_SQL, ("tag:t1", window.start, window.end, "t1", 10**9)),
         ):
             read = scans(await plan(conn, sql, *args))
-            on_events = [(how, rows) for how, rows in read if how.endswith(" on events")]
+            # the log is partitioned (sql/0050): its partitions are events_*
+            on_events = [(how, rows) for how, rows in read if re.search(r" on events(_\w+)?$", how)]
             assert on_events, (name, read)  # it does read the tail
-            assert all(not how.startswith("Seq Scan") for how, _ in on_events), (name, read)
+            # an empty partition (a month ahead, the default ones) may be seq-scanned: 0 rows
+            assert all(not how.startswith("Seq Scan") or rows == 0 for how, rows in on_events), (name, read)
             # the 50 events of the tail (and a max()), never the 80,005 of the log
             assert sum(rows for _, rows in on_events) <= 200, (name, read)
         # and the answer is right: the view plus the tail

@@ -99,3 +99,58 @@ async def test_concurrent_migrators(empty_database_url: str) -> None:
     names = [f"{m.version:04d}_{m.name}.sql" for m in load()]
     assert sorted(n for r in results for n in r) == sorted(names)  # each applied exactly once
     assert await applied(empty_database_url) == names
+
+
+async def test_partitioning_the_log_keeps_every_row_of_an_existing_install(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """0050 on a log that has rows: each row keeps its position, time, tx and data,
+    lands in its month (or the books), and appends go on after the last position."""
+    folder = tmp_path / "sql"
+    folder.mkdir()
+    for path in sql_dir().glob("*.sql"):
+        if int(path.name[:4]) < 50:
+            shutil.copy(path, folder)
+    await migrate(empty_database_url, folder)
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await conn.execute(
+            """insert into events (stream, version, type, data, recorded_at) values
+               ('request:a', 1, 'RequestAdmitted', '{"n": 1.50}', '2025-10-31 23:59:59.999999+00'),
+               ('tag:t', 1, 'TagCreated', '{"name": "t"}', '2025-10-01 00:00:00+00'),
+               ('request:a', 2, 'SpendRecorded', '{"cost": "0.10"}', '2025-11-01 00:00:00+00'),
+               ('denied:d', 1, 'RequestDenied', '{}', '2024-02-29 12:00:00+00')"""
+        )
+        with pytest.raises(asyncpg.UniqueViolationError):  # rolled back: draws a position
+            await conn.execute(
+                "insert into events (stream, version, type, data) values ('tag:t', 1, 'X', '{}')"
+            )
+        every = "select position, stream, version, type, data::text, recorded_at, tx::text from events"
+        before = await conn.fetch(f"{every} order by position")
+        assert await migrate(empty_database_url) == ["0050_partitioned_events.sql"]
+        after = await conn.fetch(f"{every} order by position")
+        assert [tuple(r) for r in after] == [tuple(r) for r in before]
+        where = await conn.fetch("select position, tableoid::regclass::text from events order by position")
+        assert [r[1] for r in where] == ["events_2025_10", "events_books", "events_2025_11", "events_2024_02"]
+        assert await conn.fetchval("select relkind::text from pg_class where relname = 'events'") == "p"
+        heads = {r[0]: r[1] for r in await conn.fetch("select stream, version from stream_heads")}
+        assert heads == {"request:a": 2, "tag:t": 1, "denied:d": 1}
+        # appends go on: past every number drawn before, versions still checked
+        rows = await conn.fetch(
+            "select * from ledger_append_batch(array['request:a', 'tag:t'], array[1, 1], array[1, 1], "
+            "array['X', 'Y'], array['{}', '{}'], 'test')"
+        )
+        assert [(r["stream"], r["version"], r["position"], r["refused"]) for r in rows] == [
+            ("request:a", 2, None, 1),
+            ("tag:t", 2, 6, None),
+        ]
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute(
+                "insert into events (stream, version, type, data) values ('request:a', 2, 'X', '{}')"
+            )
+        with pytest.raises(asyncpg.RestrictViolationError):
+            await conn.execute("delete from events_2025_10")
+        with pytest.raises(asyncpg.RestrictViolationError):
+            await conn.execute("update events set type = 'Y'")
+    finally:
+        await conn.close()

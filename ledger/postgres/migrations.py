@@ -17,6 +17,7 @@ import asyncpg
 import structlog
 
 from ledger.errors import MigrationError, StoreUnavailable
+from ledger.postgres.partitions import ensure_partitions
 
 log = structlog.get_logger(__name__)
 
@@ -119,6 +120,9 @@ async def _migrate(conn: asyncpg.Connection, migrations: list[Migration]) -> lis
                 )
             log.info("migration_applied", migration=label)
             done.append(label)
+        # every migrate (each `ledger serve` start) also creates the coming months' partitions
+        if await conn.fetchval("select to_regproc('ledger_ensure_event_partitions') is not null"):
+            await ensure_partitions(conn)
         return done
     finally:
         await conn.execute("select pg_advisory_unlock($1, $2)", *_MIGRATION_LOCK)

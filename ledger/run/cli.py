@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,14 +45,14 @@ Start here:
   ledger report --by tag          spend per tag over the last 7 days
 
 The operator commands (projections, replay, verify, counters, report, export, asof,
-migrate) work on the servers of the `ledger dev` that runs on --data-dir
+archive, migrate) work on the servers of the `ledger dev` that runs on --data-dir
 (default .data), or on LEDGER_DATABASE_URL / LEDGER_REDIS_URL when set.
 """
 
 EPILOG = "`ledger COMMAND --help` describes a command. Configuration: LEDGER_* variables (see README)."
 
 # Commands that do one thing and exit: their info logs (migrations, pools) are noise.
-_ONE_SHOT = ("migrate", "projections", "replay", "verify", "counters", "report", "asof", "export")
+_ONE_SHOT = ("migrate", "projections", "replay", "verify", "counters", "report", "asof", "export", "archive")
 _DEV_PORTS = (54329, 63799)  # preferred embedded ports; free ones are chosen when taken
 _READY_WAIT_S = 90.0  # how long a command waits for a `ledger dev` that is still starting
 
@@ -98,6 +98,13 @@ def _month(raw: str) -> str:
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a month like 2026-10, got {raw!r}") from None
     return raw
+
+
+def _date(raw: str) -> date:
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a date like 2026-01-01, got {raw!r}") from None
 
 
 def _timestamp(raw: str) -> datetime:
@@ -181,7 +188,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     ops.append(rep)
 
-    ops.append(sub.add_parser("verify", help="check views and counters against the event log"))
+    ver = sub.add_parser("verify", help="check views and counters against the event log")
+    ops.append(ver)
+    for p in (rep, ver):
+        p.add_argument(
+            "--archive",
+            metavar="DIR",
+            type=Path,
+            help="read the months `ledger archive` wrote to DIR with the live log (LEDGER_ARCHIVE_DIR)",
+        )
+    arc = sub.add_parser(
+        "archive",
+        help="move old months of the event log to Parquet files and detach them",
+        description="Write every month partition of request and denial events whose whole month is "
+        "before --before to DIR/events_YYYY_MM.parquet, list it in DIR/manifest.json (range, "
+        "positions, rows, sha256), verify the file, then detach and drop the partition. "
+        "Definitions (tags, keys, customers) and alerts are never archived. Safe to rerun.",
+    )
+    arc.add_argument(
+        "--before", type=_date, required=True, metavar="DATE", help="archive months ending by this date"
+    )
+    arc.add_argument("--to", type=Path, required=True, metavar="DIR", help="the archive directory")
+    ops.append(arc)
     ops.append(sub.add_parser("notify", help="raise budget alerts and deliver them to the webhooks"))
     rpt = sub.add_parser("report", help="spend per tag, user, model or metadata key, with sparklines")
     rpt.add_argument(
@@ -242,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for k, v in vars(args).items()
             if k in {"host", "port", "data_dir", "workers"} and v is not None
         }
+        if getattr(args, "archive", None) is not None:  # replay/verify --archive
+            overrides["archive_dir"] = args.archive
         if "LEDGER_LOG_FORMAT" not in os.environ and args.command not in ("serve", "mock-upstream"):
             # People read these on a terminal; machines (pipes, files) get JSON lines.
             overrides["log_format"] = "console" if sys.stderr.isatty() else "json"
@@ -263,7 +293,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _mock_upstream(args)
         if args.command == "asof":
             return _asof(settings, args)
-        if args.command in ("projections", "replay", "verify", "counters", "notify", "report", "export"):
+        if args.command in (
+            "projections",
+            "replay",
+            "verify",
+            "counters",
+            "notify",
+            "report",
+            "export",
+            "archive",
+        ):
             return _operate(settings, args)
     except SettingsError as e:
         print(f"ledger: configuration error: {e}", file=sys.stderr)
@@ -404,7 +443,26 @@ def _operate(settings: Settings, args: argparse.Namespace) -> int:
             return asyncio.run(commands.report(s, args.by, args.since))
         if args.command == "export":
             return _export(s, args)
+        if args.command == "archive":
+            return _archive(s, args)
         return asyncio.run(commands.counters_rebuild(s))
+
+
+def _archive(settings: Settings, args: argparse.Namespace) -> int:
+    from ledger.postgres.archive import archive
+
+    assert settings.database_url is not None
+    report = asyncio.run(archive(settings.database_url, args.before, args.to))
+    for entry in report.archived:
+        print(
+            f"{entry.partition}: {entry.rows} events (positions {entry.first_position}.."
+            f"{entry.last_position}) -> {args.to / entry.file}, detached"
+        )
+    if report.already:
+        print(f"already archived in {args.to}: {', '.join(report.already)}")
+    if not report.archived:
+        print(f"nothing to archive before {args.before}")
+    return 0
 
 
 def _export(settings: Settings, args: argparse.Namespace) -> int:
