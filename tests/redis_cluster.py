@@ -60,6 +60,7 @@ class NodeInfo:
     master_id: str | None  # a replica's master
     slots: tuple[tuple[int, int], ...]  # inclusive ranges; empty for replicas
     flags: frozenset[str]
+    connected: bool  # the seeing node's cluster bus link to this one is up
 
     @property
     def url(self) -> str:
@@ -260,6 +261,7 @@ def _parse_nodes(text: str) -> list[NodeInfo]:
                 master_id=None if parts[3] == "-" else parts[3],
                 slots=tuple(sorted(slots)),
                 flags=flags,
+                connected=parts[7] == "connected",
             )
         )
     return nodes
@@ -387,10 +389,12 @@ class LocalRedisCluster:
     def failover_to_replica(self, master: NodeInfo, *, takeover_after: float | None = None) -> Failover:
         """Promote ``master``'s replica and wait until every surviving node agrees.
 
-        A killed master is left to the cluster's failure detection for
-        ``takeover_after`` seconds (default: five node timeouts), then the replica
-        is told to take over without a vote. A live master hands over through a
-        coordinated ``CLUSTER FAILOVER`` (no writes lost).
+        A killed master is left to the cluster's failure detection; a live one
+        hands over through a coordinated ``CLUSTER FAILOVER`` (no write lost).
+        Either may stall (votes are refused for 2 node timeouts after a vote on
+        the same shard; a manual failover whose message is lost just times out),
+        so after ``takeover_after`` seconds (default: five node timeouts) the
+        replica is told to take over without a vote.
         """
         grace = 5 * NODE_TIMEOUT_MS / 1000 if takeover_after is None else takeover_after
         replica = self.replica_of(master)
@@ -400,14 +404,13 @@ class LocalRedisCluster:
         if self._node(master.port).alive:
             method = "manual"
             _call(replica.port, "CLUSTER", "FAILOVER")
-        else:
-            takeover_at = time.monotonic() + grace
-            while not self._is_master(replica):
-                if time.monotonic() >= takeover_at:
-                    method = "takeover"
-                    _call(replica.port, "CLUSTER", "FAILOVER", "TAKEOVER")
-                    break
-                time.sleep(_POLL)
+        takeover_at = time.monotonic() + grace
+        while not self._is_master(replica):
+            if time.monotonic() >= takeover_at:
+                method = "takeover"
+                _call(replica.port, "CLUSTER", "FAILOVER", "TAKEOVER")
+                break
+            time.sleep(_POLL)
 
         def promoted() -> str | None:
             return self._promoted(master, replica)
@@ -496,6 +499,8 @@ class LocalRedisCluster:
         for port, view in views.items():
             if bad := [n.port for n in view if n.flags & {"fail", "fail?", "handshake", "noaddr"}]:
                 return f"node {port} still flags {bad}"
+            if down := [n.port for n in view if not n.connected]:
+                return f"node {port} has no cluster bus link to {down} yet"
         view = next(iter(views.values()))
         masters = [n for n in view if n.role == "master" and n.slots]
         if len(masters) != self.MASTERS:
@@ -521,6 +526,12 @@ class LocalRedisCluster:
             owner = next((n for n in view if n.role == "master" and n.owns(old.slots[0][0])), None)
             if owner is None or owner.node_id != replica.node_id:
                 return f"node {port} sees slot {old.slots[0][0]} on {owner.port if owner else None}"
+            if old.port in views and next(n for n in view if n.node_id == old.node_id).role != "replica":
+                return f"node {port} does not see {old.port} as a replica yet"
+        if old.port in views:  # a live master handed over: it now follows the new one
+            info = _replication(old.port)
+            if info.get("master_link_status") != "up" or info.get("master_port") != str(replica.port):
+                return f"old master {old.port} does not follow {replica.port} yet: {info}"
         return None
 
     def _logs(self) -> str:

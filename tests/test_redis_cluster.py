@@ -111,6 +111,28 @@ async def test_script_over_one_hash_tag_runs_and_over_two_slots_is_refused(clien
     assert await client.get("{tag:b}:spent") is None
 
 
+async def test_takeover_and_manual_failover(redis_cluster: LocalRedisCluster, client: RedisCluster) -> None:
+    """The helper's bounded fallback (the replica takes over without a vote) and a
+    live master's coordinated hand-over both leave a whole cluster the client uses."""
+    key = "{paths}:n"
+    await client.set(key, 1)
+    master = redis_cluster.master_for_key(key)
+    assert await client.execute_command("WAIT", 1, 5000, target_nodes=client.get_node_from_key(key)) == 1
+
+    redis_cluster.kill(master)
+    taken = redis_cluster.failover_to_replica(master, takeover_after=0)
+    assert taken.method == "takeover"
+    assert await ThroughFailover()(functools.partial(client.incr, key)) == 2
+    redis_cluster.restart(master)
+
+    handed = redis_cluster.failover_to_replica(taken.new_master)  # alive: CLUSTER FAILOVER
+    assert handed.method in ("manual", "takeover")  # takeover: the vote stalled past the grace
+    assert handed.new_master.port == master.port  # the restarted node is master again
+    roles = {n.port: n.role for n in redis_cluster.nodes()}
+    assert roles[taken.new_master.port] == "replica"
+    assert await ThroughFailover()(functools.partial(client.incr, key)) == 3
+
+
 @pytest.mark.slow
 async def test_client_rides_out_a_master_failover(
     redis_cluster: LocalRedisCluster, client: RedisCluster, capsys: pytest.CaptureFixture[str]
