@@ -6,27 +6,30 @@ Every wait polls the nodes themselves against a deadline, so a slow machine only
 makes things slower, never flaky; a timeout names what was still wrong and shows
 the tails of the nodes' logs.
 
-Failover is bounded: after a kill the cluster's own failure detection gets a grace
-period (a few node timeouts), then the replica takes over by itself
-(``CLUSTER FAILOVER TAKEOVER``), which needs no vote.
+Failover is bounded: after a kill the cluster's own failure detection (or, for a
+live master, a coordinated hand-over) gets a grace period of a few node timeouts,
+then the replica takes over by itself (``CLUSTER FAILOVER TAKEOVER``), which
+needs no vote.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Literal, Self, TypeVar
 
 import redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import ClusterDownError, SlotNotCoveredError
 
 from ledger.errors import EmbeddedServerError
 from ledger.run.embedded import (
@@ -44,6 +47,8 @@ HASH_SLOTS = 16384
 NODE_TIMEOUT_MS = 1000  # fast failure detection: a dead master is voted out in ~2-3 s
 _BUS_OFFSET = 10000  # the cluster bus listens on port + 10000 (every Redis version)
 _POLL = 0.1
+
+T = TypeVar("T")
 
 
 class ClusterError(EmbeddedServerError):
@@ -86,12 +91,43 @@ def cluster_client(url: str) -> RedisCluster:
     After a failover its first command to the dead master fails to connect,
     which marks the slot map stale; the client's own retry (10 by default, at
     least 1 is needed) reloads the map from a live node and succeeds. Those
-    retries do not wait between connection errors, so they only cover the
-    failover window itself (~2-3 s here) when the caller waits and retries too
-    (see ``ThroughFailover`` in tests/test_redis_cluster.py). Short socket
-    timeouts bound a master that hangs instead of dying.
+    retries do not wait between connection errors (redis-py uses its ``retry``
+    only for the count), so they are spent in ~0.1 s: while the master is dead
+    and not yet replaced (~2-3 s here) the caller must wait and try again
+    (``ThroughFailover``). Short socket timeouts bound a master that hangs
+    instead of dying.
     """
     return RedisCluster.from_url(url, socket_timeout=2.0, socket_connect_timeout=1.0)
+
+
+# What redis-py gives up with after its own (immediate) retries while a slot has
+# no reachable master; the caller waits and tries again.
+FAILOVER_ERRORS = (redis.ConnectionError, redis.TimeoutError, ClusterDownError, SlotNotCoveredError)
+
+
+class ThroughFailover:
+    """Runs an operation, trying again every 100 ms while its slot's master is
+    being replaced; counts what it waited through."""
+
+    def __init__(self, within: float = 30.0) -> None:
+        self.within = within
+        self.errors: dict[str, int] = {}
+        self.longest = 0.0  # the longest time one operation waited, in seconds
+
+    async def __call__(self, op: Callable[[], Awaitable[T]]) -> T:
+        started = time.monotonic()
+        while True:
+            try:
+                result = await op()
+            except FAILOVER_ERRORS as e:
+                name = type(e).__name__
+                self.errors[name] = self.errors.get(name, 0) + 1
+                if time.monotonic() - started >= self.within:
+                    raise
+                await asyncio.sleep(0.1)
+            else:
+                self.longest = max(self.longest, time.monotonic() - started)
+                return result
 
 
 def missing_binaries() -> list[str]:

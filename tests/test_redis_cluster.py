@@ -7,60 +7,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import statistics
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import (
-    ClusterCrossSlotError,
-    ClusterDownError,
-    ConnectionError,
-    RedisClusterException,
-    SlotNotCoveredError,
-    TimeoutError,
-)
+from redis.exceptions import ClusterCrossSlotError, RedisClusterException
 
-from tests.redis_cluster import LocalRedisCluster, cluster_client
-
-T = TypeVar("T")
+from tests.redis_cluster import LocalRedisCluster, ThroughFailover, cluster_client
 
 # Reads two keys' counters and adds to both: the shape of the ledger's counter scripts.
 ADD_BOTH = """
 redis.call('INCRBY', KEYS[1], ARGV[1])
 return redis.call('INCRBY', KEYS[2], ARGV[1])
 """
-
-# What redis-py gives up with after its own (immediate) retries while a slot has
-# no reachable master; the caller waits and tries again.
-FAILOVER_ERRORS = (ConnectionError, TimeoutError, ClusterDownError, SlotNotCoveredError)
-
-
-class ThroughFailover:
-    """Runs an operation, trying again every 100 ms while its slot's master is
-    being replaced; counts what it waited through."""
-
-    def __init__(self, within: float = 30.0) -> None:
-        self.within = within
-        self.errors: dict[str, int] = {}
-        self.longest = 0.0  # the longest time one operation waited, in seconds
-
-    async def __call__(self, op: Callable[[], Awaitable[T]]) -> T:
-        started = time.monotonic()
-        while True:
-            try:
-                result = await op()
-            except FAILOVER_ERRORS as e:
-                name = type(e).__name__
-                self.errors[name] = self.errors.get(name, 0) + 1
-                if time.monotonic() - started >= self.within:
-                    raise
-                await asyncio.sleep(0.1)
-            else:
-                self.longest = max(self.longest, time.monotonic() - started)
-                return result
 
 
 @pytest.fixture
