@@ -29,6 +29,7 @@ from ledger.postgres.migrations import migrate
 from ledger.postgres.store import EventStore
 from ledger.run.embedded import EmbeddedPostgres, EmbeddedRedis
 from ledger.settings import Settings
+from tests.redis_cluster import LocalRedisCluster, missing_binaries
 
 # Speed over durability for throwaway test clusters.
 FAST_PG = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
@@ -107,6 +108,27 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory, docker_available: boo
         return
     with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as rd:
         yield Server(rd.url, "embedded")
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
+    """A real 3-master, 3-replica Redis Cluster, one per test module (tests kill
+    and restart its nodes, so modules do not share one). Skipped when Debian's
+    redis-server / redis-cli are missing, except under CI, where that fails."""
+    if missing := missing_binaries():
+        reason = (
+            f"Redis Cluster tests need {' and '.join(missing)} on PATH "
+            "(Debian packages redis-server, redis-tools)"
+        )
+        if _ci():
+            pytest.fail(f"{reason}; CI must have them (.ci/run installs them)")
+        pytest.skip(reason)
+    with LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
 
 
 def with_database(url: str, name: str) -> str:
