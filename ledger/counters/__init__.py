@@ -62,6 +62,18 @@ _RETRY_FOR_S = 30.0  # missing counters keep being rebuilt for this long, then g
 
 
 RedisClient = aioredis.Redis | RedisCluster
+# What a cluster call meets while a master is being replaced. (AttributeError: redis-py's
+# cluster client, re-learning the slot map, can close a connection another call is
+# opening; seen with 7.0 and redis-py 8.1.)
+_FAILING_OVER = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ClusterDownError,
+    redis_errors.SlotNotCoveredError,
+    redis_errors.TryAgainError,
+    OSError,
+    AttributeError,
+)
 
 
 def _give_up() -> float:
@@ -115,6 +127,7 @@ class Counters:
         hooks: CounterHooks | None = None,
         rebuild_concurrency: int = 4,
         max_connections: int = 64,  # the client's (per node, on a cluster)
+        failover_wait_s: float = 5.0,  # a cluster call tries again for this long
     ) -> None:
         self.redis = client
         self.pool = pool
@@ -125,6 +138,7 @@ class Counters:
         # Redis's pool queues it): at most that many calls in flight, the rest wait.
         self._in_flight = asyncio.Semaphore(max_connections)
         self._initializing = asyncio.Lock()
+        self.failover_wait_s = failover_wait_s
         self._initialized = not self.sharded
         self.hooks = hooks or CounterHooks()
         self._scripts = {name: client.register_script(scripts.source(name)) for name in scripts.NAMES}
@@ -601,16 +615,23 @@ class Counters:
         if not self.sharded:
             return await self._batcher.call(self._scripts[name], script_keys, args)
         # redis-py refuses EVALSHA in a cluster pipeline: each call goes on its own,
-        # concurrently, over the pool of the node that owns its slot.
-        try:
-            async with self._in_flight:
-                if not self._initialized:
-                    await self._initialize()
-                return await self._scripts[name](keys=script_keys, args=args)
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as e:
-            raise CountersUnavailable(f"Redis unavailable: {e}") from e
-        except Exception as e:  # as the batcher: whatever the driver raises is Redis failing
-            raise CountersUnavailable(f"Redis script failed: {type(e).__name__}: {e}") from e
+        # concurrently, over the pool of the node that owns its slot. While a master
+        # is being replaced (seconds) its slots fail: try again until the replica is
+        # promoted, then fail closed. Every script is safe to run twice (reserve
+        # answers its own attempt again; the others are idempotent).
+        give_up = asyncio.get_running_loop().time() + self.failover_wait_s
+        while True:
+            try:
+                async with self._in_flight:
+                    if not self._initialized:
+                        await self._initialize()
+                    return await self._scripts[name](keys=script_keys, args=args)
+            except _FAILING_OVER as e:
+                if asyncio.get_running_loop().time() >= give_up:
+                    raise CountersUnavailable(f"Redis unavailable: {type(e).__name__}: {e}") from e
+                await asyncio.sleep(0.1)
+            except Exception as e:  # as the batcher: whatever the driver raises is Redis failing
+                raise CountersUnavailable(f"Redis script failed: {type(e).__name__}: {e}") from e
 
     async def _initialize(self) -> None:
         # redis-py's cluster client learns the slot map on its first command; commands

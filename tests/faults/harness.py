@@ -67,7 +67,9 @@ class Cluster:
         the cluster) instead of an embedded Redis of its own."""
         self.pg = EmbeddedPostgres(self.root / "pg", settings={} if durable else FAST_PG).start()
         self.redis = None if redis_cluster else EmbeddedRedis(self.root / "redis").start()
-        redis_settings = {"LEDGER_REDIS_URL": redis_cluster, "LEDGER_REDIS_CLUSTER": "true"} if redis_cluster else {}
+        redis_settings = (
+            {"LEDGER_REDIS_URL": redis_cluster, "LEDGER_REDIS_CLUSTER": "true"} if redis_cluster else {}
+        )
         self.mock_port = free_port()
         self._mock = subprocess.Popen(
             [sys.executable, "-m", "ledger.run.cli", "mock-upstream", "--port", str(self.mock_port)],
