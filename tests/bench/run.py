@@ -8,7 +8,15 @@ import platform
 import time
 
 from ledger.run import logs
-from tests.bench import bench_ceiling, bench_counters, bench_gateway, bench_lag, bench_replay, bench_store
+from tests.bench import (
+    bench_ceiling,
+    bench_cluster,
+    bench_counters,
+    bench_gateway,
+    bench_lag,
+    bench_replay,
+    bench_store,
+)
 
 BENCHES = {
     "store": bench_store.main,
@@ -17,6 +25,7 @@ BENCHES = {
     "replay": bench_replay.main,
     "lag": bench_lag.main,
     "ceiling": bench_ceiling.main,
+    "cluster": bench_cluster.main,
 }
 
 
