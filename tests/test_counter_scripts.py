@@ -34,7 +34,7 @@ async def built(
     r: aioredis.Redis, key: str, spent: int = 0, reserved: int = 0, pos: int = 10, run: str | None = None
 ) -> None:
     """A counter as a rebuild in this server's life would leave it."""
-    run = run or (await r.info("server"))["run_id"]
+    run = run or f"{(await r.info('server'))['run_id']}.{(await r.info('replication'))['master_replid']}"
     await r.hset(key, mapping={"spent": spent, "reserved": reserved, "pos": pos, "run": run})
 
 

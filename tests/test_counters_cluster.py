@@ -4,9 +4,10 @@ real PostgreSQL log.
 On a cluster a script may only touch one hash slot, so a request reserves subject
 by subject (each subject's keys share its slot) in one fixed order and gives back
 what it took if a later subject refuses. A master's failover is made harmless by
-the counters' server life: every counter records the run id of the node that
-built it, a promoted replica has another, so everything it inherited counts as
-missing and is rebuilt from the log before any decision.
+the counters' server life: every counter records the run id and replication id
+of the node that built it, a promoted replica (or an old master the slot fails
+back to) has another, so everything it inherited counts as missing and is rebuilt
+from the log before any decision.
 """
 
 from __future__ import annotations
