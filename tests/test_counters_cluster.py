@@ -334,3 +334,40 @@ async def test_a_settle_while_the_replica_serves_is_not_lost_when_the_slot_fails
     await g1.admission.record_spend(b, Decimal("0.4"))
     await g1.admission.record_spend(c, Decimal("0.4"))
     await verified(g1)
+
+
+async def test_a_reserve_retried_after_a_lost_reply_and_a_failover_is_no_duplicate(
+    gateways: GatewayFactory, redis_cluster: LocalRedisCluster
+) -> None:
+    """A cluster call whose reply was lost is sent again (the script answers its own
+    attempt again). Here the master ran a's reserve, replicated it and died before
+    answering: the retry meets the promoted replica, whose counter is of another life
+    and is rebuilt from the log, without a's (uncommitted) reservation. That is no
+    other attempt's reservation: a must be admitted (or refused for room), not told
+    it is a duplicate in flight (a 409 that also blocks a client retrying under the
+    same x-request-id until the sweeper clears the index)."""
+    [t], _, _ = tags_on_masters(redis_cluster, 1, "lost-reply")
+    gw = await on_cluster(gateways, redis_cluster)
+    await with_budget(gw, t, "1")
+    await gw.spend("before", [t], "0.1")
+    key = gw.budget(t).key
+    script = gw.counters._scripts["reserve"]
+    calls = 0
+
+    async def reply_lost_then_failover(*, keys: list[str], args: list[Any]) -> Any:
+        nonlocal calls
+        calls += 1
+        reply = await script(keys=keys, args=args)
+        if calls == 1:
+            # what the promoted replica's counter is: a's reservation replicated, but
+            # built in the old master's life
+            await gw.client.hset(key, "run", "the-old-masters-life")
+            raise redis.exceptions.ConnectionError("connection lost before the reply")
+        return reply
+
+    gw.counters._scripts["reserve"] = reply_lost_then_failover
+    a = await gw.admission.admit("a", [t], Decimal("0.4"))
+    assert calls >= 2
+    assert isinstance(a, Admitted), a
+    await gw.admission.record_spend(a, Decimal("0.4"))
+    await verified(gw)
