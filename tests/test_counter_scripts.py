@@ -34,7 +34,7 @@ async def built(
     r: aioredis.Redis, key: str, spent: int = 0, reserved: int = 0, pos: int = 10, run: str | None = None
 ) -> None:
     """A counter as a rebuild in this server's life would leave it."""
-    run = run or (await r.info("server"))["run_id"]
+    run = run or f"{(await r.info('server'))['run_id']}.{(await r.info('replication'))['master_replid']}"
     await r.hset(key, mapping={"spent": spent, "reserved": reserved, "pos": pos, "run": run})
 
 
@@ -124,6 +124,35 @@ async def test_a_counter_from_another_server_life_counts_as_missing(r: aioredis.
     fresh = scripts.begin_reply(await run(r, "begin", [K2, G1, R1], ["t2", ENTRY]))
     assert fresh is not None
     assert fresh.endswith(":t2")
+
+
+async def test_a_reserve_run_twice_answers_its_own_attempt_and_refuses_another(
+    r: aioredis.Redis,
+) -> None:
+    """A cluster client sends a call again when its reply was lost: the same attempt
+    (nonce) takes nothing twice; another attempt under the id is a duplicate; and
+    when a counter was rebuilt in between (without the reservation: the log has no
+    such attempt yet), the attempt reserves afresh, once, within the limit."""
+    await built(r, K1, spent=10)
+    await built(r, K2, spent=10)
+    both = (K1, K2)
+    first = await reserve(r, "q", 30, 100, 100, counters=both)
+    assert first == scripts.Ok(0, 60)
+    assert await reserve(r, "q", 30, 100, 100, counters=both) == first
+    assert [(await state(r, k))["reserved"] for k in both] == ["30", "30"]
+    assert await reserve(r, "q", 30, 100, 100, counters=both, nonce="n2") == scripts.Dup()
+    await built(r, K2, spent=50)  # rebuilt since, from a log without q (and with more spend)
+    await r.hdel(K2, "r:q")
+    assert await reserve(r, "q", 30, 100, 100, counters=both) == scripts.Ok(1, 20)
+    assert [(await state(r, k))["reserved"] for k in both] == ["30", "30"]
+    assert await r.hget(keys.OPEN_KEYS, "q") == b"n1|" + keys.join(list(both)).encode()
+    await built(r, K2, spent=80)
+    await r.hdel(K2, "r:q")
+    # no room left there: refused, and nothing of the attempt stays anywhere
+    assert await reserve(r, "q", 30, 100, 100, counters=both) == scripts.Deny(1, 80, 0)
+    assert [(await state(r, k)).get("r:q") for k in both] == [None, None]
+    assert (await state(r, K1))["reserved"] == "0"
+    assert await r.hexists(keys.OPEN_KEYS, "q") == 0
 
 
 async def test_reserve_is_all_or_nothing_and_names_the_tightest(r: aioredis.Redis) -> None:

@@ -4,9 +4,10 @@ real PostgreSQL log.
 On a cluster a script may only touch one hash slot, so a request reserves subject
 by subject (each subject's keys share its slot) in one fixed order and gives back
 what it took if a later subject refuses. A master's failover is made harmless by
-the counters' server life: every counter records the run id of the node that
-built it, a promoted replica has another, so everything it inherited counts as
-missing and is rebuilt from the log before any decision.
+the counters' server life: every counter records the run id and replication id
+of the node that built it, a promoted replica (or an old master the slot fails
+back to) has another, so everything it inherited counts as missing and is rebuilt
+from the log before any decision.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 from decimal import Decimal
+from typing import Any
 
 import pytest
 import redis
@@ -257,3 +259,115 @@ async def test_a_promoted_replica_that_missed_acknowledged_reservations_is_not_t
         await verified(g1)
     finally:
         await asyncio.to_thread(redis_cluster.restart, master)
+
+
+async def fail_over_and_back(cluster: LocalRedisCluster, key: str, between: Any) -> None:
+    """Hand ``key``'s slot to the master's replica (coordinated, nothing lost), run
+    ``between`` there, then hand it back to the old master: the same process, so
+    the same run id, that now follows the replica and holds its data."""
+    master = cluster.master_for_key(key)
+    took = await asyncio.to_thread(cluster.failover_to_replica, master)
+    await between()
+    back = await asyncio.to_thread(cluster.failover_to_replica, took.new_master)
+    assert back.new_master.node_id == master.node_id
+
+
+async def test_a_failback_to_the_old_master_does_not_trust_what_it_got_from_the_replica(
+    gateways: GatewayFactory, redis_cluster: LocalRedisCluster
+) -> None:
+    """A master cut off from the others (alive) is voted out; its replica, promoted,
+    missed a's acknowledged reservation (asynchronous replication; on loopback it
+    always arrives, so the loss is made by hand, as in the test above). The old
+    master rejoins as the replica's replica and takes its data; later the slot fails
+    back to it. Its run id never changed, so the counter it got back — built under
+    that run id, without a — looks live: b and c were admitted into a's room."""
+    [t], _, _ = tags_on_masters(redis_cluster, 1, "back")
+    g1 = await on_cluster(gateways, redis_cluster)
+    await with_budget(g1, t, "1")
+    await g1.spend("before", [t], "0.1")
+    a = await g1.admission.admit("a", [t], Decimal("0.4"))
+    assert isinstance(a, Admitted)
+    key = g1.budget(t).key
+
+    async def replica_missed_a() -> None:
+        assert await g1.client.hexists(key, "r:a")
+        await g1.client.hdel(key, "r:a")
+        await g1.client.hincrby(key, "reserved", -to_nanos(Decimal("0.4")))
+
+    await fail_over_and_back(redis_cluster, key, replica_missed_a)
+    b = await g1.admission.admit("b", [t], Decimal("0.4"))
+    c = await g1.admission.admit("c", [t], Decimal("0.4"))
+    assert isinstance(b, Admitted), b
+    assert isinstance(c, BudgetExceeded), c  # 0.1 + 0.4 (a) + 0.4 (b): no room for c
+    await g1.admission.record_spend(a, Decimal("0.4"))
+    await g1.admission.record_spend(b, Decimal("0.4"))
+    assert await charged(g1.store, t) == Decimal("0.9")
+    await verified(g1)
+
+
+async def test_a_settle_while_the_replica_serves_is_not_lost_when_the_slot_fails_back(
+    gateways: GatewayFactory, redis_cluster: LocalRedisCluster
+) -> None:
+    """A coordinated failover (maintenance) and back, nothing lost in replication:
+    a settles while the replica serves, where its counter is of another life (the
+    settle leaves it alone: whatever rebuilds it reads the charge). Back on the old
+    master, the same run id makes that counter live again, still holding a's $0.40
+    reservation and without its $0.10 charge: a reservation no sweeper will ever
+    find (the index and the log say a is done), and c, which fits, is refused."""
+    [t], _, _ = tags_on_masters(redis_cluster, 1, "leak")
+    g1 = await on_cluster(gateways, redis_cluster)
+    await with_budget(g1, t, "1")
+    await g1.spend("before", [t], "0.1")
+    a = await g1.admission.admit("a", [t], Decimal("0.4"))
+    assert isinstance(a, Admitted)
+
+    async def a_settles() -> None:
+        await g1.admission.record_spend(a, Decimal("0.1"))
+
+    await fail_over_and_back(redis_cluster, g1.budget(t).key, a_settles)
+    now = await g1.counters.read(g1.budget(t))  # rebuilt first if it is of another life
+    assert (now.spent_nanos, now.reserved_nanos) == (to_nanos(Decimal("0.2")), 0)
+    b = await g1.admission.admit("b", [t], Decimal("0.4"))
+    c = await g1.admission.admit("c", [t], Decimal("0.4"))  # 0.2 + 0.4 + 0.4 = 1.0 fits
+    assert isinstance(b, Admitted), b
+    assert isinstance(c, Admitted), c
+    await g1.admission.record_spend(b, Decimal("0.4"))
+    await g1.admission.record_spend(c, Decimal("0.4"))
+    await verified(g1)
+
+
+async def test_a_reserve_retried_after_a_lost_reply_and_a_failover_is_no_duplicate(
+    gateways: GatewayFactory, redis_cluster: LocalRedisCluster
+) -> None:
+    """A cluster call whose reply was lost is sent again (the script answers its own
+    attempt again). Here the master ran a's reserve, replicated it and died before
+    answering: the retry meets the promoted replica, whose counter is of another life
+    and is rebuilt from the log, without a's (uncommitted) reservation. That is no
+    other attempt's reservation: a must be admitted (or refused for room), not told
+    it is a duplicate in flight (a 409 that also blocks a client retrying under the
+    same x-request-id until the sweeper clears the index)."""
+    [t], _, _ = tags_on_masters(redis_cluster, 1, "lost-reply")
+    gw = await on_cluster(gateways, redis_cluster)
+    await with_budget(gw, t, "1")
+    await gw.spend("before", [t], "0.1")
+    key = gw.budget(t).key
+    script = gw.counters._scripts["reserve"]
+    calls = 0
+
+    async def reply_lost_then_failover(*, keys: list[str], args: list[Any]) -> Any:
+        nonlocal calls
+        calls += 1
+        reply = await script(keys=keys, args=args)
+        if calls == 1:
+            # what the promoted replica's counter is: a's reservation replicated, but
+            # built in the old master's life
+            await gw.client.hset(key, "run", "the-old-masters-life")
+            raise redis.exceptions.ConnectionError("connection lost before the reply")
+        return reply
+
+    gw.counters._scripts["reserve"] = reply_lost_then_failover
+    a = await gw.admission.admit("a", [t], Decimal("0.4"))
+    assert calls >= 2
+    assert isinstance(a, Admitted), a
+    await gw.admission.record_spend(a, Decimal("0.4"))
+    await verified(gw)

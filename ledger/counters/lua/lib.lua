@@ -68,9 +68,14 @@ local function undeclared(regs, at, declared)
 end
 -- This server's life: a counter (or token) made in another life — before a restart
 -- from an RDB/AOF file, or on another node before a failover — may be missing
--- recent changes, so it counts as missing and is rebuilt from the log.
+-- recent changes, so it counts as missing and is rebuilt from the log. A life is the
+-- run id (new at every start) and the replication id (new whenever the node becomes a
+-- master): a master demoted to replica and promoted back keeps its run id, but its
+-- data is what it took from the node it followed, which may have missed its last
+-- acknowledged writes, and whose settles left counters of this run id alone.
 local function current_run()
-  return string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+  local server, replication = redis.call('INFO', 'server'), redis.call('INFO', 'replication')
+  return string.match(server, 'run_id:(%w+)') .. '.' .. string.match(replication, 'master_replid:(%w+)')
 end
 -- A reservation field's value: estimate|nonce (the nonce names one admission attempt).
 local function held(value)

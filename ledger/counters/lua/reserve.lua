@@ -30,14 +30,34 @@ end
 if #missing > 0 then return {'missing', unpack(missing)} end
 local tight, rh, rl = 0, 0, 0
 if again then
+  local rebuilt = false
   for i = 1, n do
-    local v = values[i]
-    local _, owner = held(v[5])
-    if owner ~= nonce then return {'dup'} end  -- released meanwhile: not this attempt's any more
-    local _, h, l = room(v[1], v[2], '0', ARGV[6 + i])
-    if tight == 0 or greater(rh, rl, h, l) then tight, rh, rl = i, h, l end
+    local _, owner = held(values[i][5])
+    if owner == nil then rebuilt = true
+    elseif owner ~= nonce then return {'dup'} end  -- another attempt's
   end
-  return {'ok', tight, fmt(rh, rl)}
+  if rebuilt then
+    -- A counter rebuilt since the first run (a failover, a flush) lacks the
+    -- reservation: the log has no such attempt yet. Undo what the first run left
+    -- and reserve afresh below (its rate limits count twice: at worst it denies).
+    for i = 1, n do
+      local had = held(values[i][5])
+      if had then
+        redis.call('HDEL', KEYS[i + 2], field)
+        if had ~= '0' then redis.call('HINCRBY', KEYS[i + 2], 'reserved', '-' .. had) end
+        values[i] = redis.call('HMGET', KEYS[i + 2], 'spent', 'reserved', 'pos', 'run', field)
+      end
+    end
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('HDEL', KEYS[2], id)
+  else
+    for i = 1, n do
+      local v = values[i]
+      local _, h, l = room(v[1], v[2], '0', ARGV[6 + i])
+      if tight == 0 or greater(rh, rl, h, l) then tight, rh, rl = i, h, l end
+    end
+    return {'ok', tight, fmt(rh, rl)}
+  end
 end
 for i = 1, n do
   local v = values[i]
