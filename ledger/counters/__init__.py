@@ -65,12 +65,15 @@ RedisClient = aioredis.Redis | RedisCluster
 # What a cluster call meets while a master is being replaced. (AttributeError: redis-py's
 # cluster client, re-learning the slot map, can close a connection another call is
 # opening; seen with 7.0 and redis-py 8.1.)
-_FAILING_OVER = (
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
+_REFUSED_UNRUN: tuple[type[Exception], ...] = (
     redis_errors.ClusterDownError,
     redis_errors.SlotNotCoveredError,
     redis_errors.TryAgainError,
+)
+_FAILING_OVER: tuple[type[Exception], ...] = (
+    *_REFUSED_UNRUN,
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
     OSError,
     AttributeError,
 )
@@ -543,8 +546,8 @@ class Counters:
         try:
             async for name in self.redis.scan_iter(match=match, count=1000, _type=kind):
                 yield _text(name)
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:
-            raise CountersUnavailable(f"Redis unavailable: {e}") from e
+        except _FAILING_OVER as e:
+            raise CountersUnavailable(f"Redis unavailable: {type(e).__name__}: {e}") from e
 
     # ------------------------------------------------------------- rebuild
 
@@ -617,8 +620,12 @@ class Counters:
         # redis-py refuses EVALSHA in a cluster pipeline: each call goes on its own,
         # concurrently, over the pool of the node that owns its slot. While a master
         # is being replaced (seconds) its slots fail: try again until the replica is
-        # promoted, then fail closed. Every script is safe to run twice (reserve
-        # answers its own attempt again; the others are idempotent).
+        # promoted, then fail closed. A script whose reply was lost may have run:
+        # reserve answers its own attempt again, confirm, begin, init and settle
+        # are idempotent (as when a caller retries them on a single Redis); unlimit
+        # is not (a tpm bound given back twice), so it is tried again only where
+        # the node refused it before running it.
+        retry_on = _REFUSED_UNRUN if name == "unlimit" else _FAILING_OVER
         give_up = asyncio.get_running_loop().time() + self.failover_wait_s
         while True:
             try:
@@ -626,7 +633,7 @@ class Counters:
                     if not self._initialized:
                         await self._initialize()
                     return await self._scripts[name](keys=script_keys, args=args)
-            except _FAILING_OVER as e:
+            except retry_on as e:
                 if asyncio.get_running_loop().time() >= give_up:
                     raise CountersUnavailable(f"Redis unavailable: {type(e).__name__}: {e}") from e
                 await asyncio.sleep(0.1)
@@ -645,8 +652,8 @@ class Counters:
     async def _redis(self, command: Awaitable[Any]) -> Any:
         try:
             return await command
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:
-            raise CountersUnavailable(f"Redis unavailable: {e}") from e
+        except _FAILING_OVER as e:  # the sweeper's reads: its next pass tries again
+            raise CountersUnavailable(f"Redis unavailable: {type(e).__name__}: {e}") from e
 
 
 @dataclass(frozen=True, slots=True)
