@@ -11,10 +11,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import structlog
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
 
 log = structlog.get_logger(__name__)
 
@@ -53,7 +56,7 @@ async def ensure_partitions(conn: asyncpg.Connection[Any] | asyncpg.Pool, ahead:
     return created
 
 
-async def _create(conn: asyncpg.Connection[Any], ahead: int) -> list[str]:
+async def _create(conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any], ahead: int) -> list[str]:
     async with conn.transaction():
         await conn.execute(f"set local lock_timeout = '{LOCK_TIMEOUT}'")
         return [r[0] for r in await conn.fetch("select * from ledger_ensure_event_partitions($1)", ahead)]
