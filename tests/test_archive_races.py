@@ -122,3 +122,50 @@ async def test_a_replay_reading_while_a_month_is_archived_does_not_swap_in_views
     monkeypatch.setattr(replaying, "read_log", read)
     await replay_all(database_url, [create(n) for n in PROJECTIONS], batch_size=50)
     assert await views(database_url) == before
+
+
+async def test_a_stream_version_exists_once_across_partitions_processes_and_a_move(database_url: str) -> None:
+    """Held: version 1 of a stream sits in the default partition (its month had no
+    partition); two processes race to append version 2 while the month is created
+    and the row moved; every version exists once, in one partition."""
+    from ledger.errors import ConcurrencyError
+    from ledger.settings import Settings
+
+    conn = await asyncpg.connect(database_url)
+    a = await EventStore.open(Settings.from_dsn(database_url))
+    b = await EventStore.open(Settings.from_dsn(database_url))
+    try:
+        await conn.execute(
+            "insert into events (stream, version, type, data, recorded_at) "
+            "values ('request:old', 1, 'RequestAdmitted', '{}', '2020-02-29 23:59:59.999999+00')"
+        )
+        assert await conn.fetchval("select count(*) from events_traffic_default") == 1
+        event = [NewEvent("Tested", b"{}")]
+        results = await asyncio.gather(
+            *(s.append("request:old", 1, event) for s in (a, b) for _ in range(5)),
+            ensure_partitions(conn),
+            *(s.append("request:old", 0, event) for s in (a, b)),
+            return_exceptions=True,
+        )
+        appended = [r for r in results[:10] + results[11:] if isinstance(r, list)]
+        assert len(appended) == 1
+        assert all(isinstance(r, ConcurrencyError) for r in results[:10] + results[11:] if r not in appended)
+        assert results[10] == ["events_2020_02"]
+        rows = await conn.fetch(
+            "select version, tableoid::regclass::text from events "
+            "where stream = 'request:old' order by version"
+        )
+        assert [r[0] for r in rows] == [1, 2]
+        assert rows[0][1] == "events_2020_02"
+        assert await conn.fetchval("select version from stream_heads where stream = 'request:old'") == 2
+        for version in (1, 2):
+            with pytest.raises(asyncpg.UniqueViolationError):
+                await conn.execute(
+                    "insert into events (stream, version, type, data, recorded_at) "
+                    "values ('request:old', $1, 'X', '{}', '2020-02-10+00')",
+                    version,
+                )
+    finally:
+        await a.close()
+        await b.close()
+        await conn.close()
