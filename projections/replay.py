@@ -36,7 +36,7 @@ import asyncpg
 
 from ledger import events as ev
 from ledger.events import RecordedEvent
-from ledger.postgres.archive import Archive, read_log
+from ledger.postgres.archive import Archive, hold_off_archiving, read_log
 from projections.runtime import Projection
 
 Progress = Callable[[int, int], None]  # (events done, events total)
@@ -212,6 +212,7 @@ async def replay_all(
     conn = await asyncpg.connect(dsn, statement_cache_size=0)
     targets: list[_Target] = []
     try:
+        await hold_off_archiving(conn)
         head = int(await conn.fetchval("select coalesce(max(position), 0) from events"))
         if archive is not None:
             head = max(head, archive.last_position)

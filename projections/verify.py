@@ -17,7 +17,7 @@ import asyncpg
 from ledger.counters import Budget, Counters
 from ledger.counters.log import window_state
 from ledger.events import RecordedEvent
-from ledger.postgres.archive import Archive
+from ledger.postgres.archive import Archive, hold_off_archiving
 from ledger.subjects import DEFINITION_TYPES, Definitions
 from projections.replay import LogReader, _build, _create_shadow, _Target
 from projections.runtime import Projection
@@ -47,6 +47,7 @@ async def verify_projection(
     conn = await asyncpg.connect(dsn, statement_cache_size=0)
     schema = f"verify_{projection.name}"
     try:
+        await hold_off_archiving(conn)
         tables = await _create_shadow(conn, schema, projection)
         await projection.load(conn, 0)
         live = int(

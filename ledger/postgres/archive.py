@@ -50,6 +50,12 @@ from ledger.postgres.partitions import PARTITION_NAME, Partition, ensure_partiti
 log = structlog.get_logger(__name__)
 
 MANIFEST = "manifest.json"
+# Advisory locks (namespace 4242 as the append lock): one archive run at a time
+# (each rewrites the manifest from what it read), and replays/verifies reading
+# the log from its start (shared) against a detach (exclusive): a month detached
+# under a reader that has not reached it would be missing from what it builds.
+ARCHIVE_LOCK = (4242, 3)
+READERS_LOCK = (4242, 4)
 _BATCH = 20_000  # rows per Parquet row group / per fetch
 
 # Exact types: jsonb as its text, positions int64, timestamps with their zone
@@ -272,8 +278,19 @@ async def _refuse_if_live(conn: asyncpg.Connection[Any], p: Partition) -> None:
         )
 
 
+async def hold_off_archiving(conn: asyncpg.Connection[Any]) -> None:
+    """For a reader of the whole log (replay, verify): no month is detached
+    while ``conn`` is open (a detach meanwhile refuses; rerun it)."""
+    await conn.execute("select pg_advisory_lock_shared($1, $2)", *READERS_LOCK)
+
+
 async def _detach(conn: asyncpg.Connection[Any], entry: ArchivedPartition) -> None:
     async with conn.transaction():
+        if not await conn.fetchval("select pg_try_advisory_xact_lock($1, $2)", *READERS_LOCK):
+            raise ArchiveRefused(
+                f"a replay or verify is reading the log: {entry.partition} is written and listed in "
+                "the manifest but still attached; run `ledger archive` again when it is done"
+            )
         # Nothing is appended meanwhile; a lock the detach cannot get soon fails
         # this run (rerun it) rather than queueing every append behind it.
         await conn.execute("select ledger_append_lock()")
@@ -303,11 +320,16 @@ async def archive(dsn: str, before: date, directory: Path, *, now: datetime | No
         )
     limit = datetime(before.year, before.month, before.day, tzinfo=UTC)
     await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
-    manifest = await asyncio.to_thread(load_manifest, directory)
-    done = {e.partition: e for e in manifest.partitions}
     report = ArchiveReport()
     conn = await asyncpg.connect(dsn, statement_cache_size=0)
     try:
+        if not await conn.fetchval("select pg_try_advisory_lock($1, $2)", *ARCHIVE_LOCK):
+            raise ArchiveRefused(
+                "another `ledger archive` is running on this database; run again when it is done"
+            )
+        # read under the lock: what a run that just finished wrote is in it
+        manifest = await asyncio.to_thread(load_manifest, directory)
+        done = {e.partition: e for e in manifest.partitions}
         # rows that landed in the default partition go to their month first
         await ensure_partitions(conn)
         attached = await month_partitions(conn)

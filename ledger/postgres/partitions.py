@@ -11,15 +11,22 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import structlog
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
 
 log = structlog.get_logger(__name__)
 
 PARTITION_NAME = re.compile(r"^events_(\d{4})_(\d{2})$")
 AHEAD = 2  # months created ahead of the current one
+# Creating a month attaches it, which takes ACCESS EXCLUSIVE on the default
+# partition (and so waits for every reader of the whole log: pg_dump, a long
+# report) while the append lock is held: every append would wait as long.
+LOCK_TIMEOUT = "1s"
 
 
 async def ensure_partitions(conn: asyncpg.Connection[Any] | asyncpg.Pool, ahead: int = AHEAD) -> list[str]:
@@ -34,10 +41,25 @@ async def ensure_partitions(conn: asyncpg.Connection[Any] | asyncpg.Pool, ahead:
     )
     if not needed:
         return []
-    created = [r[0] for r in await conn.fetch("select * from ledger_ensure_event_partitions($1)", ahead)]
+    try:
+        if isinstance(conn, asyncpg.Pool):
+            async with conn.acquire() as c:
+                created = await _create(c, ahead)
+        else:
+            created = await _create(conn, ahead)
+    except asyncpg.LockNotAvailableError:
+        # months are created ahead: the next pass (hourly, or the next start) has time
+        log.warning("event_partitions_deferred", reason=f"a lock was held past {LOCK_TIMEOUT}")
+        return []
     if created:
         log.info("event_partitions_created", partitions=created)
     return created
+
+
+async def _create(conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any], ahead: int) -> list[str]:
+    async with conn.transaction():
+        await conn.execute(f"set local lock_timeout = '{LOCK_TIMEOUT}'")
+        return [r[0] for r in await conn.fetch("select * from ledger_ensure_event_partitions($1)", ahead)]
 
 
 @dataclass(frozen=True, slots=True)
