@@ -212,7 +212,7 @@ async def replay_all(
     conn = await asyncpg.connect(dsn, statement_cache_size=0)
     targets: list[_Target] = []
     try:
-        await hold_off_archiving(conn)
+        await hold_off_archiving(conn, archive)
         head = int(await conn.fetchval("select coalesce(max(position), 0) from events"))
         if archive is not None:
             head = max(head, archive.last_position)

@@ -47,7 +47,7 @@ async def verify_projection(
     conn = await asyncpg.connect(dsn, statement_cache_size=0)
     schema = f"verify_{projection.name}"
     try:
-        await hold_off_archiving(conn)
+        await hold_off_archiving(conn, archive)
         tables = await _create_shadow(conn, schema, projection)
         await projection.load(conn, 0)
         live = int(

@@ -278,10 +278,21 @@ async def _refuse_if_live(conn: asyncpg.Connection[Any], p: Partition) -> None:
         )
 
 
-async def hold_off_archiving(conn: asyncpg.Connection[Any]) -> None:
+async def hold_off_archiving(conn: asyncpg.Connection[Any], archive: Archive | None) -> None:
     """For a reader of the whole log (replay, verify): no month is detached
-    while ``conn`` is open (a detach meanwhile refuses; rerun it)."""
+    while ``conn`` is open (a detach meanwhile refuses; rerun it), and every month
+    detached before is in ``archive`` (else the reader would count too little)."""
     await conn.execute("select pg_advisory_lock_shared($1, $2)", *READERS_LOCK)
+    detached = [r[0] for r in await conn.fetch("select partition from archived_months order by partition")]
+    have = {p.partition for p in archive.manifest.partitions} if archive is not None else set()
+    missing = [name for name in detached if name not in have]
+    if missing:
+        where = "the archive given lacks them" if archive is not None else "no archive was given"
+        raise ArchiveError(
+            f"{len(missing)} month(s) of the log were archived ({', '.join(missing)}) and {where}: "
+            "pass --archive DIR (or set LEDGER_ARCHIVE_DIR) to the directory `ledger archive` wrote, "
+            "or the views would be rebuilt without them"
+        )
 
 
 async def _detach(conn: asyncpg.Connection[Any], entry: ArchivedPartition) -> None:
@@ -303,6 +314,15 @@ async def _detach(conn: asyncpg.Connection[Any], entry: ArchivedPartition) -> No
             )
         await conn.execute(f"alter table events_traffic detach partition {_table(entry.partition)}")
         await conn.execute(f"drop table {_table(entry.partition)}")
+        await conn.execute(
+            "insert into archived_months (partition, first_position, last_position, rows, sha256) "
+            "values ($1, $2, $3, $4, $5) on conflict (partition) do nothing",
+            entry.partition,
+            entry.first_position,
+            entry.last_position,
+            entry.rows,
+            entry.sha256,
+        )
 
 
 def current_month(now: datetime) -> date:
