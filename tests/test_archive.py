@@ -3,6 +3,7 @@ read the archive merged with the live partitions (sql/0050, ledger/postgres/arch
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -298,29 +299,37 @@ async def test_refusals(store: EventStore, database_url: str, tmp_path: Path) ->
 
 
 async def test_the_commands(store: EventStore, database_url: str, redis_url: str, tmp_path: Path) -> None:
-    from tests.test_cli import ledger
+    from tests.test_cli import ledger, ledger_here
 
     await seed(store, database_url)
     await rebuild(database_url)
     env = {"LEDGER_DATABASE_URL": database_url, "LEDGER_REDIS_URL": redis_url}
-    refused = ledger("archive", "--before", f"{THIS + timedelta(days=1)}", "--to", str(tmp_path), env=env)
-    assert refused.returncode == 1
-    assert "current month" in refused.stderr
-    done = ledger("archive", "--before", f"{THIS}", "--to", str(tmp_path), env=env)
+
+    def here(*args: str, **extra: str) -> tuple[int, str, str]:
+        return ledger_here(*args, env={**env, **extra})
+
+    code, _, err = await asyncio.to_thread(
+        here, "archive", "--before", f"{THIS + timedelta(days=1)}", "--to", str(tmp_path)
+    )
+    assert code == 1
+    assert "current month" in err
+    # once as a real process, as an operator runs it
+    done = await asyncio.to_thread(ledger, "archive", "--before", f"{THIS}", "--to", str(tmp_path), env=env)
     assert done.returncode == 0, done.stderr
     assert f"events_{OLD[0]:%Y_%m}: " in done.stdout
     assert "detached" in done.stdout
-    again = ledger("archive", "--before", f"{THIS}", "--to", str(tmp_path), env=env)
-    assert "nothing to archive" in again.stdout
-    blind = ledger("verify", env=env)
-    assert blind.returncode == 1
-    assert "were archived" in blind.stderr
-    ok = ledger("verify", "--archive", str(tmp_path), env=env)
-    assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "checksums match" in ok.stdout
-    replayed = ledger("replay", "--all", env={**env, "LEDGER_ARCHIVE_DIR": str(tmp_path)})
-    assert replayed.returncode == 0, replayed.stderr
+    code, out, _ = await asyncio.to_thread(here, "archive", "--before", f"{THIS}", "--to", str(tmp_path))
+    assert code == 0
+    assert "nothing to archive" in out
+    code, _, err = await asyncio.to_thread(here, "verify")
+    assert code == 1
+    assert "were archived" in err
+    code, out, err = await asyncio.to_thread(here, "verify", "--archive", str(tmp_path))
+    assert code == 0, out + err
+    assert "checksums match" in out
+    code, _, err = await asyncio.to_thread(here, "replay", "--all", LEDGER_ARCHIVE_DIR=str(tmp_path))
+    assert code == 0, err
     (tmp_path / f"events_{OLD[0]:%Y_%m}.parquet").write_bytes(b"not parquet")
-    bad = ledger("verify", "--archive", str(tmp_path), env=env)
-    assert bad.returncode == 1
-    assert "does not match the manifest" in bad.stderr
+    code, _, err = await asyncio.to_thread(here, "verify", "--archive", str(tmp_path))
+    assert code == 1
+    assert "does not match the manifest" in err

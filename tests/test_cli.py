@@ -5,6 +5,8 @@ servers they use, refuse to invent an empty database, and report usage errors.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import os
 import signal
@@ -17,8 +19,10 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+import structlog
 
 from gateway.appkeys import SETTINGS
+from ledger.run.cli import main
 from tests.conftest import projected
 from tests.test_embedded import _cmd, alive, wait_dead
 from tests.test_proxy import CHAT, Gateway, gateway
@@ -52,6 +56,25 @@ def ledger(
         timeout=timeout,
         check=False,
     )
+
+
+def ledger_here(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """A ledger command run in this process through ``main(argv)`` (as a program
+    embedding the CLI would): (exit code, stdout, stderr). The environment, the
+    standard streams and the log configuration are restored afterwards."""
+    saved_env = dict(os.environ)
+    saved_logs = structlog.get_config()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.clear()
+        os.environ.update({**dev_env(), "COLUMNS": "200", **(env or {})})
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        structlog.configure(**saved_logs)
+    return code, out.getvalue(), err.getvalue()
 
 
 def start_dev(data_dir: Path, port: int) -> subprocess.Popen[str]:
