@@ -169,3 +169,40 @@ async def test_a_stream_version_exists_once_across_partitions_processes_and_a_mo
         await a.close()
         await b.close()
         await conn.close()
+
+
+async def test_a_detach_behind_a_long_reader_gives_up_and_leaves_appends_alone(
+    store: EventStore, database_url: str, tmp_path: Path
+) -> None:
+    """The detach holds the append lock while it waits for its table locks; behind
+    a reader of the month (a report, pg_dump) it gives up within a second with a
+    refusal that says to run again, and appends meanwhile get through."""
+    await seed(store, database_url)
+    await rebuild(database_url)
+    reader = await asyncpg.connect(database_url)
+    watcher = await asyncpg.connect(database_url)
+    tx = reader.transaction()
+    await tx.start()
+    try:
+        month = f"events_{OLD[0]:%Y_%m}"
+        await reader.fetchval(f"select count(*) from {month}")  # noqa: S608 - our own partition name; ACCESS SHARE until rollback
+        run = asyncio.create_task(archive(database_url, THIS, tmp_path))
+        # until the detach waits for its lock on the month (holding the append lock)
+        while not await watcher.fetchval(
+            "select exists (select 1 from pg_locks where not granted and relation = to_regclass($1))", month
+        ):
+            assert not run.done(), run.exception() if not run.cancelled() else "cancelled"
+            await asyncio.sleep(0.01)
+        append = asyncio.create_task(store.append("request:while-detaching", 0, [NewEvent("Tested", b"{}")]))
+        done, _ = await asyncio.wait({append}, timeout=4.0)  # the store gives up at 5 s
+        assert append in done, "an append waited behind a detach, itself behind a reader"
+        with pytest.raises(ArchiveRefused, match="run `ledger archive` again"):
+            await run
+    finally:
+        await tx.rollback()
+        await reader.close()
+        await watcher.close()
+    # the month is written, listed and still attached: the rerun finishes it
+    assert f"events_{OLD[0]:%Y_%m}" in {e.partition for e in load_manifest(tmp_path).partitions}
+    report = await archive(database_url, THIS, tmp_path)
+    assert {e.partition for e in report.archived} >= {f"events_{OLD[0]:%Y_%m}"}

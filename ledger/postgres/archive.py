@@ -45,7 +45,13 @@ import structlog
 
 from ledger.errors import ArchiveError, ArchiveRefused
 from ledger.events import RecordedEvent
-from ledger.postgres.partitions import PARTITION_NAME, Partition, ensure_partitions, month_partitions
+from ledger.postgres.partitions import (
+    LOCK_TIMEOUT,
+    PARTITION_NAME,
+    Partition,
+    ensure_partitions,
+    month_partitions,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -305,7 +311,9 @@ async def _detach(conn: asyncpg.Connection[Any], entry: ArchivedPartition) -> No
         # Nothing is appended meanwhile; a lock the detach cannot get soon fails
         # this run (rerun it) rather than queueing every append behind it.
         await conn.execute("select ledger_append_lock()")
-        await conn.execute("set local lock_timeout = '5s'")
+        # as creating a month (partitions.LOCK_TIMEOUT): the append lock is held while
+        # the detach waits for readers, and appends time out after 5 s
+        await conn.execute(f"set local lock_timeout = '{LOCK_TIMEOUT}'")
         rows, first, last = await _shape(conn, entry.partition)
         if (rows, first, last) != (entry.rows, entry.first_position, entry.last_position):
             raise ArchiveError(
@@ -373,7 +381,13 @@ async def archive(dsn: str, before: date, directory: Path, *, now: datetime | No
             await asyncio.to_thread(
                 save_manifest, directory, manifest
             )  # before the detach: the file is accounted for first
-            await _detach(conn, entry)
+            try:
+                await _detach(conn, entry)
+            except asyncpg.LockNotAvailableError as e:
+                raise ArchiveRefused(
+                    f"{p.name} is written and listed in the manifest but still attached: a reader of "
+                    f"the whole log held it past {LOCK_TIMEOUT}; run `ledger archive` again"
+                ) from e
             log.info("partition_archived", partition=p.name, rows=entry.rows, file=entry.file)
             report.archived.append(entry)
     finally:
