@@ -59,6 +59,28 @@ async def reserved_on(gw: Gateway, tag: str) -> tuple[int, int]:
     return await gw.counter(tag)
 
 
+async def lose_by_hand(gw: Gateway, key: str, request_id: str, usd: str) -> None:
+    """What a replica holds when ``request_id``'s reservation never reached it
+    (replication is asynchronous; on loopback it always arrives, so the loss is
+    made by hand): the counter without it, still of its old life."""
+    assert await gw.client.hexists(key, f"r:{request_id}")
+    await gw.client.hdel(key, f"r:{request_id}")
+    await gw.client.hincrby(key, "reserved", -to_nanos(Decimal(usd)))
+
+
+async def a_still_counts(gw: Gateway, tag: str, a: Admitted) -> None:
+    """After 0.1 spent and a (0.4) admitted on a $1 budget: b fits, c does not, and
+    the books end at 0.9, equal to the log."""
+    b = await gw.admission.admit("b", [tag], Decimal("0.4"))
+    c = await gw.admission.admit("c", [tag], Decimal("0.4"))
+    assert isinstance(b, Admitted), b
+    assert isinstance(c, BudgetExceeded), c  # 0.1 + 0.4 (a) + 0.4 (b): no room for c
+    await gw.admission.record_spend(a, Decimal("0.4"))
+    await gw.admission.record_spend(b, Decimal("0.4"))
+    assert await charged(gw.store, tag) == Decimal("0.9")
+    await verified(gw)
+
+
 async def test_a_request_over_three_masters_reserves_all_or_nothing(
     gateways: GatewayFactory, redis_cluster: LocalRedisCluster
 ) -> None:
@@ -243,20 +265,8 @@ async def test_a_promoted_replica_that_missed_acknowledged_reservations_is_not_t
     await asyncio.to_thread(redis_cluster.kill, master)
     await asyncio.to_thread(redis_cluster.failover_to_replica, master)
     try:
-        # What the replica would hold had a's reservation not reached it before the
-        # kill (replication is asynchronous; on loopback it always arrives, so the
-        # loss is made by hand): the counter without a, still of the old master's life.
-        assert await g1.client.hexists(key, "r:a")
-        await g1.client.hdel(key, "r:a")
-        await g1.client.hincrby(key, "reserved", -to_nanos(Decimal("0.4")))
-        b = await g1.admission.admit("b", [t], Decimal("0.4"))
-        c = await g1.admission.admit("c", [t], Decimal("0.4"))
-        assert isinstance(b, Admitted), b
-        assert isinstance(c, BudgetExceeded), c  # 0.1 + 0.4 (a) + 0.4 (b): no room for c
-        await g1.admission.record_spend(a, Decimal("0.4"))
-        await g1.admission.record_spend(b, Decimal("0.4"))
-        assert await charged(g1.store, t) == Decimal("0.9")
-        await verified(g1)
+        await lose_by_hand(g1, key, "a", "0.4")
+        await a_still_counts(g1, t, a)
     finally:
         await asyncio.to_thread(redis_cluster.restart, master)
 
@@ -289,20 +299,8 @@ async def test_a_failback_to_the_old_master_does_not_trust_what_it_got_from_the_
     assert isinstance(a, Admitted)
     key = g1.budget(t).key
 
-    async def replica_missed_a() -> None:
-        assert await g1.client.hexists(key, "r:a")
-        await g1.client.hdel(key, "r:a")
-        await g1.client.hincrby(key, "reserved", -to_nanos(Decimal("0.4")))
-
-    await fail_over_and_back(redis_cluster, key, replica_missed_a)
-    b = await g1.admission.admit("b", [t], Decimal("0.4"))
-    c = await g1.admission.admit("c", [t], Decimal("0.4"))
-    assert isinstance(b, Admitted), b
-    assert isinstance(c, BudgetExceeded), c  # 0.1 + 0.4 (a) + 0.4 (b): no room for c
-    await g1.admission.record_spend(a, Decimal("0.4"))
-    await g1.admission.record_spend(b, Decimal("0.4"))
-    assert await charged(g1.store, t) == Decimal("0.9")
-    await verified(g1)
+    await fail_over_and_back(redis_cluster, key, lambda: lose_by_hand(g1, key, "a", "0.4"))
+    await a_still_counts(g1, t, a)
 
 
 async def test_a_settle_while_the_replica_serves_is_not_lost_when_the_slot_fails_back(

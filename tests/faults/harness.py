@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import openai
+
 from ledger.run.embedded import EmbeddedPostgres, EmbeddedRedis
 
 ADMIN = "fault-admin-key-0123456789"
@@ -169,3 +171,23 @@ class Cluster:
             timeout=timeout,
             check=False,
         )
+
+
+async def ask(client: openai.AsyncOpenAI, i: int, answered: list[str], *, words: int = 0) -> str:
+    """Request ``i``: one chat completion of 100 output tokens on the flat-priced
+    model (it costs exactly its estimate). "ok" (its request id appended to
+    ``answered``), "denied" (429) or "status <code>"."""
+    try:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=FLAT_MODEL,
+            messages=[{"role": "user", "content": f"request {i}: " + "words " * words}],
+            max_tokens=100,
+            extra_body={"mock": {"completion_tokens": 100, "delay_ms": i % 7 * 20}},
+        )
+        raw.parse()
+        answered.append(raw.headers["x-ledger-request-id"])
+        return "ok"
+    except openai.RateLimitError:
+        return "denied"
+    except openai.APIStatusError as e:
+        return f"status {e.status_code}"

@@ -15,7 +15,7 @@ import pytest
 
 from tests.faults.conftest import Row
 from tests.faults.facts import ledger_facts, verify
-from tests.faults.harness import FLAT_MODEL, Cluster, http
+from tests.faults.harness import Cluster, ask, http
 
 pytestmark = pytest.mark.faults
 
@@ -38,20 +38,7 @@ async def test_no_overshoot_across_four_gateway_processes(cluster: Cluster, repo
     answered: list[str] = []
 
     async def one(i: int) -> str:
-        try:
-            raw = await clients[i % 4].chat.completions.with_raw_response.create(
-                model=FLAT_MODEL,
-                messages=[{"role": "user", "content": f"request {i}: " + "words " * (i % 20)}],
-                max_tokens=100,
-                extra_body={"mock": {"completion_tokens": 100, "delay_ms": i % 7 * 20}},
-            )
-            raw.parse()
-            answered.append(raw.headers["x-ledger-request-id"])
-            return "ok"
-        except openai.RateLimitError:
-            return "denied"
-        except openai.APIStatusError as e:
-            return f"status {e.status_code}"
+        return await ask(clients[i % 4], i, answered, words=i % 20)
 
     results = await asyncio.gather(*(one(i) for i in range(400)))
     for c in clients:

@@ -30,7 +30,7 @@ from ledger.counters import keys
 from ledger.counters.budget import tag_subject
 from tests.faults.conftest import Row
 from tests.faults.facts import ledger_facts, verify
-from tests.faults.harness import FLAT_MODEL, Cluster, http
+from tests.faults.harness import Cluster, ask, http
 from tests.redis_cluster import LocalRedisCluster
 
 pytestmark = pytest.mark.faults
@@ -79,20 +79,7 @@ async def test_no_tag_past_its_budget_when_requests_span_masters(
     answered: list[str] = []
 
     async def one(i: int) -> str:
-        try:
-            raw = await clients[i % 4][i % 3].chat.completions.with_raw_response.create(
-                model=FLAT_MODEL,
-                messages=[{"role": "user", "content": f"request {i}"}],
-                max_tokens=100,
-                extra_body={"mock": {"completion_tokens": 100, "delay_ms": i % 7 * 20}},
-            )
-            raw.parse()
-            answered.append(raw.headers["x-ledger-request-id"])
-            return "ok"
-        except openai.RateLimitError:
-            return "denied"
-        except openai.APIStatusError as e:
-            return f"status {e.status_code}"
+        return await ask(clients[i % 4][i % 3], i, answered)
 
     results = await asyncio.gather(*(one(i) for i in range(400)))
     for row in clients:
@@ -161,22 +148,10 @@ async def test_no_overshoot_on_a_redis_cluster_with_a_master_killed_mid_burst(
     halfway = asyncio.Event()
 
     async def one(i: int) -> str:
-        try:
-            raw = await clients[i % 4].chat.completions.with_raw_response.create(
-                model=FLAT_MODEL,
-                messages=[{"role": "user", "content": f"request {i}"}],
-                max_tokens=100,
-                extra_body={"mock": {"completion_tokens": 100, "delay_ms": i % 7 * 20}},
-            )
-            raw.parse()
-            answered.append(raw.headers["x-ledger-request-id"])
-            if len(answered) >= 20:
-                halfway.set()
-            return "ok"
-        except openai.RateLimitError:
-            return "denied"
-        except openai.APIStatusError as e:
-            return f"status {e.status_code}"
+        outcome = await ask(clients[i % 4], i, answered)
+        if len(answered) >= 20:
+            halfway.set()
+        return outcome
 
     async def kill_the_binding_master() -> float:
         await halfway.wait()
