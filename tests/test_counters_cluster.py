@@ -59,6 +59,20 @@ async def reserved_on(gw: Gateway, tag: str) -> tuple[int, int]:
     return await gw.counter(tag)
 
 
+async def a_upstream(
+    gateways: GatewayFactory, cluster: LocalRedisCluster, prefix: str
+) -> tuple[Gateway, str, Admitted]:
+    """A tag with a $1 budget, 0.1 spent on it, and request a (0.4) admitted and
+    confirmed: on its way upstream."""
+    [t], _, _ = tags_on_masters(cluster, 1, prefix)
+    g1 = await on_cluster(gateways, cluster)
+    await with_budget(g1, t, "1")
+    await g1.spend("before", [t], "0.1")
+    a = await g1.admission.admit("a", [t], Decimal("0.4"))
+    assert isinstance(a, Admitted)
+    return g1, t, a
+
+
 async def lose_by_hand(gw: Gateway, key: str, request_id: str, usd: str) -> None:
     """What a replica holds when ``request_id``'s reservation never reached it
     (replication is asynchronous; on loopback it always arrives, so the loss is
@@ -254,12 +268,7 @@ async def test_a_promoted_replica_that_missed_acknowledged_reservations_is_not_t
     died. Trusting the promoted replica's counter would admit two more requests into
     a's room ($1.30 committed on a $1 budget); it is of another server life, so it
     is rebuilt from the log, which holds a's admission."""
-    [t], _, _ = tags_on_masters(redis_cluster, 1, "lost")
-    g1 = await on_cluster(gateways, redis_cluster)
-    await with_budget(g1, t, "1")
-    await g1.spend("before", [t], "0.1")
-    a = await g1.admission.admit("a", [t], Decimal("0.4"))
-    assert isinstance(a, Admitted)
+    g1, t, a = await a_upstream(gateways, redis_cluster, "lost")
     key = g1.budget(t).key
     master = redis_cluster.master_for_key(key)
     await asyncio.to_thread(redis_cluster.kill, master)
@@ -291,12 +300,7 @@ async def test_a_failback_to_the_old_master_does_not_trust_what_it_got_from_the_
     master rejoins as the replica's replica and takes its data; later the slot fails
     back to it. Its run id never changed, so the counter it got back — built under
     that run id, without a — looks live: b and c were admitted into a's room."""
-    [t], _, _ = tags_on_masters(redis_cluster, 1, "back")
-    g1 = await on_cluster(gateways, redis_cluster)
-    await with_budget(g1, t, "1")
-    await g1.spend("before", [t], "0.1")
-    a = await g1.admission.admit("a", [t], Decimal("0.4"))
-    assert isinstance(a, Admitted)
+    g1, t, a = await a_upstream(gateways, redis_cluster, "back")
     key = g1.budget(t).key
 
     await fail_over_and_back(redis_cluster, key, lambda: lose_by_hand(g1, key, "a", "0.4"))
@@ -312,12 +316,7 @@ async def test_a_settle_while_the_replica_serves_is_not_lost_when_the_slot_fails
     master, the same run id makes that counter live again, still holding a's $0.40
     reservation and without its $0.10 charge: a reservation no sweeper will ever
     find (the index and the log say a is done), and c, which fits, is refused."""
-    [t], _, _ = tags_on_masters(redis_cluster, 1, "leak")
-    g1 = await on_cluster(gateways, redis_cluster)
-    await with_budget(g1, t, "1")
-    await g1.spend("before", [t], "0.1")
-    a = await g1.admission.admit("a", [t], Decimal("0.4"))
-    assert isinstance(a, Admitted)
+    g1, t, a = await a_upstream(gateways, redis_cluster, "leak")
 
     async def a_settles() -> None:
         await g1.admission.record_spend(a, Decimal("0.1"))
