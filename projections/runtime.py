@@ -26,13 +26,12 @@ from aiohttp import web
 from ledger.events import RecordedEvent
 from ledger.loops import cancelling
 from ledger.postgres.queries import projection_lag
-from ledger.postgres.store import CHANNEL, EventStore, Notifications
+from ledger.postgres.store import CHANNEL, EventStore, Notifications, read_after
 from ledger.settings import WebhookConfig
 
 log = structlog.get_logger(__name__)
 
 _LOCK_CLASS = 4243  # advisory lock namespace of projection workers
-_SELECT = "select position, stream, version, type, data::text, recorded_at from events"
 
 
 class Projection(abc.ABC):
@@ -62,11 +61,6 @@ def lock_key(name: str) -> int:
 
 def live_tables(projection: Projection) -> dict[str, str]:
     return {t: t for t in projection.tables}
-
-
-async def read_batch(conn: asyncpg.Connection, after: int, limit: int) -> list[RecordedEvent]:
-    rows = await conn.fetch(f"{_SELECT} where position > $1 order by position limit $2", after, limit)
-    return [RecordedEvent(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
 
 @dataclass(slots=True)
@@ -207,7 +201,7 @@ class Worker:
                 # first batch, or a replay moved the checkpoint: reload state there
                 await p.load(conn, checkpoint)
                 self.position = checkpoint
-            events = await read_batch(conn, checkpoint, self.batch_size)
+            events = await read_after(conn, checkpoint, self.batch_size)
             if not events:
                 if self.failing:
                     await self._clear_failure(conn)

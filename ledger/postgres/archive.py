@@ -52,6 +52,7 @@ from ledger.postgres.partitions import (
     ensure_partitions,
     month_partitions,
 )
+from ledger.postgres.store import read_after
 
 log = structlog.get_logger(__name__)
 
@@ -486,16 +487,12 @@ class Archive:
         return out
 
 
-_SELECT = "select position, stream, version, type, data::text, recorded_at from events"
-
-
 async def read_log(
     conn: asyncpg.Connection[Any], after: int, limit: int, archive: Archive | None = None
 ) -> list[RecordedEvent]:
     """The log after ``after`` in position order: the live table, merged with the
     archive when there is one. Up to ``limit`` events."""
-    rows = await conn.fetch(f"{_SELECT} where position > $1 order by position limit $2", after, limit)
-    live = [RecordedEvent(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+    live = await read_after(conn, after, limit)
     if archive is None:
         return live
     old = await asyncio.to_thread(archive.read, after, limit)

@@ -123,6 +123,13 @@ def _row(r: asyncpg.Record) -> RecordedEvent:
     return RecordedEvent(r[0], r[1], r[2], r[3], r[4], r[5])
 
 
+async def read_after(conn: asyncpg.Connection[Any], after: int, limit: int) -> list[RecordedEvent]:
+    """Up to ``limit`` events of the live log after position ``after``, in position
+    order, on ``conn`` (a tailing worker's or a replay's own connection)."""
+    rows = await conn.fetch(f"{_SELECT} where position > $1 order by position limit $2", after, limit)
+    return [_row(r) for r in rows]
+
+
 class EventStore:
     """The event log. Create with :meth:`open`, close with :meth:`close`."""
 
