@@ -717,17 +717,20 @@ class Admission:
         report = SweepReport()
         now = self.now()
         due = await expired_reservations(self.store.pool, now, limit)
+        indexed: dict[str, tuple[str, ...]] = {}  # request id -> where Redis's index lists it
         with contextlib.suppress(CountersUnavailable):
-            due += await self.counters.expired(now, limit)
-        for request_id in dict.fromkeys(due):
+            indexed = await self.counters.expired(now, limit)
+        for request_id in dict.fromkeys([*due, *indexed]):
             try:
-                await self._sweep_one(request_id, report)
+                await self._sweep_one(request_id, report, indexed.get(request_id, ()))
             except Exception as e:  # one bad item must not stop the pass
                 report.failed += 1
                 log.warning("sweep_item_failed", request_id=request_id, error=f"{type(e).__name__}: {e}")
         return report
 
-    async def _sweep_one(self, request_id: str, report: SweepReport) -> None:
+    async def _sweep_one(
+        self, request_id: str, report: SweepReport, indexed_in: tuple[str, ...] = ()
+    ) -> None:
         stream = ev.stream_of_request(request_id)
         recorded = await self.store.read_stream(stream)
         # No version 1: its month was archived (`ledger archive` takes only requests
@@ -737,7 +740,7 @@ class Admission:
         held_subjects = [b.subject for b in self.book.budgets_of_windows(logged.windows)] if logged else []
         orphans = [
             (nonce, keys)
-            for nonce, keys in await self.counters.reserved_keys(request_id, held_subjects)
+            for nonce, keys in await self.counters.reserved_keys(request_id, [*held_subjects, *indexed_in])
             if logged is None or logged.reservation != nonce
         ]
         if orphans:

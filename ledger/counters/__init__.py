@@ -136,7 +136,6 @@ class Counters:
         self.pool = pool
         # On Redis Cluster a script may only touch one hash slot: calls go subject by subject.
         self.sharded = isinstance(client, RedisCluster)
-        self._indexed_in: dict[str, set[str]] = {}  # request id -> subjects whose index lists it
         # A cluster client fails a call at once when a node's pool is full (a single
         # Redis's pool queues it): at most that many calls in flight, the rest wait.
         self._in_flight = asyncio.Semaphore(max_connections)
@@ -494,39 +493,37 @@ class Counters:
                 return "no"
         return answer
 
-    async def expired(self, now: datetime, limit: int = 200) -> list[str]:
-        """Request ids in Redis's index whose reservation deadline has passed (on a
-        cluster, found in every subject's index: a SCAN of every master)."""
+    async def expired(self, now: datetime, limit: int = 200) -> dict[str, tuple[str, ...]]:
+        """Request ids in Redis's index whose reservation deadline has passed, each with
+        the subjects whose index lists it (on a cluster, found with a SCAN of every
+        master; on one Redis, none: there is one index)."""
         until = int(now.timestamp() * 1000)
         if not self.sharded:
             members = await self._redis(
                 self.redis.zrangebyscore(keys.OPEN, "-inf", until, start=0, num=limit)
             )
-            return [_text(m) for m in members]
-        self._indexed_in = {}
+            return {_text(m): () for m in members}
+        found: dict[str, tuple[str, ...]] = {}
         async for name in self._scan(keys.OPEN_PATTERN, "zset"):
-            subject = keys.subject_of_index(name)
+            subject = keys.subject_of(name, keys.OPEN_SUFFIX)
             if subject is None:
                 continue
             members = await self._redis(
                 self.redis.zrangebyscore(keys.open_index(subject)[0], "-inf", until, start=0, num=limit)
             )
             for member in members:
-                self._indexed_in.setdefault(_text(member), set()).add(subject)
-            if len(self._indexed_in) >= limit:
+                found[_text(member)] = (*found.get(_text(member), ()), subject)
+            if len(found) >= limit:
                 break
-        return list(self._indexed_in)
+        return found
 
     async def reserved_keys(
         self, request_id: str, subjects: Sequence[str] = ()
     ) -> list[tuple[str, list[str]]]:
         """The open reservations Redis's index holds for ``request_id``: (nonce, counter
         keys) per admission attempt. On a cluster, looked up in the indexes of
-        ``subjects`` and of those where ``expired`` found it."""
-        if not self.sharded:
-            where: list[str | None] = [None]
-        else:
-            where = list(dict.fromkeys([*subjects, *sorted(self._indexed_in.get(request_id, ()))]))
+        ``subjects`` (where it reserved, where ``expired`` found it)."""
+        where: list[str | None] = [None] if not self.sharded else list(dict.fromkeys(subjects))
         found: dict[str, list[str]] = {}
         for subject in where:
             value = await self._redis(self.redis.hget(keys.open_index(subject)[1], request_id))
@@ -537,10 +534,11 @@ class Counters:
 
     async def subjects_with_registries(self) -> list[str]:
         """Every subject that has a counter registry in Redis (every master's, on a cluster)."""
-        out = []
-        async for name in self._scan("ledger:{*}:reg", None):
-            out.append(name[len("ledger:{") : -len("}:reg")])
-        return out
+        return [
+            subject
+            async for name in self._scan(keys.REGISTRY_PATTERN, None)
+            if (subject := keys.subject_of(name, keys.REGISTRY_SUFFIX)) is not None
+        ]
 
     async def _scan(self, match: str, kind: str | None) -> AsyncIterator[str]:
         try:

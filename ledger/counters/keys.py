@@ -31,7 +31,11 @@ OPEN = "ledger:open"
 OPEN_KEYS = "ledger:open:keys"
 
 
-OPEN_PATTERN = "ledger:{*}:open"  # the per-subject indexes, for SCAN on a cluster
+# On a cluster, the per-subject open indexes and the registries are found with SCAN.
+OPEN_SUFFIX = "}:open"
+OPEN_PATTERN = PREFIX + "{*" + OPEN_SUFFIX
+REGISTRY_SUFFIX = "}:reg"
+REGISTRY_PATTERN = PREFIX + "{*" + REGISTRY_SUFFIX
 
 
 def open_index(subject: str | None) -> tuple[str, str]:
@@ -42,11 +46,12 @@ def open_index(subject: str | None) -> tuple[str, str]:
     return f"{PREFIX}{{{subject}}}:open", f"{PREFIX}{{{subject}}}:open:keys"
 
 
-def subject_of_index(key: str) -> str | None:
-    """The subject of a per-subject index key (``ledger:{<subject>}:open``)."""
-    head, tail = PREFIX + "{", "}:open"
-    if key.startswith(head) and key.endswith(tail) and len(key) > len(head) + len(tail):
-        return key[len(head) : -len(tail)]
+def subject_of(key: str, suffix: str) -> str | None:
+    """The subject of a per-subject key ``ledger:{<subject>}<suffix>`` (an open index
+    with OPEN_SUFFIX, a registry with REGISTRY_SUFFIX), None if ``key`` is not one."""
+    head = PREFIX + "{"
+    if key.startswith(head) and key.endswith(suffix) and len(key) > len(head) + len(suffix):
+        return key[len(head) : -len(suffix)]
     return None
 
 
