@@ -120,7 +120,8 @@ async def _migrate(conn: asyncpg.Connection, migrations: list[Migration]) -> lis
                 )
             log.info("migration_applied", migration=label)
             done.append(label)
-        # every migrate (each `ledger serve` start) also creates the coming months' partitions
+        # every migrate (`ledger migrate`, each `ledger dev` start and operator command) also
+        # creates the coming months' partitions; gateways do it at start and hourly
         if await conn.fetchval("select to_regproc('ledger_ensure_event_partitions') is not null"):
             await ensure_partitions(conn)
         return done
